@@ -1,0 +1,117 @@
+"""graftfs mount: mount the merged view; return only once it is ready (or failed, in one line)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import subprocess
+import sys
+import time
+
+from graftfs.namespace import STATE_DIR
+from graftfs.options import LAYOUTS, ConfigError, MountConfig
+
+NAME = "mount"
+HELP = "mount a merged view of a local RW tree and shared RO trees"
+READY_TIMEOUT = 120.0  # scanning a large share on a slow network can take a while
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rw", metavar="DIR", help="the node's own read-write tree")
+    p.add_argument("--ro", metavar="DIR", action="append", default=[],
+                   help="a shared read-only tree (repeat; earlier ones win)")
+    p.add_argument("--layout", choices=LAYOUTS, default=None, help="graph layout (default: auto)")
+    p.add_argument("-o", dest="options", metavar="OPTS", action="append", default=[],
+                   help="comma-separated options: rw=DIR, ro=DIR, layout=, timeout=SECONDS, log=FILE, "
+                        "and FUSE options (allow_other, default_permissions, ro, nodev, nosuid, ...)")
+    p.add_argument("--foreground", "-f", action="store_true", help="serve in this process (do not daemonize)")
+    p.add_argument("--log-file", metavar="FILE", help="log here (default: stderr in the foreground, "
+                   "RW/.graftfs/graftfs.log otherwise)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+
+def config_from_args(args: argparse.Namespace) -> MountConfig:
+    cfg = MountConfig(args.mountpoint)
+    for text in args.options:
+        cfg.add_options(text)
+    if args.rw is not None:
+        if cfg.rw is not None and cfg.rw != args.rw:
+            raise ConfigError("--rw and -o rw= name different directories")
+        cfg.rw = args.rw
+    cfg.ro = [*args.ro, *cfg.ro]
+    if args.layout:
+        cfg.layout = args.layout
+    if args.log_file:
+        cfg.log_file = args.log_file
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_from_args(args)
+        cfg.check()
+    except ConfigError as e:
+        print(f"graftfs mount: {e}", file=sys.stderr)
+        return 2
+    from graftfs import daemon  # pyfuse3 is only needed once we really mount
+
+    if args.foreground:
+        daemon.setup_logging(cfg.log_file, args.verbose)
+        return daemon.run(cfg, args.ready_fd)
+    try:
+        daemon.check_mountable(cfg)
+    except ConfigError as e:
+        print(f"graftfs mount: {e}", file=sys.stderr)
+        return 1
+    return _spawn_daemon(cfg, args.verbose)
+
+
+def _spawn_daemon(cfg: MountConfig, verbose: bool) -> int:
+    """Start the daemon in its own session and wait for its READY/ERROR line."""
+    assert cfg.rw is not None
+    if cfg.log_file is None:
+        state = os.path.join(cfg.rw, STATE_DIR)
+        os.makedirs(state, mode=0o700, exist_ok=True)
+        cfg.log_file = os.path.join(state, "graftfs.log")
+    read_end, write_end = os.pipe()
+    argv = [sys.executable, "-m", "graftfs", "mount", *cfg.to_argv(), "--foreground",
+            "--ready-fd", str(write_end)] + (["--verbose"] if verbose else [])
+    with open(cfg.log_file, "ab") as log_out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_out, stderr=log_out,
+                                pass_fds=(write_end,), start_new_session=True)
+    os.close(write_end)
+    line = _read_line(read_end, READY_TIMEOUT)
+    os.close(read_end)
+    if line == "READY":
+        return 0
+    if line.startswith("ERROR "):
+        print(f"graftfs mount: {line[6:]}", file=sys.stderr)
+    elif line == "":
+        code = proc.poll()
+        if code is None:
+            proc.kill()
+            print(f"graftfs mount: the daemon did not get ready in {READY_TIMEOUT:g} s; "
+                  f"see {cfg.log_file}", file=sys.stderr)
+        else:
+            print(f"graftfs mount: the daemon exited with status {code} before the mount was ready; "
+                  f"see {cfg.log_file}", file=sys.stderr)
+    proc.wait(timeout=10) if proc.poll() is None else None
+    return 1
+
+
+def _read_line(fd: int, timeout: float) -> str:
+    """Read one line from ``fd`` within ``timeout`` seconds ("" on EOF or timeout)."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while b"\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return ""
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").split("\n", 1)[0].strip()

@@ -1,0 +1,103 @@
+"""graftfs status: what a mount shows, per origin, and what it hides or skips (and why).
+
+The daemon answers through a virtual xattr on the mount root, so an operator can get the same
+JSON with ``getfattr -n user.graftfs.status --only-values MOUNTPOINT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+from graftfs.fs import STATUS_XATTR
+from graftfs.mounts import FSTYPE, canonical, find_mount
+
+NAME = "status"
+HELP = "show backing trees, visible layers and images per origin, hidden and skipped entries"
+ANSWER_TIMEOUT = 15.0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the raw status JSON")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+
+def fetch_status(mountpoint: str, timeout: float = ANSWER_TIMEOUT) -> dict[str, Any]:
+    """Ask the daemon; raise OSError (ENOTCONN for a dead mount, ETIMEDOUT for a hung one)."""
+    result: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            result["data"] = os.getxattr(mountpoint, STATUS_XATTR)
+        except OSError as e:
+            result["error"] = e
+
+    worker = threading.Thread(target=ask, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise OSError(errno.ETIMEDOUT, f"the daemon did not answer within {timeout:g} s")
+    if "error" in result:
+        raise result["error"]
+    data = json.loads(result["data"])
+    if not isinstance(data, dict):
+        raise OSError(errno.EIO, "the daemon answered something that is not a status")
+    return data
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def format_status(st: dict[str, Any]) -> str:
+    """The status as a person reads it."""
+    lines = [f"graftfs {st.get('version')} on {st.get('mountpoint')}: pid {st.get('pid')}, "
+             f"up {_age(time.time() - float(st.get('started', time.time())))}, layout {st.get('layout')}"]
+    rw = st.get("rw", {})
+    lines.append("backing trees:")
+    lines.append(f"  rw  {rw.get('tree')}: {rw.get('layers', 0)} layers, {rw.get('images', 0)} images")
+    for tree in st.get("ro", []):
+        kind = " (iSulad remote-RO share)" if tree.get("remote_ro") else ""
+        lines.append(f"  ro  {tree.get('tree')}: {tree.get('layers', 0)} layers, "
+                     f"{tree.get('images', 0)} images visible{kind}")
+    hidden = st.get("hidden", [])
+    lines.append(f"hidden entries (deleted on this node): {st.get('hidden_count', len(hidden))}")
+    lines.extend(f"  {h}" for h in hidden)
+    if st.get("hidden_count", 0) > len(hidden):
+        lines.append(f"  ... and {st['hidden_count'] - len(hidden)} more")
+    skipped = st.get("skipped", [])
+    lines.append(f"skipped entries (incomplete or corrupt): {st.get('skipped_count', len(skipped))}")
+    lines.extend(f"  {s['kind']} {s['id'][:12]} in {s['tree']}: {s['reason']}" for s in skipped)
+    if st.get("skipped_count", 0) > len(skipped):
+        lines.append(f"  ... and {st['skipped_count'] - len(skipped)} more")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    mp = canonical(args.mountpoint)
+    entry = find_mount(mp)
+    if entry is None or entry.fstype != FSTYPE:
+        print(f"graftfs status: {mp} is not a graftfs mount", file=sys.stderr)
+        return 1
+    try:
+        st = fetch_status(mp)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            print(f"graftfs status: {mp} is a dead mount (its daemon is gone); run: graftfs umount {mp}",
+                  file=sys.stderr)
+        else:
+            print(f"graftfs status: {mp}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    print(json.dumps(st, indent=2, sort_keys=True) if args.json else format_status(st))
+    return 0

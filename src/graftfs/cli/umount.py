@@ -1,0 +1,79 @@
+"""graftfs umount: unmount and wait for the daemon to exit; also clears dead mounts."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import signal
+import sys
+import time
+
+from graftfs.mounts import (
+    FSTYPE,
+    MNT_DETACH,
+    canonical,
+    find_mount,
+    pid_alive,
+    read_runtime,
+    remove_runtime,
+    umount,
+)
+
+NAME = "umount"
+HELP = "unmount a graftfs mount and wait for its daemon to exit"
+DAEMON_EXIT_TIMEOUT = 20.0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lazy", "-l", action="store_true", help="detach even while the mount is in use")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+
+def _is_dead(mountpoint: str) -> bool:
+    try:
+        os.stat(mountpoint)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def _wait_exit(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.05)
+    return not pid_alive(pid)
+
+
+def run(args: argparse.Namespace) -> int:
+    mp = canonical(args.mountpoint)
+    entry = find_mount(mp)
+    if entry is None:
+        remove_runtime(mp)
+        print(f"graftfs umount: {mp} is not mounted", file=sys.stderr)
+        return 1
+    if entry.fstype != FSTYPE:
+        print(f"graftfs umount: {mp} is a {entry.fstype} mount, not graftfs", file=sys.stderr)
+        return 1
+    info = read_runtime(mp) or {}
+    raw_pid = info.get("pid")
+    pid = raw_pid if isinstance(raw_pid, int) and pid_alive(raw_pid) else None
+    dead = _is_dead(mp)
+    try:
+        umount(mp, MNT_DETACH if args.lazy else 0)
+    except OSError as e:
+        if e.errno == errno.EBUSY and not dead:
+            print(f"graftfs umount: {mp} is in use (see: fuser -vm {mp}); use --lazy to detach anyway",
+                  file=sys.stderr)
+            return 1
+        umount(mp, MNT_DETACH)  # a dead mount with stale users: nothing left to protect
+    if pid is not None and not _wait_exit(pid, DAEMON_EXIT_TIMEOUT):
+        print(f"graftfs umount: daemon {pid} did not exit after the unmount; stopping it", file=sys.stderr)
+        os.kill(pid, signal.SIGKILL)
+        _wait_exit(pid, 5.0)
+    remove_runtime(mp)
+    if dead:
+        print(f"graftfs umount: cleared dead mount {mp}", file=sys.stderr)
+    return 0

@@ -1,0 +1,145 @@
+"""The mount daemon: build the merged view, mount it, serve until unmounted or told to stop.
+
+``graftfs mount`` without --foreground starts this in a new session as a child process and
+waits on a pipe (``--ready-fd``) for one line: ``READY`` once the kernel mount exists, or
+``ERROR <reason>``. That way the command returns only when the mount can be used, and a failure
+is reported by the command the user ran, not only in a log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import pyfuse3
+import trio
+
+from graftfs import __version__
+from graftfs.fs import GraftOperations
+from graftfs.hides import HideStore
+from graftfs.layouts import PlainLayout
+from graftfs.layouts.isulad import IsuladLayout
+from graftfs.mounts import find_mount, remove_runtime, write_runtime
+from graftfs.namespace import STATE_DIR, Layout, Namespace
+from graftfs.options import ConfigError, MountConfig
+from graftfs.workers import Workers
+
+log = logging.getLogger(__name__)
+
+
+def detect_layout(cfg: MountConfig) -> str:
+    """Pick the layout for ``auto``: containers-storage keeps one layers.json, iSulad one dir per entry."""
+    if cfg.layout != "auto":
+        return cfg.layout
+    assert cfg.rw is not None
+    for tree in [cfg.rw, *cfg.ro]:
+        if os.path.exists(os.path.join(tree, "overlay-layers", "layers.json")):
+            return "containers-storage"
+    return "isulad"
+
+
+def make_layout(name: str, cfg: MountConfig) -> Layout:
+    assert cfg.rw is not None
+    if name == "isulad":
+        layout = IsuladLayout(cfg.ro, cfg.rw)
+        layout.refresh()
+        return layout
+    if name == "plain":
+        return PlainLayout(cfg.ro)
+    raise ConfigError(f"layout {name!r} is not supported by this version of graftfs yet")
+
+
+def check_mountable(cfg: MountConfig) -> None:
+    """Refuse early, with one line, what would make the kernel mount fail."""
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise ConfigError("/dev/fuse is missing or not accessible (load the fuse module, run as root)")
+    entry = find_mount(cfg.mountpoint)
+    if entry is not None:
+        raise ConfigError(f"mountpoint {cfg.mountpoint} is busy: {entry.fstype} from {entry.source} is mounted there")
+
+
+def build_namespace(cfg: MountConfig) -> Namespace:
+    assert cfg.rw is not None
+    state_dir = os.path.join(cfg.rw, STATE_DIR)
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    layout = make_layout(detect_layout(cfg), cfg)
+    return Namespace(cfg.rw, layout, HideStore(state_dir))
+
+
+def setup_logging(log_file: str | None, verbose: bool = False) -> None:
+    handler: logging.Handler
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+async def _serve() -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def stop_on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async for signum in signals:
+                    log.info("signal %d: unmounting", signum)
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(stop_on_signal)
+        await pyfuse3.main(min_tasks=4, max_tasks=64)
+        nursery.cancel_scope.cancel()
+
+
+def _tell(ready_fd: int | None, line: str) -> None:
+    if ready_fd is None:
+        return
+    try:
+        os.write(ready_fd, (line.replace("\n", " ") + "\n").encode())
+        os.close(ready_fd)
+    except OSError:
+        pass
+
+
+def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
+    """Mount and serve in this process until unmounted; returns the exit status."""
+    os.umask(0)  # modes come from the clients' requests, already masked by the kernel
+    try:
+        cfg.check()
+        check_mountable(cfg)
+        ns = build_namespace(cfg)
+    except (ConfigError, OSError) as e:
+        log.error("cannot mount: %s", e)
+        _tell(ready_fd, f"ERROR {e}")
+        return 1
+    started = time.time()
+
+    def info() -> dict[str, Any]:
+        return {"version": __version__, "pid": os.getpid(), "mountpoint": cfg.mountpoint,
+                "started": started, "timeout": cfg.timeout, "fuse_options": sorted(cfg.fuse_option_set())}
+
+    ops = GraftOperations(ns, Workers(cfg.timeout), info)
+    try:
+        pyfuse3.init(ops, cfg.mountpoint, cfg.fuse_option_set())
+    except RuntimeError as e:
+        log.error("cannot mount %s: %s", cfg.mountpoint, e)
+        _tell(ready_fd, f"ERROR the kernel refused the mount of {cfg.mountpoint}: {e}")
+        return 1
+    write_runtime(cfg.mountpoint, {"pid": os.getpid(), "rw": cfg.rw, "ro": cfg.ro, "log": cfg.log_file})
+    log.info("graftfs %s mounted %s (rw=%s ro=%s layout=%s)", __version__, cfg.mountpoint, cfg.rw,
+             ",".join(cfg.ro), ns.layout.name)
+    _tell(ready_fd, "READY")
+    try:
+        trio.run(_serve)
+    except BaseException:
+        log.exception("the FUSE loop failed")
+        raise
+    finally:
+        pyfuse3.close(unmount=True)
+        ns.hides.close()
+        remove_runtime(cfg.mountpoint, os.getpid())
+        log.info("unmounted %s", cfg.mountpoint)
+    return 0

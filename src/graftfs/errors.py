@@ -1,0 +1,54 @@
+"""The one errno-mapping boundary every FUSE handler goes through.
+
+pyfuse3 ends the whole mount when a handler raises anything but FUSEError, so each handler is
+wrapped: OSError becomes FUSEError(errno), a worker that ran out of time becomes ETIMEDOUT, and
+any other exception is logged with its traceback and becomes EIO. trio's Cancelled is a
+BaseException and passes through untouched, so shutting the mount down still works.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class BackingTimeout(OSError):
+    """A backing tree did not answer within the configured time (e.g. a hung share)."""
+
+    def __init__(self, what: str, seconds: float) -> None:
+        super().__init__(errno.ETIMEDOUT, f"{what} took longer than {seconds:g} s")
+
+
+def to_fuse_error(exc: BaseException, where: str) -> pyfuse3.FUSEError:
+    """Translate an exception raised while serving ``where`` into the FUSEError to answer."""
+    if isinstance(exc, pyfuse3.FUSEError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno:
+        if isinstance(exc, BackingTimeout):
+            log.warning("%s: %s", where, exc.strerror)
+        return pyfuse3.FUSEError(exc.errno)
+    log.error("%s failed unexpectedly; answering EIO", where, exc_info=exc)
+    return pyfuse3.FUSEError(errno.EIO)
+
+
+def fuse_boundary(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Decorate an async FUSE handler so that only FUSEError can leave it."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except Exception as exc:
+            raise to_fuse_error(exc, fn.__name__) from None
+
+    return wrapper

@@ -1,0 +1,443 @@
+"""The FUSE adapter: pyfuse3 Operations over the merged namespace, and nothing more.
+
+Each handler turns inode numbers into view paths (graftfs.inodes), runs the namespace operation
+in a worker thread with a time limit (graftfs.workers), updates the inode table, and converts
+attributes for the kernel. Every handler is wrapped by graftfs.errors.fuse_boundary, so that an
+unexpected exception becomes EIO instead of ending the mount.
+
+Virtual extended attributes let operators ask the mount about itself with plain getfattr:
+``user.graftfs.origin`` (also ``trusted.graftfs.origin``, which works on symlinks too) on any
+entry answers ``rw`` or ``ro:<tree>``; ``user.graftfs.status`` on the root answers the status
+JSON that ``graftfs status`` prints.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyfuse3
+
+from graftfs.attrs import Attr
+from graftfs.errors import fuse_boundary
+from graftfs.inodes import InodeTable, Node
+from graftfs.namespace import RENAME_EXCHANGE, Namespace, Resolved
+from graftfs.workers import Workers
+
+log = logging.getLogger(__name__)
+
+VPath = tuple[str, ...]
+
+ORIGIN_XATTRS = ("user.graftfs.origin", "trusted.graftfs.origin")
+STATUS_XATTR = "user.graftfs.status"
+PID_XATTR = "user.graftfs.pid"
+OWN_XATTR_PREFIXES = ("user.graftfs.", "trusted.graftfs.")
+
+#: Until the watcher invalidates kernel caches precisely, keep them short so RW changes made
+#: outside the mount and RO changes picked up at remount are seen quickly.
+DEFAULT_ENTRY_TIMEOUT = 1.0
+DEFAULT_ATTR_TIMEOUT = 1.0
+
+
+@dataclass
+class DirHandle:
+    node: Node
+    vpath: VPath
+    entries: list[tuple[str, Resolved]] | None = None
+
+
+class GraftOperations(pyfuse3.Operations):
+    """pyfuse3 handlers for one graftfs mount."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(
+        self,
+        ns: Namespace,
+        workers: Workers,
+        info: Callable[[], dict[str, Any]] | None = None,
+        entry_timeout: float = DEFAULT_ENTRY_TIMEOUT,
+        attr_timeout: float = DEFAULT_ATTR_TIMEOUT,
+    ) -> None:
+        super().__init__()
+        self.ns = ns
+        self.workers = workers
+        self.inodes = InodeTable()
+        self.info = info or (lambda: {})
+        self.entry_timeout = entry_timeout
+        self.attr_timeout = attr_timeout
+        self._files: dict[int, tuple[Node, bool]] = {}  # fd -> (node, fd is on the RW tree)
+        self._dirs: dict[int, DirHandle] = {}
+        self._next_dir_fh = 1
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _entry(self, node: Node, attr: Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = node.ino
+        e.generation = 0
+        e.entry_timeout = self.entry_timeout
+        e.attr_timeout = self.attr_timeout
+        e.st_mode = attr.mode
+        e.st_nlink = attr.nlink
+        e.st_uid = attr.uid
+        e.st_gid = attr.gid
+        e.st_rdev = attr.rdev
+        e.st_size = attr.size
+        e.st_blksize = attr.blksize
+        e.st_blocks = attr.blocks
+        e.st_atime_ns = attr.atime_ns
+        e.st_mtime_ns = attr.mtime_ns
+        e.st_ctime_ns = attr.ctime_ns
+        return e
+
+    def _path(self, ino: int) -> VPath:
+        try:
+            return self.inodes.path(ino)
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
+
+    def _node(self, ino: int) -> Node:
+        try:
+            return self.inodes.get(ino)
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
+
+    def _child_path(self, parent_ino: int, name: bytes) -> tuple[Node, str, VPath]:
+        parent = self._node(parent_ino)
+        sname = os.fsdecode(name)
+        return parent, sname, (*self._path(parent_ino), sname)
+
+    def _new_entry(self, parent: Node, name: str, res: Resolved) -> pyfuse3.EntryAttributes:
+        node = self.inodes.child(parent, name)
+        node.lookups += 1
+        return self._entry(node, res.attr)
+
+    # -- lookup and attributes --------------------------------------------------------------
+
+    @fuse_boundary
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        if name == b".":
+            node = parent
+        elif name == b"..":
+            node = parent.parent or parent
+        else:
+            node = None
+        if node is not None:
+            res = await self.workers.run(self.ns.resolve, self._path(node.ino))
+            node.lookups += 1
+            return self._entry(node, res.attr)
+        parent, sname, vpath = self._child_path(parent_inode, name)
+        res = await self.workers.run(self.ns.resolve, vpath)
+        return self._new_entry(parent, sname, res)
+
+    @fuse_boundary
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            self.inodes.forget(ino, count)
+
+    @fuse_boundary
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        if node.detached:
+            # removed from the view but still open somewhere: answer from the open file
+            if not node.open_fds:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            st = await self.workers.run(os.fstat, next(iter(node.open_fds)))
+            return self._entry(node, Attr.from_stat(st))
+        res = await self.workers.run(self.ns.resolve, self._path(inode))
+        return self._entry(node, res.attr)
+
+    @fuse_boundary
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+        fh: int | None, ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        if node.detached:
+            if fh is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            if fh not in self._files or not self._files[fh][1]:
+                raise pyfuse3.FUSEError(errno.EROFS)  # never change a shared file through its fd
+            st = await self.workers.run(_setattr_fd, fh, attr, fields)
+            return self._entry(node, Attr.from_stat(st))
+        vpath = self._path(inode)
+        res = await self.workers.run(self._setattr_path, vpath, attr, fields, fh)
+        return self._entry(node, res.attr)
+
+    def _setattr_path(
+        self, vpath: VPath, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
+    ) -> Resolved:
+        """Apply attribute changes in RW (copying the entry up first); runs in a worker."""
+        path = self.ns.copy_up(vpath)
+        is_link = stat.S_ISLNK(os.lstat(path).st_mode)
+        if fields.update_uid or fields.update_gid:
+            uid = attr.st_uid if fields.update_uid else -1
+            gid = attr.st_gid if fields.update_gid else -1
+            os.chown(path, uid, gid, follow_symlinks=False)
+        if fields.update_mode and not is_link:
+            os.chmod(path, stat.S_IMODE(attr.st_mode))
+        if fields.update_size:
+            if fh is not None and self._files.get(fh, (None, False))[1]:
+                os.ftruncate(fh, attr.st_size)
+            else:
+                os.truncate(path, attr.st_size)
+        if fields.update_atime or fields.update_mtime:
+            _utime(path, attr, fields, lambda: os.lstat(path))
+        return self.ns.resolve(vpath)
+
+    @fuse_boundary
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        target = await self.workers.run(self.ns.readlink, self._path(inode))
+        return os.fsencode(target)
+
+    @fuse_boundary
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = await self.workers.run(self.ns.statfs)
+        out = pyfuse3.StatvfsData()
+        for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
+                     "f_files", "f_ffree", "f_favail", "f_namemax"):
+            setattr(out, name, getattr(st, name))
+        return out
+
+    # -- creating and removing --------------------------------------------------------------
+
+    @fuse_boundary
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+                    ) -> pyfuse3.EntryAttributes:
+        parent, sname, vpath = self._child_path(parent_inode, name)
+        res = await self.workers.run(self.ns.mkdir, vpath, mode, ctx.uid, ctx.gid)
+        return self._new_entry(parent, sname, res)
+
+    @fuse_boundary
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent, sname, vpath = self._child_path(parent_inode, name)
+        res = await self.workers.run(self.ns.mknod, vpath, mode, rdev, ctx.uid, ctx.gid)
+        return self._new_entry(parent, sname, res)
+
+    @fuse_boundary
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent, sname, vpath = self._child_path(parent_inode, name)
+        res = await self.workers.run(self.ns.symlink, vpath, os.fsdecode(target), ctx.uid, ctx.gid)
+        return self._new_entry(parent, sname, res)
+
+    @fuse_boundary
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        src = self._path(inode)
+        parent, sname, vpath = self._child_path(new_parent_inode, new_name)
+        res = await self.workers.run(self.ns.link, src, vpath)
+        return self._new_entry(parent, sname, res)
+
+    @fuse_boundary
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent, sname, vpath = self._child_path(parent_inode, name)
+        fd, res = await self.workers.run(self.ns.create, vpath, mode, flags, ctx.uid, ctx.gid)
+        entry = self._new_entry(parent, sname, res)
+        node = self.inodes.child(parent, sname)
+        node.open_fds.add(fd)
+        self._files[fd] = (node, True)
+        return pyfuse3.FileInfo(fh=fd), entry
+
+    @fuse_boundary
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent, sname, vpath = self._child_path(parent_inode, name)
+        await self.workers.run(self.ns.unlink, vpath)
+        self.inodes.detach(parent, sname)
+
+    @fuse_boundary
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent, sname, vpath = self._child_path(parent_inode, name)
+        await self.workers.run(self.ns.rmdir, vpath)
+        self.inodes.detach(parent, sname)
+
+    @fuse_boundary
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        old_parent, old_name, src = self._child_path(parent_inode_old, name_old)
+        new_parent, new_name, dst = self._child_path(parent_inode_new, name_new)
+        await self.workers.run(self.ns.rename, src, dst, flags)
+        if flags & RENAME_EXCHANGE:
+            self.inodes.exchange(old_parent, old_name, new_parent, new_name)
+        else:
+            self.inodes.move(old_parent, old_name, new_parent, new_name)
+
+    # -- files ------------------------------------------------------------------------------
+
+    @fuse_boundary
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        fd, in_rw = await self.workers.run(self.ns.open, self._path(inode), flags)
+        node.open_fds.add(fd)
+        self._files[fd] = (node, in_rw)
+        return pyfuse3.FileInfo(fh=fd)
+
+    @fuse_boundary
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.workers.run(os.pread, fh, size, off)
+
+    @fuse_boundary
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self.workers.run(os.pwrite, fh, buf, off)
+
+    @fuse_boundary
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.workers.run(os.fdatasync if datasync else os.fsync, fh)
+
+    @fuse_boundary
+    async def release(self, fh: int) -> None:
+        entry = self._files.pop(fh, None)
+        if entry is not None:
+            self.inodes.close_fd(entry[0], fh)
+        await self.workers.run(os.close, fh)
+
+    # -- directories ------------------------------------------------------------------------
+
+    @fuse_boundary
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._node(inode)
+        fh = self._next_dir_fh
+        self._next_dir_fh += 1
+        self._dirs[fh] = DirHandle(node, self._path(inode))
+        return fh
+
+    @fuse_boundary
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self._dirs[fh]
+        if handle.entries is None or start_id == 0:
+            # one snapshot per listing keeps offsets stable while entries come and go
+            handle.entries = await self.workers.run(self.ns.listdir, handle.vpath)
+        for index in range(start_id, len(handle.entries)):
+            name, res = handle.entries[index]
+            if handle.node.detached:
+                break
+            node = self.inodes.child(handle.node, name)
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(node, res.attr), index + 1):
+                break
+            node.lookups += 1
+
+    @fuse_boundary
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    @fuse_boundary
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        handle = self._dirs[fh]
+        await self.workers.run(self._fsyncdir, handle.vpath)
+
+    def _fsyncdir(self, vpath: VPath) -> None:
+        self.ns.hides.sync()
+        path = self.ns.rw_path(vpath)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            return  # nothing of this directory is in RW, so nothing to make durable
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- extended attributes ----------------------------------------------------------------
+
+    @fuse_boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        sname = os.fsdecode(name)
+        if inode == pyfuse3.ROOT_INODE and sname == STATUS_XATTR:
+            return await self._status_json()
+        if inode == pyfuse3.ROOT_INODE and sname == PID_XATTR:
+            return str(os.getpid()).encode()
+        node = self._node(inode)
+        if node.detached:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        res = await self.workers.run(self.ns.resolve, self._path(inode))
+        if sname in ORIGIN_XATTRS:
+            return res.origin.encode()
+        if res.top.path is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return await self.workers.run(os.getxattr, res.top.path, sname, follow_symlinks=False)
+
+    @fuse_boundary
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        node = self._node(inode)
+        if node.detached:
+            return []
+        res = await self.workers.run(self.ns.resolve, self._path(inode))
+        if res.top.path is None:
+            return []
+        names = await self.workers.run(os.listxattr, res.top.path, follow_symlinks=False)
+        return [os.fsencode(n) for n in names]
+
+    @fuse_boundary
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        sname = os.fsdecode(name)
+        if sname.startswith(OWN_XATTR_PREFIXES):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        await self.workers.run(self._setxattr, self._path(inode), sname, value)
+
+    def _setxattr(self, vpath: VPath, name: str, value: bytes) -> None:
+        os.setxattr(self.ns.copy_up(vpath), name, value, follow_symlinks=False)
+
+    @fuse_boundary
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        sname = os.fsdecode(name)
+        if sname.startswith(OWN_XATTR_PREFIXES):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        await self.workers.run(self._removexattr, self._path(inode), sname)
+
+    def _removexattr(self, vpath: VPath, name: str) -> None:
+        res = self.ns.resolve(vpath)
+        if res.top.path is None:
+            raise OSError(pyfuse3.ENOATTR, "no such attribute")
+        os.getxattr(res.top.path, name, follow_symlinks=False)  # ENODATA before any copy-up
+        os.removexattr(self.ns.copy_up(vpath), name, follow_symlinks=False)
+
+    # -- status -----------------------------------------------------------------------------
+
+    async def _status_json(self) -> bytes:
+        info = dict(self.info())
+        info.update(await self.workers.run(self.ns.status))
+        info["inodes"] = len(self.inodes)
+        info["open_files"] = len(self._files)
+        info["time"] = time.time()
+        return json.dumps(info, sort_keys=True).encode()
+
+
+def _utime(path_or_fd: str | int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+           current: Callable[[], os.stat_result]) -> None:
+    """Set atime and/or mtime, keeping the one not being changed."""
+    if fields.update_atime and fields.update_mtime:
+        times = (attr.st_atime_ns, attr.st_mtime_ns)
+    else:
+        st = current()
+        times = (attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
+                 attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns)
+    if isinstance(path_or_fd, int):
+        os.utime(path_or_fd, ns=times)
+    else:
+        os.utime(path_or_fd, ns=times, follow_symlinks=False)
+
+
+def _setattr_fd(fd: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> os.stat_result:
+    """Attribute changes on a file already removed from the view, through its open fd."""
+    if fields.update_uid or fields.update_gid:
+        os.fchown(fd, attr.st_uid if fields.update_uid else -1, attr.st_gid if fields.update_gid else -1)
+    if fields.update_mode:
+        os.fchmod(fd, stat.S_IMODE(attr.st_mode))
+    if fields.update_size:
+        os.ftruncate(fd, attr.st_size)
+    if fields.update_atime or fields.update_mtime:
+        _utime(fd, attr, fields, lambda: os.fstat(fd))
+    return os.fstat(fd)

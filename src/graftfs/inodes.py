@@ -1,0 +1,111 @@
+"""The inode table: graftfs' own inode numbers for the entries of the view.
+
+The kernel talks in inode numbers; the union model talks in view paths. Each entry the kernel
+has seen gets a Node (parent, name) with a number that stays the same for the life of the mount
+while the entry exists, whichever backing tree it comes from and even when it is copied up from
+RO to RW. Nodes are kept after the kernel forgets them so numbers stay stable; a node is dropped
+only when its entry is removed from the view and the kernel holds no reference to it.
+
+Only the trio thread touches this table, so it needs no locking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyfuse3
+
+VPath = tuple[str, ...]
+
+
+@dataclass(eq=False, slots=True)
+class Node:
+    ino: int
+    name: str
+    parent: Node | None
+    children: dict[str, Node] = field(default_factory=dict)
+    lookups: int = 0
+    detached: bool = False  # removed from the view; kept while the kernel still refers to it
+    open_fds: set[int] = field(default_factory=set)
+
+
+class InodeTable:
+    def __init__(self) -> None:
+        self.root = Node(pyfuse3.ROOT_INODE, "", None, lookups=1)
+        self._by_ino: dict[int, Node] = {self.root.ino: self.root}
+        self._next = pyfuse3.ROOT_INODE + 1
+
+    def __len__(self) -> int:
+        return len(self._by_ino)
+
+    def get(self, ino: int) -> Node:
+        """The node for an inode number; KeyError for numbers graftfs never gave out."""
+        return self._by_ino[ino]
+
+    def path(self, ino: int) -> VPath:
+        """The view path of a node, walking up to the root."""
+        node = self._by_ino[ino]
+        if node.detached:
+            raise FileNotFoundError(f"inode {ino} was removed from the view")
+        parts: list[str] = []
+        while node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
+        return tuple(reversed(parts))
+
+    def child(self, parent: Node, name: str) -> Node:
+        """The node for ``name`` in ``parent``, numbered on first sight."""
+        node = parent.children.get(name)
+        if node is None:
+            node = Node(self._next, name, parent)
+            self._next += 1
+            parent.children[name] = node
+            self._by_ino[node.ino] = node
+        return node
+
+    def forget(self, ino: int, count: int) -> None:
+        node = self._by_ino.get(ino)
+        if node is None:
+            return
+        node.lookups = max(0, node.lookups - count)
+        self._maybe_drop(node)
+
+    def _maybe_drop(self, node: Node) -> None:
+        if node.detached and node.lookups == 0 and not node.open_fds and not node.children:
+            self._by_ino.pop(node.ino, None)
+
+    def detach(self, parent: Node, name: str) -> None:
+        """The entry ``name`` left the view (unlink, rmdir, replaced by a rename)."""
+        node = parent.children.pop(name, None)
+        if node is None:
+            return
+        for sub in list(node.children.values()):
+            self.detach(node, sub.name)
+        node.detached = True
+        node.parent = None
+        self._maybe_drop(node)
+
+    def move(self, parent: Node, name: str, new_parent: Node, new_name: str) -> None:
+        """Follow a rename: the node keeps its number, and its subtree moves with it."""
+        node = parent.children.pop(name, None)
+        self.detach(new_parent, new_name)
+        if node is None:
+            return
+        node.name = new_name
+        node.parent = new_parent
+        new_parent.children[new_name] = node
+
+    def exchange(self, parent: Node, name: str, new_parent: Node, new_name: str) -> None:
+        """Follow RENAME_EXCHANGE: the two nodes swap places."""
+        a = parent.children.pop(name, None)
+        b = new_parent.children.pop(new_name, None)
+        if a is not None:
+            a.name, a.parent = new_name, new_parent
+            new_parent.children[new_name] = a
+        if b is not None:
+            b.name, b.parent = name, parent
+            parent.children[name] = b
+
+    def close_fd(self, node: Node, fd: int) -> None:
+        node.open_fds.discard(fd)
+        self._maybe_drop(node)

@@ -1,0 +1,66 @@
+"""Layout adapters: what each shared (RO) tree contributes at a path of the merged view.
+
+The union model (graftfs.namespace) knows nothing about container images. It asks the layout
+three questions about the RO trees:
+
+* ``ro_path(tree, vpath)``: where, in RO tree ``tree``, the entry at view path ``vpath`` lives,
+  or None when that tree must not show anything there (an incomplete layer, iSulad's ``RO/``
+  directories, the share's private files);
+* ``ro_names(tree, vpath)``: the names that tree shows in directory ``vpath``, or None to list
+  the backing directory as it is;
+* ``synthetic(vpath)`` / ``synthetic_names(vpath)``: entries that exist in no tree but are
+  computed, like ``overlay/l/<short>`` links of shared layers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from graftfs.attrs import Attr
+
+VPath = tuple[str, ...]
+
+#: Names at the top of a shared tree that belong to graftfs itself (marker, staging, leases).
+SHARE_PRIVATE_PREFIX = ".graftfs"
+
+
+@dataclass(frozen=True)
+class Synthetic:
+    """An entry computed from the catalog rather than read from a tree."""
+
+    origin: str
+    attr: Attr
+    link_target: str | None = None  # set for symlinks
+
+
+class PlainLayout:
+    """No image rules: every RO tree is shown as it is (apart from graftfs' own files)."""
+
+    name = "plain"
+
+    def __init__(self, trees: list[str]) -> None:
+        self.trees = trees
+
+    def ro_path(self, tree: int, vpath: VPath) -> str | None:
+        if vpath and vpath[0].startswith(SHARE_PRIVATE_PREFIX):
+            return None
+        return os.path.join(self.trees[tree], *vpath)
+
+    def ro_names(self, tree: int, vpath: VPath) -> list[str] | None:
+        if not vpath:
+            try:
+                names = os.listdir(self.trees[tree])
+            except FileNotFoundError:
+                return []
+            return [n for n in names if not n.startswith(SHARE_PRIVATE_PREFIX)]
+        return None
+
+    def synthetic(self, vpath: VPath) -> Synthetic | None:
+        return None
+
+    def synthetic_names(self, vpath: VPath) -> list[str]:
+        return []
+
+    def status(self) -> dict[str, object]:
+        return {"layout": self.name}

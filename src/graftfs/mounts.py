@@ -1,0 +1,122 @@
+"""The machine's mount table and the calls that change it (for mount, umount and status).
+
+Kept apart from the daemon so the CLI can inspect and clear mounts, including dead ones whose
+daemon is gone ("Transport endpoint is not connected"), without importing pyfuse3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+MNT_FORCE = 1
+MNT_DETACH = 2
+RUN_DIR = "/run/graftfs"
+FSTYPE = "fuse.graftfs"
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mountpoint: str
+    fstype: str
+    source: str
+    options: str
+    major_minor: str
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+    out, i = [], 0
+    while i < len(field):
+        code = field[i + 1 : i + 4]
+        if field[i] == "\\" and len(code) == 3 and code.isdigit():
+            out.append(chr(int(code, 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_table(mountinfo: str = "/proc/self/mountinfo") -> list[MountEntry]:
+    entries = []
+    with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            lf, rf = left.split(), right.split()
+            if len(lf) < 6 or len(rf) < 3:
+                continue
+            entries.append(MountEntry(_unescape(lf[4]), rf[0], _unescape(rf[1]), rf[2], lf[2]))
+    return entries
+
+
+def find_mount(mountpoint: str) -> MountEntry | None:
+    """The topmost mount at ``mountpoint`` (absolute path, symlinks resolved), if any."""
+    found = None
+    for entry in mount_table():
+        if entry.mountpoint == mountpoint:
+            found = entry
+    return found
+
+
+def canonical(path: str) -> str:
+    """An absolute, symlink-free path without touching a possibly dead mount at its end."""
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    return os.path.join(os.path.realpath(parent), name)
+
+
+def umount(mountpoint: str, flags: int = 0) -> None:
+    """umount2(2); raises OSError (EBUSY while in use, EINVAL when not a mount)."""
+    if _libc.umount2(os.fsencode(mountpoint), ctypes.c_int(flags)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), mountpoint)
+
+
+def runtime_file(mountpoint: str) -> str:
+    """Where the daemon serving ``mountpoint`` records its pid (readable even when it hangs)."""
+    digest = hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:16]
+    return os.path.join(RUN_DIR, f"{digest}.json")
+
+
+def write_runtime(mountpoint: str, info: dict[str, object]) -> None:
+    os.makedirs(RUN_DIR, exist_ok=True)
+    path = runtime_file(mountpoint)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(info, f)
+    os.rename(tmp, path)
+
+
+def read_runtime(mountpoint: str) -> dict[str, object] | None:
+    try:
+        with open(runtime_file(mountpoint), encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def remove_runtime(mountpoint: str, pid: int | None = None) -> None:
+    """Remove the runtime record (only our own when ``pid`` is given)."""
+    info = read_runtime(mountpoint)
+    if pid is not None and info is not None and info.get("pid") != pid:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(runtime_file(mountpoint))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")

@@ -1,0 +1,474 @@
+"""The merged namespace: a local RW tree over shared RO trees, as one directory tree.
+
+This is the union model, free of FUSE: it maps a *view path* (a tuple of names below the mount
+root) to the backing entries that make it up, and carries out changes on the RW tree. The FUSE
+adapter (graftfs.fs) turns inode numbers into view paths and calls these methods in worker
+threads, since a backing tree may be a slow or hung network share.
+
+Resolution, like overlayfs: a name resolves in RW first, then in each RO tree in order. A
+non-directory on top wins; directories of one name merge until a non-directory breaks the chain.
+RO trees contribute only what the layout lets them (complete image entries) and nothing at or
+below a path this node has hidden (graftfs.hides).
+
+Changes go to RW only: new names are created there (parent directories are copied up first,
+keeping their metadata), an RO file opened for writing or changed in its metadata is copied up
+first, and deleting or renaming away an RO entry records a hide. The RO trees are never written.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import shutil
+import stat
+import uuid
+from dataclasses import dataclass
+from typing import Protocol
+
+from graftfs.attrs import Attr
+from graftfs.hides import HideStore
+from graftfs.layouts import Synthetic
+
+log = logging.getLogger(__name__)
+
+VPath = tuple[str, ...]
+
+#: The private state directory at the top of the RW tree; never part of the view.
+STATE_DIR = ".graftfs"
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+
+
+class Layout(Protocol):
+    """What the namespace needs from a layout adapter (see graftfs.layouts)."""
+
+    name: str
+    trees: list[str]
+
+    def ro_path(self, tree: int, vpath: VPath) -> str | None: ...
+    def ro_names(self, tree: int, vpath: VPath) -> list[str] | None: ...
+    def synthetic(self, vpath: VPath) -> Synthetic | None: ...
+    def synthetic_names(self, vpath: VPath) -> list[str]: ...
+    def status(self) -> dict[str, object]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """One backing entry that contributes to a view path."""
+
+    origin: str  # "rw" or "ro:<tree root>"
+    attr: Attr
+    path: str | None = None  # backing path; None for synthesized entries
+    tree: int | None = None  # index of the RO tree; None for RW and synthesized entries
+    link_target: str | None = None  # synthesized symlinks only
+
+    @property
+    def is_rw(self) -> bool:
+        return self.origin == "rw"
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """What a view path is: its sources (top first; several only for merged directories)."""
+
+    vpath: VPath
+    sources: tuple[Source, ...]
+    ro_visible: bool  # an RO or synthesized entry shows at this path (possibly shadowed by RW)
+
+    @property
+    def top(self) -> Source:
+        return self.sources[0]
+
+    @property
+    def attr(self) -> Attr:
+        return self.sources[0].attr
+
+    @property
+    def is_dir(self) -> bool:
+        return self.sources[0].attr.is_dir
+
+    @property
+    def origin(self) -> str:
+        return self.sources[0].origin
+
+
+def _lstat(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_AT_FDCWD = -100
+
+
+def renameat2(old: str, new: str, flags: int) -> None:
+    """rename(2) with RENAME_* flags, which os.rename cannot pass (overlayfs needs them)."""
+    if flags == 0:
+        os.rename(old, new)
+        return
+    rc = _libc.renameat2(_AT_FDCWD, os.fsencode(old), _AT_FDCWD, os.fsencode(new), ctypes.c_uint(flags))
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), old, None, new)
+
+
+def _enoent(vpath: VPath) -> OSError:
+    return FileNotFoundError(errno.ENOENT, "no such entry in the view", "/".join(vpath))
+
+
+class Namespace:
+    """The union of one RW tree and the RO trees a layout presents (see module docstring)."""
+
+    def __init__(self, rw_root: str, layout: Layout, hides: HideStore) -> None:
+        self.rw_root = rw_root
+        self.layout = layout
+        self.hides = hides
+        self.state_dir = os.path.join(rw_root, STATE_DIR)
+        self.tmp_dir = os.path.join(self.state_dir, "tmp")
+
+    # -- resolution -------------------------------------------------------------------------
+
+    def rw_path(self, vpath: VPath) -> str:
+        return os.path.join(self.rw_root, *vpath)
+
+    @staticmethod
+    def is_private(vpath: VPath) -> bool:
+        return len(vpath) >= 1 and vpath[0] == STATE_DIR
+
+    def _ro_sources(self, vpath: VPath) -> list[Source]:
+        found = []
+        for tree, root in enumerate(self.layout.trees):
+            path = self.layout.ro_path(tree, vpath)
+            if path is None:
+                continue
+            st = _lstat(path)
+            if st is not None:
+                found.append(Source(f"ro:{root}", Attr.from_stat(st), path, tree))
+        synth = self.layout.synthetic(vpath)
+        if synth is not None:
+            found.append(Source(synth.origin, synth.attr, link_target=synth.link_target))
+        return found
+
+    def resolve(self, vpath: VPath) -> Resolved:
+        """Resolve a view path; raise FileNotFoundError when nothing shows there."""
+        if self.is_private(vpath):
+            raise _enoent(vpath)
+        sources: list[Source] = []
+        rw = _lstat(self.rw_path(vpath))
+        if rw is not None:
+            sources.append(Source("rw", Attr.from_stat(rw), self.rw_path(vpath)))
+        ro: list[Source] = [] if vpath and self.hides.covers(vpath) else self._ro_sources(vpath)
+        for src in ro:
+            if not sources or (sources[0].attr.is_dir and src.attr.is_dir):
+                sources.append(src)
+            elif sources[0].attr.is_dir:
+                break  # a non-directory below a directory ends the merge, as in overlayfs
+        if not sources:
+            raise _enoent(vpath)
+        return Resolved(vpath, tuple(sources), bool(ro))
+
+    def _names_of(self, res: Resolved) -> list[str]:
+        """Names in a merged directory, in first-seen order, without duplicates."""
+        names: dict[str, None] = {}
+        for src in res.sources:
+            if src.is_rw:
+                assert src.path is not None
+                listed = os.listdir(src.path)
+                if not res.vpath:
+                    listed = [n for n in listed if n != STATE_DIR]
+            elif src.tree is not None:
+                shown = self.layout.ro_names(src.tree, res.vpath)
+                if shown is None:
+                    assert src.path is not None
+                    shown = os.listdir(src.path)
+                listed = shown
+            else:
+                listed = self.layout.synthetic_names(res.vpath)
+            names.update(dict.fromkeys(listed))
+        return list(names)
+
+    def listdir(self, vpath: VPath) -> list[tuple[str, Resolved]]:
+        """A directory's entries with their resolution (for readdirplus)."""
+        res = self.resolve(vpath)
+        if not res.is_dir:
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", "/".join(vpath))
+        out = []
+        for name in self._names_of(res):
+            try:
+                out.append((name, self.resolve((*vpath, name))))
+            except FileNotFoundError:
+                continue  # hidden, or vanished while listing
+        return out
+
+    def _is_empty_dir(self, res: Resolved) -> bool:
+        for name in self._names_of(res):
+            try:
+                self.resolve((*res.vpath, name))
+                return False
+            except FileNotFoundError:
+                continue
+        return True
+
+    def readlink(self, vpath: VPath) -> str:
+        top = self.resolve(vpath).top
+        if top.link_target is not None:
+            return top.link_target
+        if not stat.S_ISLNK(top.attr.mode):
+            raise OSError(errno.EINVAL, "not a symlink", "/".join(vpath))
+        assert top.path is not None
+        return os.readlink(top.path)
+
+    # -- copy-up ----------------------------------------------------------------------------
+
+    def _copy_meta(self, src: Source, dst: str) -> None:
+        """Give a fresh RW copy its source's owner, mode, xattrs and times."""
+        a = src.attr
+        is_link = stat.S_ISLNK(a.mode)
+        os.chown(dst, a.uid, a.gid, follow_symlinks=False)
+        if not is_link:
+            os.chmod(dst, stat.S_IMODE(a.mode))
+        if src.path is not None:
+            try:
+                names = os.listxattr(src.path, follow_symlinks=False)
+            except OSError:
+                names = []
+            for name in names:
+                try:
+                    value = os.getxattr(src.path, name, follow_symlinks=False)
+                    os.setxattr(dst, name, value, follow_symlinks=False)
+                except OSError as e:
+                    log.debug("copy-up of xattr %s to %s failed: %s", name, dst, e)
+        os.utime(dst, ns=(a.atime_ns, a.mtime_ns), follow_symlinks=False)
+
+    def ensure_rw_dir(self, vpath: VPath) -> str:
+        """Make sure directory ``vpath`` exists in RW (copying up its chain); return its path."""
+        path = self.rw_path(vpath)
+        st = _lstat(path)
+        if st is not None:
+            if not stat.S_ISDIR(st.st_mode):
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", "/".join(vpath))
+            return path
+        self.ensure_rw_dir(vpath[:-1])
+        res = self.resolve(vpath)
+        if not res.is_dir:
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", "/".join(vpath))
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            return path  # another request copied it up first
+        self._copy_meta(res.top, path)
+        return path
+
+    def copy_up(self, vpath: VPath, with_data: bool = True) -> str:
+        """Make ``vpath`` an RW entry (files get a full copy unless ``with_data`` is False)."""
+        res = self.resolve(vpath)
+        if res.top.is_rw:
+            assert res.top.path is not None
+            return res.top.path
+        if res.is_dir:
+            return self.ensure_rw_dir(vpath)
+        self.ensure_rw_dir(vpath[:-1])
+        dst = self.rw_path(vpath)
+        os.makedirs(self.tmp_dir, exist_ok=True)
+        tmp = os.path.join(self.tmp_dir, f"copyup-{uuid.uuid4().hex}")
+        try:
+            self._materialize(res.top, tmp, with_data)
+            try:
+                os.rename(tmp, dst)
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise
+                # the RW parent is another mount (e.g. a tmpfs inside a container dir)
+                shutil.move(tmp, dst)
+        finally:
+            if _lstat(tmp) is not None:
+                os.unlink(tmp)
+        return dst
+
+    def _materialize(self, src: Source, dst: str, with_data: bool) -> None:
+        """Create ``dst`` as a copy of non-directory ``src`` (content and metadata)."""
+        mode = src.attr.mode
+        if stat.S_ISLNK(mode):
+            target = src.link_target if src.link_target is not None else os.readlink(src.path or "")
+            os.symlink(target, dst)
+        elif stat.S_ISREG(mode):
+            assert src.path is not None
+            if with_data:
+                shutil.copyfile(src.path, dst, follow_symlinks=False)
+            else:
+                os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        else:
+            os.mknod(dst, mode, src.attr.rdev)
+        self._copy_meta(src, dst)
+
+    # -- creation ---------------------------------------------------------------------------
+
+    def _prepare_new(self, vpath: VPath) -> str:
+        """Check that ``vpath`` is free in the view and return its RW path, parents made."""
+        if self.is_private(vpath):
+            raise PermissionError(errno.EPERM, "name reserved for graftfs state", "/".join(vpath))
+        try:
+            self.resolve(vpath)
+        except FileNotFoundError:
+            pass
+        else:
+            raise FileExistsError(errno.EEXIST, "entry exists", "/".join(vpath))
+        self.ensure_rw_dir(vpath[:-1])
+        return self.rw_path(vpath)
+
+    def mkdir(self, vpath: VPath, mode: int, uid: int, gid: int) -> Resolved:
+        path = self._prepare_new(vpath)
+        os.mkdir(path, stat.S_IMODE(mode))
+        os.chown(path, uid, gid)
+        return self.resolve(vpath)
+
+    def mknod(self, vpath: VPath, mode: int, rdev: int, uid: int, gid: int) -> Resolved:
+        path = self._prepare_new(vpath)
+        os.mknod(path, mode, rdev)
+        os.chown(path, uid, gid, follow_symlinks=False)
+        return self.resolve(vpath)
+
+    def symlink(self, vpath: VPath, target: str, uid: int, gid: int) -> Resolved:
+        path = self._prepare_new(vpath)
+        os.symlink(target, path)
+        os.chown(path, uid, gid, follow_symlinks=False)
+        return self.resolve(vpath)
+
+    def create(self, vpath: VPath, mode: int, flags: int, uid: int, gid: int) -> tuple[int, Resolved]:
+        """Create and open a new regular file in RW; return (fd, resolution)."""
+        path = self._prepare_new(vpath)
+        fd = os.open(path, (flags | os.O_CREAT | os.O_EXCL) & ~os.O_APPEND, stat.S_IMODE(mode))
+        try:
+            os.fchown(fd, uid, gid)
+            return fd, self.resolve(vpath)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def link(self, src: VPath, dst: VPath) -> Resolved:
+        src_res = self.resolve(src)
+        if src_res.is_dir:
+            raise PermissionError(errno.EPERM, "hard links to directories are not allowed", "/".join(src))
+        src_path = self.copy_up(src)
+        os.link(src_path, self._prepare_new(dst), follow_symlinks=False)
+        return self.resolve(dst)
+
+    # -- opening ----------------------------------------------------------------------------
+
+    def open(self, vpath: VPath, flags: int) -> tuple[int, bool]:
+        """Open a file; writers get an RW copy first. Returns (backing fd, fd is on RW)."""
+        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND)
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
+        res = self.resolve(vpath)
+        if writing:
+            return os.open(self.copy_up(vpath, with_data=not flags & os.O_TRUNC), flags), True
+        if res.top.path is None:
+            raise OSError(errno.ELOOP, "cannot open a symlink", "/".join(vpath))
+        return os.open(res.top.path, flags), res.top.is_rw
+
+    # -- removal and rename -----------------------------------------------------------------
+
+    def unlink(self, vpath: VPath) -> None:
+        res = self.resolve(vpath)
+        if res.is_dir:
+            raise IsADirectoryError(errno.EISDIR, "is a directory", "/".join(vpath))
+        if res.top.is_rw:
+            os.unlink(self.rw_path(vpath))
+        if res.ro_visible:
+            self.hides.add(vpath)
+
+    def rmdir(self, vpath: VPath) -> None:
+        res = self.resolve(vpath)
+        if not res.is_dir:
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", "/".join(vpath))
+        if not self._is_empty_dir(res):
+            raise OSError(errno.ENOTEMPTY, "directory not empty", "/".join(vpath))
+        if res.top.is_rw:
+            os.rmdir(self.rw_path(vpath))
+        if res.ro_visible:
+            self.hides.add(vpath)
+
+    def _try_resolve(self, vpath: VPath) -> Resolved | None:
+        try:
+            return self.resolve(vpath)
+        except FileNotFoundError:
+            return None
+
+    @staticmethod
+    def _refuse_ro_dir_move(res: Resolved) -> None:
+        # Moving a directory that has shared content would need a deep copy; like overlayfs
+        # without redirect_dir, answer EXDEV so that mv and friends copy and delete instead.
+        if res.is_dir and res.ro_visible:
+            raise OSError(errno.EXDEV, "directory with shared content cannot be renamed", "/".join(res.vpath))
+
+    def rename(self, src: VPath, dst: VPath, flags: int = 0) -> None:
+        """rename(2) over the view, honouring RENAME_NOREPLACE/EXCHANGE/WHITEOUT."""
+        if self.is_private(dst) or self.is_private(src):
+            raise PermissionError(errno.EPERM, "name reserved for graftfs state", "/".join(dst))
+        src_res = self.resolve(src)
+        dst_res = self._try_resolve(dst)
+        if flags & RENAME_NOREPLACE and dst_res is not None:
+            raise FileExistsError(errno.EEXIST, "entry exists", "/".join(dst))
+        self._refuse_ro_dir_move(src_res)
+        if flags & RENAME_EXCHANGE:
+            if dst_res is None:
+                raise _enoent(dst)
+            self._refuse_ro_dir_move(dst_res)
+            renameat2(self.copy_up(src), self.copy_up(dst), flags)
+            return
+        if dst_res is not None and dst_res.is_dir:
+            if not src_res.is_dir:
+                raise IsADirectoryError(errno.EISDIR, "is a directory", "/".join(dst))
+            if not self._is_empty_dir(dst_res):
+                raise OSError(errno.ENOTEMPTY, "directory not empty", "/".join(dst))
+        elif dst_res is not None and src_res.is_dir:
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", "/".join(dst))
+        src_path = self.copy_up(src)
+        self.ensure_rw_dir(dst[:-1])
+        renameat2(src_path, self.rw_path(dst), flags)
+        if dst_res is not None and dst_res.ro_visible:
+            self.hides.add(dst)  # the moved entry replaces the shared one; do not merge them
+        if src_res.ro_visible:
+            self.hides.add(src)
+
+    # -- metadata ---------------------------------------------------------------------------
+
+    def statfs(self) -> os.statvfs_result:
+        return os.statvfs(self.rw_root)
+
+    # -- status -----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        """Counts for `graftfs status`: what each origin shows, what is hidden or skipped."""
+        from graftfs.layouts.isulad import IMAGES, LAYERS
+
+        def count_rw(managed: str) -> int:
+            try:
+                return sum(1 for n in os.listdir(self.rw_path((managed,))) if len(n) == 64)
+            except OSError:
+                return 0
+
+        info = dict(self.layout.status())
+        ro = info.get("ro")
+        if isinstance(ro, list):
+            for entry in ro:
+                tree = self.layout.trees.index(entry["tree"])
+                entry["layers"] = self._visible_count(tree, LAYERS)
+                entry["images"] = self._visible_count(tree, IMAGES)
+        hidden = self.hides.sorted_paths()
+        info.update({
+            "rw": {"tree": self.rw_root, "layers": count_rw(LAYERS), "images": count_rw(IMAGES)},
+            "hidden": ["/".join(p) for p in hidden[:200]],
+            "hidden_count": len(hidden),
+        })
+        return info
+
+    def _visible_count(self, tree: int, managed: str) -> int:
+        names = self.layout.ro_names(tree, (managed,)) or []
+        return sum(1 for n in names if not self.hides.covers((managed, n)))

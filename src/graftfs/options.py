@@ -1,0 +1,128 @@
+"""Mount configuration: the command line and ``-o`` option strings (mount(8), fstab) as one shape.
+
+``graftfs mount --rw A --ro B MP`` and ``graftfs mount -o rw=A,ro=B MP`` (which is what
+``mount -t graftfs none MP -o rw=A,ro=B`` and an fstab line turn into) build the same
+MountConfig. Options graftfs does not know give a one-line error instead of being ignored,
+except the ones mount(8) and systemd add for their own use.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+LAYOUTS = ("auto", "isulad", "containers-storage")
+
+#: FUSE options passed through to the kernel mount.
+FUSE_FLAGS = {"allow_other", "default_permissions", "auto_unmount", "ro", "rw", "dev", "nodev",
+              "suid", "nosuid", "noatime", "atime", "exec", "noexec", "sync", "async", "dirsync"}
+FUSE_KEYS = {"fsname", "subtype", "max_read"}
+#: Options mount(8), fstab and systemd use for themselves; they do not reach the filesystem.
+MOUNT_NOISE = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser",
+               "owner", "group", "nosymfollow"}
+DEFAULT_FUSE_OPTIONS = ("allow_other", "default_permissions", "dev", "suid")
+
+
+class ConfigError(ValueError):
+    """A bad mount configuration; its message is the one line the user sees."""
+
+
+@dataclass
+class MountConfig:
+    mountpoint: str
+    rw: str | None = None
+    ro: list[str] = field(default_factory=list)
+    layout: str = "auto"
+    log_file: str | None = None
+    timeout: float = 10.0
+    fuse_options: list[str] = field(default_factory=list)
+
+    def add_options(self, text: str) -> None:
+        """Merge one ``-o`` string (comma separated) into this configuration."""
+        for item in filter(None, (o.strip() for o in text.split(","))):
+            key, eq, value = item.partition("=")
+            if not eq:
+                self._add_flag(key)
+            else:
+                self._add_keyed(key, value)
+
+    def _add_flag(self, key: str) -> None:
+        if key in FUSE_FLAGS:
+            self.fuse_options.append(key)
+        elif key in MOUNT_NOISE or key.startswith(("x-", "comment")):
+            return
+        else:
+            raise ConfigError(f"unknown mount option {key!r}")
+
+    def _add_keyed(self, key: str, value: str) -> None:
+        if key == "rw":
+            if self.rw is not None and self.rw != value:
+                raise ConfigError("only one rw= directory may be given")
+            self.rw = value
+        elif key == "ro":
+            self.ro.extend(v for v in value.split(":") if v)
+        elif key == "layout":
+            self.layout = value
+        elif key in ("log", "log_file"):
+            self.log_file = value
+        elif key == "timeout":
+            try:
+                self.timeout = float(value)
+            except ValueError:
+                raise ConfigError(f"timeout={value!r} is not a number of seconds") from None
+            if not 0 < self.timeout <= 3600:
+                raise ConfigError("timeout= must be between 0 and 3600 seconds")
+        elif key in FUSE_KEYS:
+            self.fuse_options.append(f"{key}={value}")
+        elif key.startswith(("x-", "comment")):
+            return
+        else:
+            raise ConfigError(f"unknown mount option {key!r}")
+
+    def check(self) -> None:
+        """Validate the configuration against the machine; raise ConfigError with one line."""
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"unknown layout {self.layout!r} (choose from {', '.join(LAYOUTS)})")
+        if self.rw is None:
+            raise ConfigError("no RW directory given (--rw DIR or -o rw=DIR)")
+        if not self.ro:
+            raise ConfigError("no RO directory given (--ro DIR or -o ro=DIR)")
+        self.mountpoint = os.path.abspath(self.mountpoint)
+        self.rw = os.path.abspath(self.rw)
+        self.ro = [os.path.abspath(r) for r in self.ro]
+        for what, path in [("mountpoint", self.mountpoint), ("RW directory", self.rw)] + [
+            ("RO directory", r) for r in self.ro
+        ]:
+            if not os.path.isdir(path):
+                raise ConfigError(f"{what} {path} does not exist or is not a directory")
+        real_mp = os.path.realpath(self.mountpoint)
+        for what, path in [("RW directory", self.rw)] + [("RO directory", r) for r in self.ro]:
+            real = os.path.realpath(path)
+            if real == real_mp or real.startswith(real_mp.rstrip("/") + "/"):
+                raise ConfigError(f"{what} {path} is the mountpoint or inside it; it would be hidden by the mount")
+        if len(set(self.ro)) != len(self.ro):
+            raise ConfigError("the same RO directory is given twice")
+
+    def fuse_option_set(self) -> set[str]:
+        """The options handed to pyfuse3.init (graftfs' defaults, then the user's)."""
+        opts = set(DEFAULT_FUSE_OPTIONS) | {"fsname=graftfs", "subtype=graftfs"}
+        for opt in self.fuse_options:
+            key = opt.partition("=")[0]
+            opts = {o for o in opts if o.partition("=")[0] != key}
+            opposite = {"dev": "nodev", "nodev": "dev", "suid": "nosuid", "nosuid": "suid",
+                        "ro": "rw", "rw": "ro"}.get(opt)
+            opts.discard(opposite or "")
+            opts.add(opt)
+        return opts
+
+    def to_argv(self) -> list[str]:
+        """Arguments that make `graftfs mount` rebuild this configuration (for the daemon)."""
+        argv = ["--rw", str(self.rw), "--layout", self.layout]
+        for r in self.ro:
+            argv += ["--ro", r]
+        opts = [*self.fuse_options, f"timeout={self.timeout:g}"]
+        argv += ["-o", ",".join(opts)]
+        if self.log_file:
+            argv += ["--log-file", self.log_file]
+        argv.append(self.mountpoint)
+        return argv
