@@ -27,7 +27,8 @@ class MountEntry:
     mountpoint: str
     fstype: str
     source: str
-    options: str
+    options: str  # per-mount options (ro, nodev, nosuid, ...)
+    super_options: str  # filesystem options (user_id=, allow_other, ...)
     major_minor: str
 
 
@@ -53,7 +54,7 @@ def mount_table(mountinfo: str = "/proc/self/mountinfo") -> list[MountEntry]:
             lf, rf = left.split(), right.split()
             if len(lf) < 6 or len(rf) < 3:
                 continue
-            entries.append(MountEntry(_unescape(lf[4]), rf[0], _unescape(rf[1]), rf[2], lf[2]))
+            entries.append(MountEntry(_unescape(lf[4]), rf[0], _unescape(rf[1]), lf[5], rf[2], lf[2]))
     return entries
 
 

@@ -1,0 +1,155 @@
+"""The command line as users and mount(8) drive it: daemonized mount, umount, dead mounts,
+status, one-line errors, and tools/mount-helper."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, Sample, force_unmount, graftfs_cmd, needs_mount, sh, wait_for
+from graftfs.mounts import find_mount, pid_alive, read_runtime
+
+
+def daemon_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "graftfs mount"], capture_output=True, text=True, timeout=10).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.fixture
+def mnt(tmp_path: Path) -> Iterator[str]:
+    """A mountpoint that is always cleared at teardown, whatever the test did to it."""
+    path = str(tmp_path / "mnt")
+    os.makedirs(path)
+    yield path
+    info = read_runtime(path)
+    force_unmount(path)
+    if info and isinstance(info.get("pid"), int) and pid_alive(info["pid"]):
+        os.kill(info["pid"], signal.SIGKILL)
+
+
+@needs_mount
+def test_mount_umount_leaves_nothing_behind(sample: Sample, mnt: str) -> None:
+    before = set(daemon_pids())
+    res = graftfs_cmd("mount", "--rw", sample.rw, "--ro", sample.share_ro, mnt)
+    assert res.returncode == 0, res.stderr
+    # mount returned: the view is ready at once
+    assert sample.ids.image_app in os.listdir(os.path.join(mnt, "overlay-images"))
+    entry = find_mount(mnt)
+    assert entry is not None and entry.fstype == "fuse.graftfs"
+    info = read_runtime(mnt)
+    assert info is not None and pid_alive(info["pid"])  # type: ignore[arg-type]
+    res = graftfs_cmd("umount", mnt)
+    assert res.returncode == 0, res.stderr
+    assert find_mount(mnt) is None
+    assert not pid_alive(info["pid"])  # type: ignore[arg-type]
+    assert set(daemon_pids()) <= before
+    assert read_runtime(mnt) is None
+    tmp_dir = Path(sample.rw, ".graftfs", "tmp")
+    assert not tmp_dir.exists() or not os.listdir(tmp_dir)
+
+
+@needs_mount
+def test_umount_clears_a_dead_mount(sample: Sample, mnt: str) -> None:
+    assert graftfs_cmd("mount", "--rw", sample.rw, "--ro", sample.share_ro, mnt).returncode == 0
+    pid = read_runtime(mnt)["pid"]  # type: ignore[index]
+    os.kill(pid, signal.SIGKILL)  # type: ignore[arg-type]
+    wait_for(lambda: not pid_alive(pid), 10, "the daemon to die")  # type: ignore[arg-type]
+    res = sh("stat", mnt, timeout=10)
+    assert res.returncode != 0 and "Transport endpoint is not connected" in res.stderr
+    status = graftfs_cmd("status", mnt)
+    assert status.returncode == 1 and "dead mount" in status.stderr
+    res = graftfs_cmd("umount", mnt)
+    assert res.returncode == 0, res.stderr
+    assert find_mount(mnt) is None
+    # and the node can mount again, with its state intact
+    assert graftfs_cmd("mount", "--rw", sample.rw, "--ro", sample.share_ro, mnt).returncode == 0
+    assert Path(mnt, "overlay", sample.ids.local, "diff", "tmp", "container-output.log").exists()
+    assert graftfs_cmd("umount", mnt).returncode == 0
+
+
+@needs_mount
+def test_status_for_people(sample: Sample, mnt: str) -> None:
+    assert graftfs_cmd("mount", "--rw", sample.rw, "--ro", sample.share_ro, mnt).returncode == 0
+    os.unlink(os.path.join(mnt, "overlay", sample.ids.base, "diff", "bin", "hello"))
+    res = graftfs_cmd("status", mnt)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert f"rw  {sample.rw}: 1 layers, 0 images" in out
+    assert f"ro  {sample.share_ro}: 3 layers, 2 images visible" in out
+    assert f"overlay/{sample.ids.base}/diff/bin/hello" in out
+    assert f"layer {sample.ids.broken[:12]} in {sample.share_ro}: overlay link file missing" in out
+    raw = subprocess.run(["getfattr", "--only-values", "-n", "user.graftfs.status", mnt],
+                         capture_output=True, timeout=30)
+    assert raw.returncode == 0 and b'"layout": "isulad"' in raw.stdout
+    assert graftfs_cmd("umount", mnt).returncode == 0
+
+
+@needs_mount
+def test_mount_errors_are_one_line(sample: Sample, mnt: str, tmp_path: Path) -> None:
+    cases = [
+        (["--rw", str(tmp_path / "missing"), "--ro", sample.share_ro, mnt], "does not exist"),
+        (["--rw", sample.rw, mnt], "no RO directory"),
+        (["--rw", sample.rw, "--ro", sample.share_ro, "-o", "bogus", mnt], "unknown mount option 'bogus'"),
+        (["--rw", sample.rw, "--ro", sample.share_ro, "--layout", "nope", mnt], "invalid choice"),
+        (["--rw", mnt, "--ro", sample.share_ro, mnt], "is the mountpoint or inside it"),
+        (["--rw", sample.rw, "--ro", sample.share_ro, "-o", "timeout=soon", mnt], "not a number"),
+    ]
+    for argv, message in cases:
+        res = graftfs_cmd("mount", *argv)
+        assert res.returncode != 0, argv
+        assert message in res.stderr, (argv, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    # a busy mountpoint
+    assert graftfs_cmd("mount", "--rw", sample.rw, "--ro", sample.share_ro, mnt).returncode == 0
+    res = graftfs_cmd("mount", "--rw", sample.rw, "--ro", sample.share_ro, mnt)
+    assert res.returncode == 1 and "is busy" in res.stderr and len(res.stderr.splitlines()) == 1
+    res = graftfs_cmd("umount", str(tmp_path))
+    assert res.returncode == 1 and "is not mounted" in res.stderr
+    assert graftfs_cmd("umount", mnt).returncode == 0
+
+
+def test_bad_cli_arguments_get_one_line() -> None:
+    for argv in (["mount"], ["frobnicate"], ["status"], ["umount", "a", "b"]):
+        res = graftfs_cmd(*argv)
+        assert res.returncode == 2, argv
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+@needs_mount
+def test_mount_helper_as_mount8_calls_it(sample: Sample, mnt: str) -> None:
+    helper = str(REPO / "tools" / "mount-helper")
+    graftfs_bin = Path(sys.executable).parent / "graftfs"
+    if not graftfs_bin.exists():
+        pytest.skip(f"{graftfs_bin} missing: install the package (pip install -e .)")
+    env = {**os.environ, "GRAFTFS_BIN": str(graftfs_bin)}
+    opts = f"rw={sample.rw},ro={sample.share_ro},defaults,_netdev,x-systemd.requires=/mnt,nodev"
+    res = subprocess.run([helper, "none", mnt, "-o", opts], capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 0, res.stderr
+    entry = find_mount(mnt)
+    assert entry is not None and entry.fstype == "fuse.graftfs" and "nodev" in entry.options
+    assert sample.ids.image_web in os.listdir(os.path.join(mnt, "overlay-images"))
+    assert graftfs_cmd("umount", mnt).returncode == 0
+    bad = subprocess.run([helper, "none", mnt, "-o", f"rw={sample.rw}"], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert bad.returncode != 0 and "no RO directory" in bad.stderr
+
+
+@needs_mount
+def test_mount_t_graftfs_when_helper_installed(sample: Sample, mnt: str) -> None:
+    if not os.path.exists("/sbin/mount.graftfs"):
+        pytest.skip("/sbin/mount.graftfs is not installed (.ci/run installs it)")
+    res = subprocess.run(["mount", "-t", "graftfs", "none", mnt, "-o", f"rw={sample.rw},ro={sample.share_ro}"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    deadline = time.monotonic() + 10
+    while find_mount(mnt) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sample.ids.image_app in os.listdir(os.path.join(mnt, "overlay-images"))
+    assert graftfs_cmd("umount", mnt).returncode == 0
