@@ -1,0 +1,140 @@
+"""The model without mounting: layout rules, the union namespace on plain directories, hides,
+option parsing and the errno boundary. Fast, and runnable without root or /dev/fuse."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pyfuse3
+import pytest
+
+from graftfs.errors import BackingTimeout, fuse_boundary
+from graftfs.hides import HideStore, compact
+from graftfs.layouts.isulad import IsuladLayout, build_catalog, scan_tree
+from graftfs.namespace import STATE_DIR, Namespace
+from graftfs.options import ConfigError, MountConfig
+from graftfs.sample import SampleLayer, build_demo, digest, short_name, write_image, write_layer
+from graftfs.workers import Workers
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> tuple[Namespace, object, Path, Path]:
+    share, rw = tmp_path / "share", tmp_path / "rw"
+    ids = build_demo(str(share), str(rw))
+    os.makedirs(rw / STATE_DIR)
+    layout = IsuladLayout([str(share)], str(rw))
+    layout.refresh()
+    return Namespace(str(rw), layout, HideStore(str(rw / STATE_DIR))), ids, share, rw
+
+
+def test_scan_reports_each_incomplete_entry(tmp_path: Path) -> None:
+    share = str(tmp_path)
+    ok, no_diff, bad_id, marked = (digest(f"l:{n}") for n in ("ok", "nodiff", "badid", "marked"))
+    write_layer(share, SampleLayer(ok, None, {"a": b"1"}))
+    write_layer(share, SampleLayer(no_diff, None, {}))
+    os.rmdir(os.path.join(share, "overlay", no_diff, "diff"))
+    write_layer(share, SampleLayer(bad_id, None, {}), record=b'{"id": "' + ok.encode() + b'"}')
+    write_layer(share, SampleLayer(marked, None, {}), record=b'{"id": "' + marked.encode() + b'", "incompleted": true}')
+    os.makedirs(os.path.join(share, "overlay-layers", digest("l:recordless")))
+    os.makedirs(os.path.join(share, "overlay", "not-an-id"))
+    scan = scan_tree(share)
+    assert set(scan.layers) == {ok}
+    reasons = {p.id: p.reason for p in scan.problems}
+    assert reasons[no_diff] == "overlay diff directory missing"
+    assert "does not match its directory" in reasons[bad_id]
+    assert reasons[marked] == "layer.json marks the layer incomplete"
+    assert reasons[digest("l:recordless")] == "overlay directory missing"
+    assert "not-an-id" not in reasons
+
+
+def test_catalog_first_tree_wins_and_local_parents_count(tmp_path: Path) -> None:
+    first, second = str(tmp_path / "a"), str(tmp_path / "b")
+    shared = digest("l:shared")
+    local_parent = digest("l:local")
+    write_layer(first, SampleLayer(shared, None, {"x": b"first"}))
+    write_layer(second, SampleLayer(shared, None, {"x": b"second"}))
+    on_local = digest("l:on-local")
+    write_layer(second, SampleLayer(on_local, local_parent, {}))
+    write_image(second, digest("i:on-local"), on_local, ["x:1"])
+    cat = build_catalog([scan_tree(first), scan_tree(second)], {local_parent})
+    assert cat.layers[shared][0] == 0
+    assert on_local in cat.layers and digest("i:on-local") in cat.images
+    cat_without = build_catalog([scan_tree(first), scan_tree(second)], set())
+    assert on_local not in cat_without.layers
+
+
+def test_namespace_merge_hide_and_copy_up(demo: tuple[Namespace, object, Path, Path]) -> None:
+    ns, ids, share, rw = demo
+    base = ids.base  # type: ignore[attr-defined]
+    res = ns.resolve(("overlay", base, "diff", "bin", "hello"))
+    assert res.origin == f"ro:{share}" and res.ro_visible
+    names = [n for n, _ in ns.listdir(("overlay", "l"))]
+    assert short_name(base) in names and short_name(ids.broken) not in names  # type: ignore[attr-defined]
+    ns.unlink(("overlay", base, "diff", "bin", "hello"))
+    with pytest.raises(FileNotFoundError):
+        ns.resolve(("overlay", base, "diff", "bin", "hello"))
+    assert (share / "overlay" / base / "diff" / "bin" / "hello").exists()
+    fd, in_rw = ns.open(("overlay", base, "diff", "etc", "os-release"), os.O_RDWR)
+    os.close(fd)
+    assert in_rw and (rw / "overlay" / base / "diff" / "etc" / "os-release").read_text() == "NAME=demo\n"
+    with pytest.raises(OSError) as exc:
+        ns.rmdir(("overlay", base, "diff", "etc"))
+    assert exc.value.errno == errno.ENOTEMPTY
+    with pytest.raises(FileNotFoundError):
+        ns.resolve((STATE_DIR,))
+    with pytest.raises(PermissionError):
+        ns.mkdir((STATE_DIR,), 0o755, 0, 0)
+
+
+def test_hides_persist_compact_and_survive_a_torn_line(tmp_path: Path) -> None:
+    store = HideStore(str(tmp_path))
+    store.add(("a", "b", "c"))
+    store.add(("a", "b"))
+    store.add(("weird\nname", "\udcff"))
+    store.close()
+    with open(tmp_path / "hides.log", "a") as f:
+        f.write('"x/y')  # a crash in the middle of an append
+    again = HideStore(str(tmp_path))
+    assert again.covers(("a", "b", "c", "d"))
+    assert again.covers(("weird\nname", "\udcff"))
+    assert not again.covers(("x", "y"))
+    assert len(again) == 2
+    assert compact({("a",), ("a", "b"), ("b",)}) == {("a",), ("b",)}
+
+
+def test_options_parse_mount8_style() -> None:
+    cfg = MountConfig("/mnt")
+    cfg.add_options("rw=/r,ro=/a:/b,ro=/c,defaults,_netdev,x-systemd.requires=/x,nodev,timeout=3,layout=isulad")
+    assert (cfg.rw, cfg.ro, cfg.timeout, cfg.layout) == ("/r", ["/a", "/b", "/c"], 3.0, "isulad")
+    opts = cfg.fuse_option_set()
+    assert "nodev" in opts and "dev" not in opts and "default_permissions" in opts
+    for bad in ("frob", "timeout=-1", "mystery=1"):
+        with pytest.raises(ConfigError):
+            MountConfig("/mnt").add_options(bad)
+
+
+async def test_errno_boundary_maps_everything_to_fuse_errors() -> None:
+    @fuse_boundary
+    async def raises(exc: BaseException) -> None:
+        raise exc
+
+    cases = [(FileNotFoundError(errno.ENOENT, "x"), errno.ENOENT), (ValueError("bug"), errno.EIO),
+             (BackingTimeout("lstat", 1), errno.ETIMEDOUT), (pyfuse3.FUSEError(errno.EXDEV), errno.EXDEV),
+             (OSError("no errno"), errno.EIO)]
+    for exc, want in cases:
+        with pytest.raises(pyfuse3.FUSEError) as got:
+            await raises(exc)
+        assert got.value.errno == want
+
+
+async def test_workers_time_limit() -> None:
+    import threading
+
+    release = threading.Event()
+    workers = Workers(timeout=0.2)
+    with pytest.raises(BackingTimeout):
+        await workers.run(release.wait, 5)
+    release.set()
+    assert await workers.run(sum, [1, 2]) == 3
