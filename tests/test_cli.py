@@ -3,6 +3,7 @@ status, one-line errors, and tools/mount-helper."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -158,4 +159,31 @@ def test_mount_t_graftfs_and_fstab_when_helper_installed(sample: Sample, mnt: st
     entry = find_mount(mnt)
     assert entry is not None and "nosuid" in entry.options
     assert sample.ids.image_web in os.listdir(os.path.join(mnt, "overlay-images"))
+    assert graftfs_cmd("umount", mnt).returncode == 0
+
+
+@needs_mount
+def test_sigterm_unmounts_cleanly(sample: Sample, mnt: str) -> None:
+    assert graftfs_cmd("mount", "--rw", sample.rw, "--ro", sample.share_ro, mnt).returncode == 0
+    pid = read_runtime(mnt)["pid"]  # type: ignore[index]
+    os.kill(pid, signal.SIGTERM)  # type: ignore[arg-type]
+    wait_for(lambda: not pid_alive(pid), 15, "the daemon to exit on SIGTERM")  # type: ignore[arg-type]
+    assert find_mount(mnt) is None
+    assert read_runtime(mnt) is None
+    assert "signal 15: unmounting" in Path(sample.rw, ".graftfs", "graftfs.log").read_text()
+
+
+@needs_mount
+def test_status_stays_within_xattr_size_with_many_hides(sample: Sample, mnt: str) -> None:
+    state = Path(sample.rw, ".graftfs")
+    state.mkdir(exist_ok=True)
+    with open(state / "hides.log", "w") as f:
+        for i in range(3000):
+            f.write(json.dumps(f"overlay/{'x' * 200}{i}") + "\n")
+    assert graftfs_cmd("mount", "--rw", sample.rw, "--ro", sample.share_ro, mnt).returncode == 0
+    res = graftfs_cmd("status", "--json", mnt)
+    assert res.returncode == 0, res.stderr
+    st = json.loads(res.stdout)
+    assert st["hidden_count"] == 3000 and 0 < len(st["hidden"]) < 3000
+    assert f"... and {3000 - len(st['hidden'])} more" in graftfs_cmd("status", mnt).stdout
     assert graftfs_cmd("umount", mnt).returncode == 0

@@ -39,6 +39,7 @@ ORIGIN_XATTRS = ("user.graftfs.origin", "trusted.graftfs.origin")
 STATUS_XATTR = "user.graftfs.status"
 PID_XATTR = "user.graftfs.pid"
 OWN_XATTR_PREFIXES = ("user.graftfs.", "trusted.graftfs.")
+STATUS_MAX_BYTES = 60_000
 
 #: Until the watcher invalidates kernel caches precisely, keep them short so RW changes made
 #: outside the mount and RO changes picked up at remount are seen quickly.
@@ -412,7 +413,15 @@ class GraftOperations(pyfuse3.Operations):
         info["inodes"] = len(self.inodes)
         info["open_files"] = len(self._files)
         info["time"] = time.time()
-        return json.dumps(info, sort_keys=True).encode()
+        data = json.dumps(info, sort_keys=True).encode()
+        while len(data) > STATUS_MAX_BYTES:
+            # an xattr value is at most 64 KiB: shorten the lists (their *_count fields stay exact)
+            for key in ("hidden", "skipped"):
+                items = info.get(key)
+                if isinstance(items, list):
+                    info[key] = items[: len(items) // 2]
+            data = json.dumps(info, sort_keys=True).encode()
+        return data
 
 
 def _utime(path_or_fd: str | int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
