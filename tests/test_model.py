@@ -138,3 +138,43 @@ async def test_workers_time_limit() -> None:
         await workers.run(release.wait, 5)
     release.set()
     assert await workers.run(sum, [1, 2]) == 3
+
+
+def test_copy_up_publish_never_replaces_a_newer_rw_entry(tmp_path: Path) -> None:
+    dst, tmp = tmp_path / "dst", tmp_path / "tmp"
+    dst.write_text("written by the copy-up that won")
+    tmp.write_text("stale copy of the shared file")
+    Namespace._publish(str(tmp), str(dst))
+    assert dst.read_text() == "written by the copy-up that won"
+    Namespace._publish(str(tmp), str(tmp_path / "fresh"))
+    assert (tmp_path / "fresh").read_text() == "stale copy of the shared file"
+
+
+def test_inode_table_never_maps_below_a_removed_directory() -> None:
+    from graftfs.inodes import InodeTable
+
+    table = InodeTable()
+    d = table.child(table.root, "d")
+    x = table.child(d, "x")
+    d.lookups = x.lookups = 1  # the kernel still holds both
+    assert table.path(x.ino) == ("d", "x")
+    table.move(table.root, "e", table.root, "d")  # "e" replaced "d": d and x left the view
+    with pytest.raises(FileNotFoundError) as exc:
+        table.path(x.ino)
+    assert exc.value.errno == errno.ENOENT
+    with pytest.raises(FileNotFoundError):
+        table.child(d, "late")
+    moved = table.child(table.root, "m")
+    kept = table.child(moved, "k")
+    table.move(table.root, "m", table.root, "n")
+    assert table.path(kept.ino) == ("n", "k") and kept.ino == table.child(table.root, "n").children["k"].ino
+
+
+def test_overlapping_trees_are_refused(tmp_path: Path) -> None:
+    for sub in ("mnt", "rw", "rw/share", "other"):
+        (tmp_path / sub).mkdir()
+    cfg = MountConfig(str(tmp_path / "mnt"), rw=str(tmp_path / "rw"), ro=[str(tmp_path / "rw" / "share")])
+    with pytest.raises(ConfigError, match="overlap"):
+        cfg.check()
+    ok = MountConfig(str(tmp_path / "mnt"), rw=str(tmp_path / "rw"), ro=[str(tmp_path / "other")])
+    ok.check()

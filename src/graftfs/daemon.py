@@ -128,7 +128,13 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
         log.error("cannot mount %s: %s", cfg.mountpoint, e)
         _tell(ready_fd, f"ERROR the kernel refused the mount of {cfg.mountpoint}: {e}")
         return 1
-    write_runtime(cfg.mountpoint, {"pid": os.getpid(), "rw": cfg.rw, "ro": cfg.ro, "log": cfg.log_file})
+    try:
+        write_runtime(cfg.mountpoint, {"pid": os.getpid(), "rw": cfg.rw, "ro": cfg.ro, "log": cfg.log_file})
+    except OSError as e:
+        log.error("cannot record the daemon in %s: %s", cfg.mountpoint, e)
+        pyfuse3.close(unmount=True)
+        _tell(ready_fd, f"ERROR cannot write the runtime record: {e}")
+        return 1
     log.info("graftfs %s mounted %s (rw=%s ro=%s layout=%s)", __version__, cfg.mountpoint, cfg.rw,
              ",".join(cfg.ro), ns.layout.name)
     _tell(ready_fd, "READY")

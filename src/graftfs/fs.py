@@ -50,7 +50,6 @@ DEFAULT_ATTR_TIMEOUT = 1.0
 @dataclass
 class DirHandle:
     node: Node
-    vpath: VPath
     entries: list[tuple[str, Resolved]] | None = None
 
 
@@ -312,15 +311,16 @@ class GraftOperations(pyfuse3.Operations):
         node = self._node(inode)
         fh = self._next_dir_fh
         self._next_dir_fh += 1
-        self._dirs[fh] = DirHandle(node, self._path(inode))
+        self._dirs[fh] = DirHandle(node)
         return fh
 
     @fuse_boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self._dirs[fh]
         if handle.entries is None or start_id == 0:
-            # one snapshot per listing keeps offsets stable while entries come and go
-            handle.entries = await self.workers.run(self.ns.listdir, handle.vpath)
+            # one snapshot per listing keeps offsets stable while entries come and go; the path
+            # is taken now, not at opendir, since the directory may have been renamed since
+            handle.entries = await self.workers.run(self.ns.listdir, self._path(handle.node.ino))
         for index in range(start_id, len(handle.entries)):
             name, res = handle.entries[index]
             if handle.node.detached:
@@ -337,7 +337,7 @@ class GraftOperations(pyfuse3.Operations):
     @fuse_boundary
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         handle = self._dirs[fh]
-        await self.workers.run(self._fsyncdir, handle.vpath)
+        await self.workers.run(self._fsyncdir, self._path(handle.node.ino))
 
     def _fsyncdir(self, vpath: VPath) -> None:
         self.ns.hides.sync()

@@ -11,6 +11,7 @@ Only the trio thread touches this table, so it needs no locking.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -45,16 +46,19 @@ class InodeTable:
     def path(self, ino: int) -> VPath:
         """The view path of a node, walking up to the root."""
         node = self._by_ino[ino]
-        if node.detached:
-            raise FileNotFoundError(f"inode {ino} was removed from the view")
         parts: list[str] = []
         while node.parent is not None:
             parts.append(node.name)
             node = node.parent
+        if node is not self.root:
+            # the entry, or a directory above it, was removed from the view
+            raise FileNotFoundError(errno.ENOENT, f"inode {ino} was removed from the view")
         return tuple(reversed(parts))
 
     def child(self, parent: Node, name: str) -> Node:
         """The node for ``name`` in ``parent``, numbered on first sight."""
+        if parent.detached:
+            raise FileNotFoundError(errno.ENOENT, "the directory was removed from the view")
         node = parent.children.get(name)
         if node is None:
             node = Node(self._next, name, parent)
@@ -90,6 +94,10 @@ class InodeTable:
         node = parent.children.pop(name, None)
         self.detach(new_parent, new_name)
         if node is None:
+            return
+        if new_parent.detached:
+            parent.children[name] = node
+            self.detach(parent, name)
             return
         node.name = new_name
         node.parent = new_parent

@@ -88,10 +88,12 @@ def runtime_file(mountpoint: str) -> str:
 
 
 def write_runtime(mountpoint: str, info: dict[str, object]) -> None:
-    os.makedirs(RUN_DIR, exist_ok=True)
+    """Record the daemon's pid; only root may write here (umount signals that pid)."""
+    os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
+    os.chmod(RUN_DIR, 0o755)
     path = runtime_file(mountpoint)
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), "w", encoding="utf-8") as f:
         json.dump(info, f)
     os.rename(tmp, path)
 
@@ -112,6 +114,16 @@ def remove_runtime(mountpoint: str, pid: int | None = None) -> None:
         return
     with contextlib.suppress(FileNotFoundError):
         os.unlink(runtime_file(mountpoint))
+
+
+def is_graftfs_daemon(pid: int) -> bool:
+    """True when ``pid`` is a live graftfs daemon (pids are reused after a crash)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return pid_alive(pid) and b"graftfs" in b" ".join(argv) and b"mount" in argv
 
 
 def pid_alive(pid: int) -> bool:

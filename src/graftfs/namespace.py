@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import stat
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Protocol
@@ -131,6 +132,10 @@ class Namespace:
         self.hides = hides
         self.state_dir = os.path.join(rw_root, STATE_DIR)
         self.tmp_dir = os.path.join(self.state_dir, "tmp")
+        # Worker threads run namespace operations concurrently. Copy-ups copy data unlocked, but
+        # publishing a copy and the remove/hide/rename steps are serialized, so that a copy-up
+        # never replaces a newer RW entry or brings back an entry deleted meanwhile.
+        self._mutating = threading.RLock()
 
     # -- resolution -------------------------------------------------------------------------
 
@@ -279,17 +284,27 @@ class Namespace:
         tmp = os.path.join(self.tmp_dir, f"copyup-{uuid.uuid4().hex}")
         try:
             self._materialize(res.top, tmp, with_data)
-            try:
-                os.rename(tmp, dst)
-            except OSError as e:
-                if e.errno != errno.EXDEV:
-                    raise
-                # the RW parent is another mount (e.g. a tmpfs inside a container dir)
-                shutil.move(tmp, dst)
+            with self._mutating:
+                self.resolve(vpath)  # still there (not deleted while we copied)?
+                self._publish(tmp, dst)
         finally:
             if _lstat(tmp) is not None:
                 os.unlink(tmp)
         return dst
+
+    @staticmethod
+    def _publish(tmp: str, dst: str) -> None:
+        """Move a finished copy into place unless another copy-up got there first."""
+        try:
+            renameat2(tmp, dst, RENAME_NOREPLACE)
+        except FileExistsError:
+            return  # a concurrent copy-up won; its copy (maybe already written to) stays
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            # the RW parent is another mount (e.g. a tmpfs inside a container dir)
+            if _lstat(dst) is None:
+                shutil.move(tmp, dst)
 
     def _materialize(self, src: Source, dst: str, with_data: bool) -> None:
         """Create ``dst`` as a copy of non-directory ``src`` (content and metadata)."""
@@ -375,24 +390,26 @@ class Namespace:
     # -- removal and rename -----------------------------------------------------------------
 
     def unlink(self, vpath: VPath) -> None:
-        res = self.resolve(vpath)
-        if res.is_dir:
-            raise IsADirectoryError(errno.EISDIR, "is a directory", "/".join(vpath))
-        if res.top.is_rw:
-            os.unlink(self.rw_path(vpath))
-        if res.ro_visible:
-            self.hides.add(vpath)
+        with self._mutating:
+            res = self.resolve(vpath)
+            if res.is_dir:
+                raise IsADirectoryError(errno.EISDIR, "is a directory", "/".join(vpath))
+            if res.ro_visible:
+                self.hides.add(vpath)  # first: a crash between the steps must not revive the RO entry
+            if res.top.is_rw:
+                os.unlink(self.rw_path(vpath))
 
     def rmdir(self, vpath: VPath) -> None:
-        res = self.resolve(vpath)
-        if not res.is_dir:
-            raise NotADirectoryError(errno.ENOTDIR, "not a directory", "/".join(vpath))
-        if not self._is_empty_dir(res):
-            raise OSError(errno.ENOTEMPTY, "directory not empty", "/".join(vpath))
-        if res.top.is_rw:
-            os.rmdir(self.rw_path(vpath))
-        if res.ro_visible:
-            self.hides.add(vpath)
+        with self._mutating:
+            res = self.resolve(vpath)
+            if not res.is_dir:
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", "/".join(vpath))
+            if not self._is_empty_dir(res):
+                raise OSError(errno.ENOTEMPTY, "directory not empty", "/".join(vpath))
+            if res.ro_visible:
+                self.hides.add(vpath)
+            if res.top.is_rw:
+                os.rmdir(self.rw_path(vpath))
 
     def _try_resolve(self, vpath: VPath) -> Resolved | None:
         try:
@@ -409,6 +426,10 @@ class Namespace:
 
     def rename(self, src: VPath, dst: VPath, flags: int = 0) -> None:
         """rename(2) over the view, honouring RENAME_NOREPLACE/EXCHANGE/WHITEOUT."""
+        with self._mutating:
+            self._rename(src, dst, flags)
+
+    def _rename(self, src: VPath, dst: VPath, flags: int) -> None:
         if self.is_private(dst) or self.is_private(src):
             raise PermissionError(errno.EPERM, "name reserved for graftfs state", "/".join(dst))
         src_res = self.resolve(src)

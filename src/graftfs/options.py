@@ -87,7 +87,7 @@ class MountConfig:
             raise ConfigError("no RW directory given (--rw DIR or -o rw=DIR)")
         if not self.ro:
             raise ConfigError("no RO directory given (--ro DIR or -o ro=DIR)")
-        self.mountpoint = os.path.abspath(self.mountpoint)
+        self.mountpoint = os.path.realpath(self.mountpoint)  # as the mount table spells it
         self.rw = os.path.abspath(self.rw)
         self.ro = [os.path.abspath(r) for r in self.ro]
         for what, path in [("mountpoint", self.mountpoint), ("RW directory", self.rw)] + [
@@ -102,6 +102,11 @@ class MountConfig:
                 raise ConfigError(f"{what} {path} is the mountpoint or inside it; it would be hidden by the mount")
         if len(set(self.ro)) != len(self.ro):
             raise ConfigError("the same RO directory is given twice")
+        trees = [("RW directory", os.path.realpath(self.rw))] + [("RO directory", os.path.realpath(r)) for r in self.ro]
+        for i, (what, a) in enumerate(trees):
+            for other, b in trees[i + 1 :]:
+                if a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/"):
+                    raise ConfigError(f"{what} {a} and {other} {b} overlap; writes could reach a shared tree")
 
     def fuse_option_set(self) -> set[str]:
         """The options handed to pyfuse3.init (graftfs' defaults, then the user's)."""

@@ -7,6 +7,7 @@ import errno
 import os
 import signal
 import sys
+import threading
 import time
 
 from graftfs.mounts import (
@@ -14,6 +15,7 @@ from graftfs.mounts import (
     MNT_DETACH,
     canonical,
     find_mount,
+    is_graftfs_daemon,
     pid_alive,
     read_runtime,
     remove_runtime,
@@ -30,12 +32,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
 
 
-def _is_dead(mountpoint: str) -> bool:
-    try:
-        os.stat(mountpoint)
-    except OSError as e:
-        return e.errno == errno.ENOTCONN
-    return False
+def _is_dead(mountpoint: str, timeout: float = 5.0) -> bool:
+    """True when the mount's daemon is gone (ENOTCONN); a hung daemon counts as alive."""
+    result: dict[str, int] = {}
+
+    def probe() -> None:
+        try:
+            os.stat(mountpoint)
+        except OSError as e:
+            result["errno"] = e.errno or 0
+
+    worker = threading.Thread(target=probe, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return result.get("errno") == errno.ENOTCONN
 
 
 def _wait_exit(pid: int, timeout: float) -> bool:
@@ -59,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     info = read_runtime(mp) or {}
     raw_pid = info.get("pid")
-    pid = raw_pid if isinstance(raw_pid, int) and pid_alive(raw_pid) else None
+    pid = raw_pid if isinstance(raw_pid, int) and is_graftfs_daemon(raw_pid) else None
     dead = _is_dead(mp)
     try:
         umount(mp, MNT_DETACH if args.lazy else 0)
@@ -68,7 +78,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"graftfs umount: {mp} is in use (see: fuser -vm {mp}); use --lazy to detach anyway",
                   file=sys.stderr)
             return 1
-        umount(mp, MNT_DETACH)  # a dead mount with stale users: nothing left to protect
+        try:
+            umount(mp, MNT_DETACH)  # a dead mount with stale users: nothing left to protect
+        except OSError as e2:
+            print(f"graftfs umount: {mp}: {e2.strerror}", file=sys.stderr)
+            return 1
+    if args.lazy:
+        return 0  # the daemon keeps serving files still open on the detached mount, then exits
     if pid is not None and not _wait_exit(pid, DAEMON_EXIT_TIMEOUT):
         print(f"graftfs umount: daemon {pid} did not exit after the unmount; stopping it", file=sys.stderr)
         os.kill(pid, signal.SIGKILL)
