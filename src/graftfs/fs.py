@@ -287,22 +287,22 @@ class GraftOperations(pyfuse3.Operations):
 
     @fuse_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self.workers.run(os.pread, fh, size, off)
+        return await self.workers.run_fd(os.pread, fh, size, off)
 
     @fuse_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await self.workers.run(os.pwrite, fh, buf, off)
+        return await self.workers.run_fd(os.pwrite, fh, buf, off)
 
     @fuse_boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self.workers.run(os.fdatasync if datasync else os.fsync, fh)
+        await self.workers.run_fd(os.fdatasync if datasync else os.fsync, fh)
 
     @fuse_boundary
     async def release(self, fh: int) -> None:
         entry = self._files.pop(fh, None)
         if entry is not None:
             self.inodes.close_fd(entry[0], fh)
-        await self.workers.run(os.close, fh)
+        await self.workers.run_fd(os.close, fh)
 
     # -- directories ------------------------------------------------------------------------
 

@@ -26,10 +26,19 @@ class Workers:
     def __init__(self, timeout: float = DEFAULT_TIMEOUT, threads: int = 32) -> None:
         self.timeout = timeout
         self.limiter = trio.CapacityLimiter(threads)
+        # I/O on already-open files gets threads of its own: an abandoned worker keeps its slot
+        # until its syscall returns, and lookups hung on a share must not starve reads and writes
+        self.fd_limiter = trio.CapacityLimiter(threads)
 
     async def run(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Run ``fn(*args)`` in a worker thread; raise BackingTimeout past the limit."""
-        call = functools.partial(fn, *args, **kwargs)
+        return await self._run(self.limiter, functools.partial(fn, *args, **kwargs))
+
+    async def run_fd(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """Like run, for read/write/fsync/close on an open file descriptor."""
+        return await self._run(self.fd_limiter, functools.partial(fn, *args, **kwargs))
+
+    async def _run(self, limiter: trio.CapacityLimiter, call: functools.partial[R]) -> R:
         with trio.move_on_after(self.timeout):
-            return await trio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=self.limiter)
-        raise BackingTimeout(getattr(fn, "__name__", "backing I/O"), self.timeout)
+            return await trio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=limiter)
+        raise BackingTimeout(getattr(call.func, "__name__", "backing I/O"), self.timeout)
