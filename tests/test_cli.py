@@ -22,6 +22,16 @@ def daemon_pids() -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def mount_and_signal(sample: Sample, mnt: str, signum: int) -> None:
+    """Mount with the daemon in the background, send it ``signum``, wait until it is gone."""
+    assert graftfs_cmd("mount", "--rw", sample.rw, "--ro", sample.share_ro, mnt).returncode == 0
+    info = read_runtime(mnt)
+    assert info is not None and isinstance(info["pid"], int)
+    pid: int = info["pid"]
+    os.kill(pid, signum)
+    wait_for(lambda: not pid_alive(pid), 15, f"the daemon to exit on signal {signum}")
+
+
 @pytest.fixture
 def mnt(tmp_path: Path) -> Iterator[str]:
     """A mountpoint that is always cleared at teardown, whatever the test did to it."""
@@ -57,10 +67,7 @@ def test_mount_umount_leaves_nothing_behind(sample: Sample, mnt: str) -> None:
 
 @needs_mount
 def test_umount_clears_a_dead_mount(sample: Sample, mnt: str) -> None:
-    assert graftfs_cmd("mount", "--rw", sample.rw, "--ro", sample.share_ro, mnt).returncode == 0
-    pid = read_runtime(mnt)["pid"]  # type: ignore[index]
-    os.kill(pid, signal.SIGKILL)  # type: ignore[arg-type]
-    wait_for(lambda: not pid_alive(pid), 10, "the daemon to die")  # type: ignore[arg-type]
+    mount_and_signal(sample, mnt, signal.SIGKILL)
     res = sh("stat", mnt, timeout=10)
     assert res.returncode != 0 and "Transport endpoint is not connected" in res.stderr
     status = graftfs_cmd("status", mnt)
@@ -164,10 +171,7 @@ def test_mount_t_graftfs_and_fstab_when_helper_installed(sample: Sample, mnt: st
 
 @needs_mount
 def test_sigterm_unmounts_cleanly(sample: Sample, mnt: str) -> None:
-    assert graftfs_cmd("mount", "--rw", sample.rw, "--ro", sample.share_ro, mnt).returncode == 0
-    pid = read_runtime(mnt)["pid"]  # type: ignore[index]
-    os.kill(pid, signal.SIGTERM)  # type: ignore[arg-type]
-    wait_for(lambda: not pid_alive(pid), 15, "the daemon to exit on SIGTERM")  # type: ignore[arg-type]
+    mount_and_signal(sample, mnt, signal.SIGTERM)
     assert find_mount(mnt) is None
     assert read_runtime(mnt) is None
     assert "signal 15: unmounting" in Path(sample.rw, ".graftfs", "graftfs.log").read_text()

@@ -9,10 +9,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import hashlib
 import json
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
 
 MNT_FORCE = 1
 MNT_DETACH = 2
@@ -133,3 +139,27 @@ def pid_alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state not in ("Z", "X")
+
+
+def call_with_timeout(fn: Callable[[], T], timeout: float, what: str) -> T:
+    """Call ``fn`` (a syscall on a mount that may hang) in a daemon thread, bounded in time.
+
+    A thread stuck in a FUSE request cannot be interrupted; it is left behind (the process can
+    still exit) and the caller gets ETIMEDOUT instead of hanging with it.
+    """
+    result: dict[str, object] = {}
+
+    def call() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as e:
+            result["error"] = e
+
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise OSError(errno.ETIMEDOUT, f"{what} did not answer within {timeout:g} s")
+    if "error" in result:
+        raise result["error"]  # type: ignore[misc]
+    return result["value"]  # type: ignore[return-value]

@@ -11,12 +11,11 @@ import errno
 import json
 import os
 import sys
-import threading
 import time
 from typing import Any
 
 from graftfs.fs import STATUS_XATTR
-from graftfs.mounts import FSTYPE, canonical, find_mount
+from graftfs.mounts import FSTYPE, call_with_timeout, canonical, find_mount
 
 NAME = "status"
 HELP = "show backing trees, visible layers and images per origin, hidden and skipped entries"
@@ -30,22 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def fetch_status(mountpoint: str, timeout: float = ANSWER_TIMEOUT) -> dict[str, Any]:
     """Ask the daemon; raise OSError (ENOTCONN for a dead mount, ETIMEDOUT for a hung one)."""
-    result: dict[str, Any] = {}
-
-    def ask() -> None:
-        try:
-            result["data"] = os.getxattr(mountpoint, STATUS_XATTR)
-        except OSError as e:
-            result["error"] = e
-
-    worker = threading.Thread(target=ask, daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if worker.is_alive():
-        raise OSError(errno.ETIMEDOUT, f"the daemon did not answer within {timeout:g} s")
-    if "error" in result:
-        raise result["error"]
-    data = json.loads(result["data"])
+    raw = call_with_timeout(lambda: os.getxattr(mountpoint, STATUS_XATTR), timeout, "the daemon")
+    data = json.loads(raw)
     if not isinstance(data, dict):
         raise OSError(errno.EIO, "the daemon answered something that is not a status")
     return data

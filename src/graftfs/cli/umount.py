@@ -7,12 +7,12 @@ import errno
 import os
 import signal
 import sys
-import threading
 import time
 
 from graftfs.mounts import (
     FSTYPE,
     MNT_DETACH,
+    call_with_timeout,
     canonical,
     find_mount,
     is_graftfs_daemon,
@@ -34,18 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _is_dead(mountpoint: str, timeout: float = 5.0) -> bool:
     """True when the mount's daemon is gone (ENOTCONN); a hung daemon counts as alive."""
-    result: dict[str, int] = {}
-
-    def probe() -> None:
-        try:
-            os.stat(mountpoint)
-        except OSError as e:
-            result["errno"] = e.errno or 0
-
-    worker = threading.Thread(target=probe, daemon=True)
-    worker.start()
-    worker.join(timeout)
-    return result.get("errno") == errno.ENOTCONN
+    try:
+        call_with_timeout(lambda: os.stat(mountpoint), timeout, "the mount")
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
 
 
 def _wait_exit(pid: int, timeout: float) -> bool:

@@ -34,6 +34,15 @@ class Synthetic:
     link_target: str | None = None  # set for symlinks
 
 
+def list_share_root(root: str) -> list[str]:
+    """Names at the top of a shared tree, without graftfs' own files (marker, staging)."""
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    return [n for n in names if not n.startswith(SHARE_PRIVATE_PREFIX)]
+
+
 class PlainLayout:
     """No image rules: every RO tree is shown as it is (apart from graftfs' own files)."""
 
@@ -48,13 +57,7 @@ class PlainLayout:
         return os.path.join(self.trees[tree], *vpath)
 
     def ro_names(self, tree: int, vpath: VPath) -> list[str] | None:
-        if not vpath:
-            try:
-                names = os.listdir(self.trees[tree])
-            except FileNotFoundError:
-                return []
-            return [n for n in names if not n.startswith(SHARE_PRIVATE_PREFIX)]
-        return None
+        return list_share_root(self.trees[tree]) if not vpath else None
 
     def synthetic(self, vpath: VPath) -> Synthetic | None:
         return None

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from graftfs.attrs import Attr
-from graftfs.layouts import SHARE_PRIVATE_PREFIX, Synthetic
+from graftfs.layouts import SHARE_PRIVATE_PREFIX, Synthetic, list_share_root
 
 log = logging.getLogger(__name__)
 
@@ -331,11 +331,7 @@ class IsuladLayout:
 
     def ro_names(self, tree: int, vpath: tuple[str, ...]) -> list[str] | None:
         if not vpath:
-            try:
-                names = os.listdir(self.trees[tree])
-            except FileNotFoundError:
-                return []
-            return [n for n in names if not n.startswith(SHARE_PRIVATE_PREFIX)]
+            return list_share_root(self.trees[tree])
         if len(vpath) == 1 and vpath[0] in MANAGED_DIRS:
             if vpath[0] == IMAGES:
                 return self.catalog.image_ids_in(tree)
