@@ -416,10 +416,11 @@ class GraftOperations(pyfuse3.Operations):
         data = json.dumps(info, sort_keys=True).encode()
         while len(data) > STATUS_MAX_BYTES:
             # an xattr value is at most 64 KiB: shorten the lists (their *_count fields stay exact)
-            for key in ("hidden", "skipped"):
-                items = info.get(key)
-                if isinstance(items, list):
-                    info[key] = items[: len(items) // 2]
+            lists = [k for k in ("hidden", "skipped") if isinstance(info.get(k), list) and info[k]]
+            if not lists:
+                break  # nothing left to shorten; the kernel answers E2BIG rather than loop here
+            for key in lists:
+                info[key] = info[key][: len(info[key]) // 2]
             data = json.dumps(info, sort_keys=True).encode()
         return data
 

@@ -26,6 +26,7 @@ import shutil
 import stat
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -165,9 +166,10 @@ class Namespace:
         if self.is_private(vpath):
             raise _enoent(vpath)
         sources: list[Source] = []
-        rw = _lstat(self.rw_path(vpath))
+        rw_path = self.rw_path(vpath)
+        rw = _lstat(rw_path)
         if rw is not None:
-            sources.append(Source("rw", Attr.from_stat(rw), self.rw_path(vpath)))
+            sources.append(Source("rw", Attr.from_stat(rw), rw_path))
         ro: list[Source] = [] if vpath and self.hides.covers(vpath) else self._ro_sources(vpath)
         for src in ro:
             if not sources or (sources[0].attr.is_dir and src.attr.is_dir):
@@ -198,27 +200,23 @@ class Namespace:
             names.update(dict.fromkeys(listed))
         return list(names)
 
+    def _children(self, res: Resolved) -> Iterator[tuple[str, Resolved]]:
+        """The visible entries of merged directory ``res``, resolved one by one."""
+        for name in self._names_of(res):
+            try:
+                yield name, self.resolve((*res.vpath, name))
+            except FileNotFoundError:
+                continue  # hidden, or vanished while listing
+
     def listdir(self, vpath: VPath) -> list[tuple[str, Resolved]]:
         """A directory's entries with their resolution (for readdirplus)."""
         res = self.resolve(vpath)
         if not res.is_dir:
             raise NotADirectoryError(errno.ENOTDIR, "not a directory", "/".join(vpath))
-        out = []
-        for name in self._names_of(res):
-            try:
-                out.append((name, self.resolve((*vpath, name))))
-            except FileNotFoundError:
-                continue  # hidden, or vanished while listing
-        return out
+        return list(self._children(res))
 
     def _is_empty_dir(self, res: Resolved) -> bool:
-        for name in self._names_of(res):
-            try:
-                self.resolve((*res.vpath, name))
-                return False
-            except FileNotFoundError:
-                continue
-        return True
+        return next(self._children(res), None) is None
 
     def readlink(self, vpath: VPath) -> str:
         top = self.resolve(vpath).top

@@ -23,6 +23,11 @@ MOUNT_NOISE = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users
 DEFAULT_FUSE_OPTIONS = ("allow_other", "default_permissions", "dev", "suid")
 
 
+def _within(path: str, top: str) -> bool:
+    """True when ``path`` is ``top`` or below it (both absolute, symlink-free)."""
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
 class ConfigError(ValueError):
     """A bad mount configuration; its message is the one line the user sees."""
 
@@ -96,16 +101,17 @@ class MountConfig:
             if not os.path.isdir(path):
                 raise ConfigError(f"{what} {path} does not exist or is not a directory")
         real_mp = os.path.realpath(self.mountpoint)
-        for what, path in [("RW directory", self.rw)] + [("RO directory", r) for r in self.ro]:
-            real = os.path.realpath(path)
-            if real == real_mp or real.startswith(real_mp.rstrip("/") + "/"):
+        trees = [("RW directory", self.rw, os.path.realpath(self.rw))] + [
+            ("RO directory", r, os.path.realpath(r)) for r in self.ro
+        ]
+        for what, path, real in trees:
+            if _within(real, real_mp):
                 raise ConfigError(f"{what} {path} is the mountpoint or inside it; it would be hidden by the mount")
         if len(set(self.ro)) != len(self.ro):
             raise ConfigError("the same RO directory is given twice")
-        trees = [("RW directory", os.path.realpath(self.rw))] + [("RO directory", os.path.realpath(r)) for r in self.ro]
-        for i, (what, a) in enumerate(trees):
-            for other, b in trees[i + 1 :]:
-                if a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/"):
+        for i, (what, _, a) in enumerate(trees):
+            for other, _, b in trees[i + 1 :]:
+                if _within(a, b) or _within(b, a):
                     raise ConfigError(f"{what} {a} and {other} {b} overlap; writes could reach a shared tree")
 
     def fuse_option_set(self) -> set[str]:
