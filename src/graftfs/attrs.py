@@ -42,6 +42,11 @@ class Attr:
         return cls(stat.S_IFLNK | 0o777, 1, 0, 0, size, 0, 0, 4096, mtime_ns, mtime_ns, mtime_ns)
 
     @property
+    def sig(self) -> tuple[int, int, int, int]:
+        """What changes when the entry changes (type and mode, size, times): see graftfs.kernel_cache."""
+        return (self.mode, self.size, self.mtime_ns, self.ctime_ns)
+
+    @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
 

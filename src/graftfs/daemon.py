@@ -21,11 +21,13 @@ import trio
 from graftfs import __version__
 from graftfs.fs import GraftOperations
 from graftfs.hides import HideStore
+from graftfs.kernel_cache import KernelCache
 from graftfs.layouts import PlainLayout
 from graftfs.layouts.isulad import IsuladLayout
 from graftfs.mounts import find_mount, remove_runtime, write_runtime
 from graftfs.namespace import STATE_DIR, Layout, Namespace
 from graftfs.options import ConfigError, MountConfig
+from graftfs.watcher import Watcher
 from graftfs.workers import Workers
 
 log = logging.getLogger(__name__)
@@ -79,7 +81,7 @@ def setup_logging(log_file: str | None, verbose: bool = False) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-async def _serve() -> None:
+async def _serve(watcher: Watcher | None) -> None:
     async with trio.open_nursery() as nursery:
 
         async def stop_on_signal() -> None:
@@ -90,6 +92,8 @@ async def _serve() -> None:
                     return
 
         nursery.start_soon(stop_on_signal)
+        if watcher is not None:
+            nursery.start_soon(watcher.run)
         await pyfuse3.main(min_tasks=4, max_tasks=64)
         nursery.cancel_scope.cancel()
 
@@ -117,11 +121,23 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
         return 1
     started = time.time()
 
-    def info() -> dict[str, Any]:
-        return {"version": __version__, "pid": os.getpid(), "mountpoint": cfg.mountpoint,
-                "started": started, "timeout": cfg.timeout, "fuse_options": sorted(cfg.fuse_option_set())}
+    workers = Workers(cfg.timeout)
+    watched = bool(getattr(ns.layout, "watchable", False)) and cfg.poll > 0
+    watcher: Watcher | None = None
 
-    ops = GraftOperations(ns, Workers(cfg.timeout), info)
+    def info() -> dict[str, Any]:
+        out = {"version": __version__, "pid": os.getpid(), "mountpoint": cfg.mountpoint,
+               "started": started, "timeout": cfg.timeout, "fuse_options": sorted(cfg.fuse_option_set()),
+               "cache_timeout": ops.cache_timeout}
+        out["watcher"] = watcher.status() if watcher is not None else {"enabled": False}
+        return out
+
+    ops = GraftOperations(ns, workers, info, watched=watched)
+    if watched:
+        watcher = Watcher(ns.layout, ops.inodes, KernelCache(ops.inodes, ns, workers), ops,  # type: ignore[arg-type]
+                          workers, cfg.poll)
+        watcher.open()
+        ops.on_rw_dir = watcher.watch_rw_dir
     try:
         pyfuse3.init(ops, cfg.mountpoint, cfg.fuse_option_set())
     except RuntimeError as e:
@@ -139,12 +155,16 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
              ",".join(cfg.ro), ns.layout.name)
     _tell(ready_fd, "READY")
     try:
-        trio.run(_serve)
+        if watcher is not None:
+            watcher.watch_rw_dir(ops.inodes.root, ns.rw_root)
+        trio.run(_serve, watcher)
     except BaseException:
         log.exception("the FUSE loop failed")
         raise
     finally:
         pyfuse3.close(unmount=True)
+        if watcher is not None:
+            watcher.close()
         ns.hides.close()
         remove_runtime(cfg.mountpoint, os.getpid())
         log.info("unmounted %s", cfg.mountpoint)

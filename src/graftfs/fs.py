@@ -41,16 +41,20 @@ PID_XATTR = "user.graftfs.pid"
 OWN_XATTR_PREFIXES = ("user.graftfs.", "trusted.graftfs.")
 STATUS_MAX_BYTES = 60_000
 
-#: Until the watcher invalidates kernel caches precisely, keep them short so RW changes made
-#: outside the mount and RO changes picked up at remount are seen quickly.
-DEFAULT_ENTRY_TIMEOUT = 1.0
-DEFAULT_ATTR_TIMEOUT = 1.0
+#: With the watcher telling the kernel exactly what changed (graftfs.watcher), the kernel may
+#: keep entries, attributes and file pages for long, so warm lookups never reach Python.
+WATCHED_CACHE_TIMEOUT = 300.0
+#: Without a watcher (plain layout, or -o poll=0) changes behind the mount show after this.
+UNWATCHED_CACHE_TIMEOUT = 1.0
+#: A reply computed while the view changed under it may be stale: the kernel keeps it this long.
+RACED_CACHE_TIMEOUT = 0.0
 
 
 @dataclass
 class DirHandle:
     node: Node
     entries: list[tuple[str, Resolved]] | None = None
+    generation: int = 0  # of the view when the listing was taken
 
 
 class GraftOperations(pyfuse3.Operations):
@@ -65,28 +69,37 @@ class GraftOperations(pyfuse3.Operations):
         ns: Namespace,
         workers: Workers,
         info: Callable[[], dict[str, Any]] | None = None,
-        entry_timeout: float = DEFAULT_ENTRY_TIMEOUT,
-        attr_timeout: float = DEFAULT_ATTR_TIMEOUT,
+        watched: bool = False,
     ) -> None:
         super().__init__()
         self.ns = ns
         self.workers = workers
         self.inodes = InodeTable()
         self.info = info or (lambda: {})
-        self.entry_timeout = entry_timeout
-        self.attr_timeout = attr_timeout
+        self.cache_timeout = WATCHED_CACHE_TIMEOUT if watched else UNWATCHED_CACHE_TIMEOUT
+        self.keep_cache = watched
+        #: Bumped by the watcher around every change of the view; a reply whose answer was
+        #: computed across a bump is cached only briefly (it may predate the invalidation).
+        self.generation = 0
+        #: Called with (node, RW path) for each directory with an RW part the kernel learns of,
+        #: so the watcher can see changes made there behind the mount's back.
+        self.on_rw_dir: Callable[[Node, str], None] = lambda node, path: None
         self._files: dict[int, tuple[Node, bool]] = {}  # fd -> (node, fd is on the RW tree)
         self._dirs: dict[int, DirHandle] = {}
         self._next_dir_fh = 1
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _entry(self, node: Node, attr: Attr) -> pyfuse3.EntryAttributes:
+    def _entry(self, node: Node, attr: Attr, generation: int | None = None) -> pyfuse3.EntryAttributes:
+        """Attributes for the kernel; ``generation`` is the view generation the answer was
+        computed in (None: not subject to watcher races)."""
         e = pyfuse3.EntryAttributes()
         e.st_ino = node.ino
         e.generation = 0
-        e.entry_timeout = self.entry_timeout
-        e.attr_timeout = self.attr_timeout
+        timeout = self.cache_timeout if generation in (None, self.generation) else RACED_CACHE_TIMEOUT
+        e.entry_timeout = timeout
+        e.attr_timeout = timeout
+        node.sig = attr.sig
         e.st_mode = attr.mode
         e.st_nlink = attr.nlink
         e.st_uid = attr.uid
@@ -117,10 +130,26 @@ class GraftOperations(pyfuse3.Operations):
         sname = os.fsdecode(name)
         return parent, sname, (*self._path(parent_ino), sname)
 
-    def _new_entry(self, parent: Node, name: str, res: Resolved) -> pyfuse3.EntryAttributes:
+    def _new_entry(self, parent: Node, name: str, res: Resolved, generation: int | None = None
+                   ) -> pyfuse3.EntryAttributes:
         node = self.inodes.child(parent, name)
         node.lookups += 1
-        return self._entry(node, res.attr)
+        self._seen(node, res)
+        return self._entry(node, res.attr, generation)
+
+    def _seen(self, node: Node, res: Resolved) -> None:
+        """Note a directory the kernel now knows, so changes behind the mount reach it."""
+        if res.is_dir and node.wd == 0:
+            for src in res.sources:
+                if src.is_rw and src.path is not None:
+                    self.on_rw_dir(node, src.path)
+
+    def _negative(self, generation: int) -> pyfuse3.EntryAttributes:
+        """A "no such entry" answer the kernel may cache (the watcher drops it if the name appears)."""
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = 0
+        e.entry_timeout = self.cache_timeout if generation == self.generation else RACED_CACHE_TIMEOUT
+        return e
 
     # -- lookup and attributes --------------------------------------------------------------
 
@@ -138,8 +167,14 @@ class GraftOperations(pyfuse3.Operations):
             node.lookups += 1
             return self._entry(node, res.attr)
         parent, sname, vpath = self._child_path(parent_inode, name)
-        res = await self.workers.run(self.ns.resolve, vpath)
-        return self._new_entry(parent, sname, res)
+        generation = self.generation
+        try:
+            res = await self.workers.run(self.ns.resolve, vpath)
+        except FileNotFoundError:
+            if self.ns.is_private(vpath):
+                raise
+            return self._negative(generation)
+        return self._new_entry(parent, sname, res, generation)
 
     @fuse_boundary
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -250,7 +285,7 @@ class GraftOperations(pyfuse3.Operations):
         node = self.inodes.child(parent, sname)
         node.open_fds.add(fd)
         self._files[fd] = (node, True)
-        return pyfuse3.FileInfo(fh=fd), entry
+        return pyfuse3.FileInfo(fh=fd, keep_cache=self.keep_cache), entry
 
     @fuse_boundary
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -283,7 +318,7 @@ class GraftOperations(pyfuse3.Operations):
         fd, in_rw = await self.workers.run(self.ns.open, self._path(inode), flags)
         node.open_fds.add(fd)
         self._files[fd] = (node, in_rw)
-        return pyfuse3.FileInfo(fh=fd)
+        return pyfuse3.FileInfo(fh=fd, keep_cache=self.keep_cache)
 
     @fuse_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -320,15 +355,18 @@ class GraftOperations(pyfuse3.Operations):
         if handle.entries is None or start_id == 0:
             # one snapshot per listing keeps offsets stable while entries come and go; the path
             # is taken now, not at opendir, since the directory may have been renamed since
+            handle.generation = self.generation
             handle.entries = await self.workers.run(self.ns.listdir, self._path(handle.node.ino))
         for index in range(start_id, len(handle.entries)):
             name, res = handle.entries[index]
             if handle.node.detached:
                 break
             node = self.inodes.child(handle.node, name)
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(node, res.attr), index + 1):
+            entry = self._entry(node, res.attr, handle.generation)
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), entry, index + 1):
                 break
             node.lookups += 1
+            self._seen(node, res)
 
     @fuse_boundary
     async def releasedir(self, fh: int) -> None:

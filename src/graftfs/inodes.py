@@ -28,6 +28,8 @@ class Node:
     lookups: int = 0
     detached: bool = False  # removed from the view; kept while the kernel still refers to it
     open_fds: set[int] = field(default_factory=set)
+    sig: tuple[int, int, int, int] | None = None  # Attr.sig last told to the kernel
+    wd: int = 0  # inotify watch on the directory's RW part (graftfs.watcher), 0 when none
 
 
 class InodeTable:
@@ -54,6 +56,16 @@ class InodeTable:
             # the entry, or a directory above it, was removed from the view
             raise FileNotFoundError(errno.ENOENT, f"inode {ino} was removed from the view")
         return tuple(reversed(parts))
+
+    def find(self, vpath: VPath) -> Node | None:
+        """The node at a view path if the kernel was ever told of it (never creates one)."""
+        node = self.root
+        for name in vpath:
+            child = node.children.get(name)
+            if child is None:
+                return None
+            node = child
+        return node
 
     def child(self, parent: Node, name: str) -> Node:
         """The node for ``name`` in ``parent``, numbered on first sight."""

@@ -55,6 +55,7 @@ class Layout(Protocol):
     def ro_names(self, tree: int, vpath: VPath) -> list[str] | None: ...
     def synthetic(self, vpath: VPath) -> Synthetic | None: ...
     def synthetic_names(self, vpath: VPath) -> list[str]: ...
+    def missing(self, tree: int, vpath: VPath) -> Attr | None: ...
     def status(self) -> dict[str, object]: ...
 
 
@@ -156,6 +157,10 @@ class Namespace:
             st = _lstat(path)
             if st is not None:
                 found.append(Source(f"ro:{root}", Attr.from_stat(st), path, tree))
+                continue
+            remembered = self.layout.missing(tree, vpath)  # an unavailable share: last known, or EIO
+            if remembered is not None:
+                found.append(Source(f"ro:{root}", remembered, path, tree))
         synth = self.layout.synthetic(vpath)
         if synth is not None:
             found.append(Source(synth.origin, synth.attr, link_target=synth.link_target))

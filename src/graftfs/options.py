@@ -40,6 +40,7 @@ class MountConfig:
     layout: str = "auto"
     log_file: str | None = None
     timeout: float = 10.0
+    poll: float = 0.5  # seconds between polls of each shared tree; 0 turns the watcher off
     fuse_options: list[str] = field(default_factory=list)
 
     def add_options(self, text: str) -> None:
@@ -77,6 +78,13 @@ class MountConfig:
                 raise ConfigError(f"timeout={value!r} is not a number of seconds") from None
             if not 0 < self.timeout <= 3600:
                 raise ConfigError("timeout= must be between 0 and 3600 seconds")
+        elif key == "poll":
+            try:
+                self.poll = float(value)
+            except ValueError:
+                raise ConfigError(f"poll={value!r} is not a number of seconds") from None
+            if not 0 <= self.poll <= 3600:
+                raise ConfigError("poll= must be between 0 (no watcher) and 3600 seconds")
         elif key in FUSE_KEYS:
             self.fuse_options.append(f"{key}={value}")
         elif key.startswith(("x-", "comment")):
@@ -131,7 +139,7 @@ class MountConfig:
         argv = ["--rw", str(self.rw), "--layout", self.layout]
         for r in self.ro:
             argv += ["--ro", r]
-        opts = [*self.fuse_options, f"timeout={self.timeout:g}"]
+        opts = [*self.fuse_options, f"timeout={self.timeout:g}", f"poll={self.poll:g}"]
         argv += ["-o", ",".join(opts)]
         if self.log_file:
             argv += ["--log-file", self.log_file]

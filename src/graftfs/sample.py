@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 
 from graftfs.layouts.isulad import IMAGES, LAYERS, OVERLAY, REMOTE_RO_DIR, SHORT_DIR
@@ -140,3 +141,38 @@ def build_demo(share: str, rw: str) -> DemoIds:
     write_layer(rw, SampleLayer(ids.local, ids.app, {"tmp/container-output.log": b"written by a container\n"}))
     os.makedirs(os.path.join(rw, OVERLAY, ids.app, "merged"), exist_ok=True)
     return ids
+
+
+STAGING_PREFIX = ".graftfs-staging"
+
+
+def publish_sample_image(share: str, tag: str, layers: list[SampleLayer], *, staging: str | None = None) -> str:
+    """Publish an image into a share the way a writer must: each entry is written in a staging
+    directory on the share, then renamed into place, layers bottom-up and the image record last.
+    Returns the image id."""
+    image_id = digest(f"image:{tag}")
+    stage = staging or os.path.join(share, f"{STAGING_PREFIX}-{image_id[:16]}")
+    for layer in layers:
+        write_layer(stage, layer)
+    write_image(stage, image_id, layers[-1].id, [tag])
+    for managed in (OVERLAY, LAYERS, IMAGES):
+        os.makedirs(os.path.join(share, managed), exist_ok=True)
+    for layer in layers:
+        for managed in (OVERLAY, LAYERS):
+            dst = os.path.join(share, managed, layer.id)
+            if not os.path.exists(dst):
+                os.rename(os.path.join(stage, managed, layer.id), dst)
+    os.rename(os.path.join(stage, IMAGES, image_id), os.path.join(share, IMAGES, image_id))
+    if staging is None:
+        shutil.rmtree(stage)
+    return image_id
+
+
+def chain(tag: str, count: int, parent: str | None = None, size: int = 16) -> list[SampleLayer]:
+    """``count`` small layers stacked on ``parent`` (ids derived from ``tag``)."""
+    out = []
+    for i in range(count):
+        lid = digest(f"layer:{tag}:{i}")
+        out.append(SampleLayer(lid, parent, {f"{tag}/{i}.txt": (f"{tag} {i}\n" * size).encode()}))
+        parent = lid
+    return out

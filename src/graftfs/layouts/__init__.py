@@ -23,6 +23,9 @@ VPath = tuple[str, ...]
 
 #: Names at the top of a shared tree that belong to graftfs itself (marker, staging, leases).
 SHARE_PRIVATE_PREFIX = ".graftfs"
+#: The file at the top of a share that says "this is a share": without it, an empty directory
+#: (an NFS export that is not mounted) would read as "every image was deleted".
+MARKER_NAME = ".graftfs-share"
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,19 @@ class Synthetic:
     origin: str
     attr: Attr
     link_target: str | None = None  # set for symlinks
+
+
+@dataclass(frozen=True, slots=True)
+class ViewChange:
+    """A name in the view whose entry may have appeared, vanished or changed.
+
+    ``deep`` says the entry's contents changed as well (a record directory rewritten), so the
+    kernel's cached entries below it are dropped too; only set where nothing is mounted below.
+    """
+
+    parent: tuple[str, ...]
+    name: str
+    deep: bool = False
 
 
 def list_share_root(root: str) -> list[str]:
@@ -47,6 +63,7 @@ class PlainLayout:
     """No image rules: every RO tree is shown as it is (apart from graftfs' own files)."""
 
     name = "plain"
+    watchable = False  # no catalog to diff: changes show once the (short) kernel caches expire
 
     def __init__(self, trees: list[str]) -> None:
         self.trees = trees
@@ -64,6 +81,9 @@ class PlainLayout:
 
     def synthetic_names(self, vpath: VPath) -> list[str]:
         return []
+
+    def missing(self, tree: int, vpath: VPath) -> Attr | None:
+        return None
 
     def status(self) -> dict[str, object]:
         return {"layout": self.name}

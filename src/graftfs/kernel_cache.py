@@ -1,0 +1,134 @@
+"""Telling the kernel which of its cached entries went stale, and nothing more.
+
+The kernel caches lookups (including "no such entry"), attributes and file pages for minutes.
+When a backing tree changes behind the mount, the watcher hands the names concerned to
+``KernelCache.apply``, which re-resolves each name and compares it with what the kernel was last
+told (graftfs.inodes.Node.sig), then notifies only where they differ:
+
+* a name that now exists but the kernel never saw: drop its (possibly negative) entry;
+* a known entry that vanished or changed type: drop the entry and forget the node;
+* a known entry whose attributes changed: drop its attributes (and, for a file nobody has open,
+  its cached pages; for open files attributes only, which avoids a measured deadlock with an
+  in-flight read);
+* an entry marked ``deep`` (a record directory rewritten): drop the entry with everything cached
+  below it. Never used for directories that may have mounts below them: dropping a directory
+  entry detaches the mounts under it.
+
+The notifications are synchronous pyfuse3 calls, so they run in a worker thread, never in a
+handler (the synchronous entry invalidation deadlocks there); names the kernel no longer knows
+are skipped quietly.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from graftfs.attrs import Attr
+from graftfs.inodes import InodeTable, Node
+from graftfs.layouts import ViewChange
+from graftfs.namespace import Namespace
+from graftfs.workers import Workers
+
+log = logging.getLogger(__name__)
+
+#: Longest a batch of notifications may take; the kernel answers them at once unless a request
+#: on the same directory is itself stuck on a hung backing tree.
+NOTIFY_TIME_LIMIT = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """One notification: drop entry ``name`` in directory ``ino``, or the inode ``ino`` itself."""
+
+    ino: int
+    name: str | None = None
+    attr_only: bool = True
+
+
+class KernelCache:
+    def __init__(self, inodes: InodeTable, ns: Namespace, workers: Workers) -> None:
+        self.inodes = inodes
+        self.ns = ns
+        self.workers = workers
+        self.notified = 0
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def apply(self, changes: Iterable[ViewChange]) -> int:
+        """Bring the kernel's caches in line for these names; return the notifications sent."""
+        items: list[tuple[Node, ViewChange]] = []
+        for ch in dict.fromkeys(changes):
+            parent = self.inodes.find(ch.parent)
+            if parent is not None and not parent.detached:
+                items.append((parent, ch))  # the kernel can cache nothing below an unknown directory
+        if not items:
+            return 0
+        now = await self.workers.run(self._resolve_all, [(*ch.parent, ch.name) for _, ch in items])
+        notices = [n for (parent, ch), attr in zip(items, now, strict=True) for n in self._decide(parent, ch, attr)]
+        if notices:
+            with trio.move_on_after(NOTIFY_TIME_LIMIT) as scope:
+                await trio.to_thread.run_sync(_notify_all, notices, abandon_on_cancel=True, limiter=self._limiter)
+            if scope.cancelled_caught:
+                log.warning("the kernel took longer than %g s to take %d cache notifications", NOTIFY_TIME_LIMIT,
+                            len(notices))
+            self.notified += len(notices)
+        return len(notices)
+
+    def _resolve_all(self, vpaths: list[tuple[str, ...]]) -> list[Attr | None]:
+        """Current attributes of each view path, None where nothing shows (worker thread)."""
+        out: list[Attr | None] = []
+        for vpath in vpaths:
+            try:
+                out.append(self.ns.resolve(vpath).attr)
+            except (FileNotFoundError, NotADirectoryError):
+                out.append(None)
+            except OSError as e:  # e.g. an unavailable share: leave the kernel's view as it is
+                log.debug("cannot re-resolve %s: %s", "/".join(vpath), e)
+                out.append(_UNKNOWN)
+        return out
+
+    def _decide(self, parent: Node, ch: ViewChange, now: Attr | None) -> list[Notice]:
+        """The notifications for one name (trio thread: it updates the inode table)."""
+        if now is _UNKNOWN:
+            return []
+        node = parent.children.get(ch.name)
+        if node is None or node.detached:
+            # the kernel holds no positive entry; a negative one is stale only if the name exists now
+            return [Notice(parent.ino, ch.name)] if now is not None else []
+        if now is None or node.sig is None or stat.S_IFMT(now.mode) != stat.S_IFMT(node.sig[0]):
+            self.inodes.detach(parent, ch.name)
+            return [Notice(parent.ino, ch.name)]
+        notices = []
+        if ch.deep:
+            notices.append(Notice(parent.ino, ch.name))
+        if now.sig != node.sig:
+            node.sig = now.sig
+            keep_pages = now.is_dir or bool(node.open_fds)
+            notices.append(Notice(node.ino, attr_only=keep_pages))
+        return notices
+
+
+#: Marks a name that could not be re-resolved (its tree is unreachable).
+_UNKNOWN = Attr(0, 0, 0, 0, -1, 0, 0, 0, 0, 0, 0)
+
+
+def _notify_all(notices: list[Notice]) -> None:
+    """Send the notifications (worker thread; each one is a write to /dev/fuse)."""
+    for n in notices:
+        try:
+            if n.name is not None:
+                pyfuse3.invalidate_entry(n.ino, os.fsencode(n.name))
+            else:
+                pyfuse3.invalidate_inode(n.ino, attr_only=n.attr_only)
+        except FileNotFoundError:
+            continue  # the kernel already forgot it: nothing cached to drop
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+                log.warning("cache notification for inode %d %s failed: %s", n.ino, n.name or "", e)

@@ -1,0 +1,298 @@
+"""The watcher: notices changes behind the mount and keeps the kernel's caches exact.
+
+Two sources of change, one pipeline:
+
+* Shared (RO) trees. Network filesystems report no other client's changes through inotify, so
+  each tree is polled (``-o poll=SECONDS``, default 0.5 s) by its own task: a poll costs a few
+  opens and stats (graftfs.layouts.share_tree). Trees on local filesystems are also watched with
+  inotify, which only wakes their poller early, so a local change shows at once. A tree that
+  hangs holds up only its own task.
+* The node's RW tree. Every directory with an RW part that the kernel knows of is watched with
+  inotify (added as the kernel learns of it, graftfs.fs.GraftOperations.on_rw_dir): the kernel
+  can only hold stale entries for names in directories it has seen.
+
+A change found in a shared tree makes the layout rebuild its catalog (``commit``) and list the
+view names that differ; the kernel is then told about exactly those names (graftfs.kernel_cache).
+The view generation is bumped around every change, so that a lookup answered from the old state
+while the change was applied is cached only briefly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from graftfs.errors import BackingTimeout
+from graftfs.inodes import InodeTable, Node
+from graftfs.inotify import IN_IGNORED, IN_ISDIR, Event, Inotify, is_local_fs
+from graftfs.kernel_cache import KernelCache
+from graftfs.layouts import ViewChange
+from graftfs.layouts.share_tree import PROBE_DIRS, TreeChange
+from graftfs.workers import Workers
+
+log = logging.getLogger(__name__)
+
+DEFAULT_POLL_INTERVAL = 0.5
+#: Events arriving together are handled as one batch after this pause.
+COALESCE_SECONDS = 0.005
+
+
+class WatchedLayout(Protocol):
+    trees: list[str]
+
+    def poll_tree(self, tree: int) -> TreeChange | None: ...
+    def commit(self, changes: dict[int, TreeChange]) -> list[ViewChange]: ...
+
+
+class Generation(Protocol):
+    generation: int
+
+
+@dataclass
+class ChangeRecord:
+    """The last change applied, for `graftfs status`."""
+
+    at: float
+    source: str  # "share" or "rw"
+    names: int  # view names re-checked
+    notified: int  # kernel notifications sent
+    latency_ms: float  # from the poll or event that found it to the kernel being told
+
+    def as_dict(self) -> dict[str, object]:
+        return {"at": self.at, "source": self.source, "names": self.names, "notified": self.notified,
+                "latency_ms": round(self.latency_ms, 1)}
+
+
+@dataclass
+class _Pending:
+    changes: dict[int, TreeChange] = field(default_factory=dict)
+    since: float | None = None  # monotonic time of the first poll that found one of them
+
+
+class Watcher:
+    def __init__(self, layout: WatchedLayout, inodes: InodeTable, kernel: KernelCache, view: Generation,
+                 workers: Workers, interval: float = DEFAULT_POLL_INTERVAL) -> None:
+        self.layout = layout
+        self.inodes = inodes
+        self.kernel = kernel
+        self.view = view
+        self.workers = workers
+        self.interval = interval
+        self.inotify: Inotify | None = None
+        self.changes_applied = 0
+        self.last_change: ChangeRecord | None = None
+        self._pending = _Pending()
+        self._commit_wanted = trio.Event()
+        self._kicks = [trio.Event() for _ in layout.trees]
+        self._rw_dirs: dict[int, Node] = {}  # inotify wd -> directory node
+        self._ro_dirs: dict[int, int] = {}  # inotify wd -> index of the shared tree
+        self._local_trees: set[int] = set()
+        self.latencies_ms: list[float] = []  # recent ones, for status percentiles
+
+    # -- setup ------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create the inotify instance (before serving, so RW directories can be added early)."""
+        try:
+            self.inotify = Inotify()
+        except OSError as e:
+            log.warning("inotify unavailable (%s): changes made in the RW tree behind the mount are not seen", e)
+
+    def watch_rw_dir(self, node: Node, path: str) -> None:
+        """Watch a directory's RW part (called from the FUSE handlers, on the trio thread)."""
+        if self.inotify is None:
+            return
+        try:
+            wd = self.inotify.add(path)
+        except OSError as e:
+            log.debug("cannot watch %s: %s", path, e)
+            return
+        node.wd = wd
+        self._rw_dirs[wd] = node
+
+    async def run(self) -> None:
+        """Run until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._commit_loop)
+            if self.inotify is not None:
+                nursery.start_soon(self._inotify_loop)
+            for tree in range(len(self.layout.trees)):
+                nursery.start_soon(self._tree_loop, tree)
+
+    def close(self) -> None:
+        if self.inotify is not None:
+            self.inotify.close()
+            self.inotify = None
+
+    def bump(self) -> None:
+        self.view.generation += 1
+
+    # -- shared trees ------------------------------------------------------------------------
+
+    async def _tree_loop(self, tree: int) -> None:
+        root = self.layout.trees[tree]
+        try:
+            if await self.workers.run(is_local_fs, root):
+                self._local_trees.add(tree)
+                await self._watch_tree(tree)
+        except OSError as e:
+            log.warning("cannot tell whether %s is local: polling only (%s)", root, e)
+        while True:
+            with trio.move_on_after(self.interval):
+                await self._kicks[tree].wait()
+            self._kicks[tree] = trio.Event()
+            started = time.monotonic()
+            try:
+                change = await self.workers.run(self.layout.poll_tree, tree)
+            except BackingTimeout as e:
+                log.warning("polling %s: %s", root, e.strerror)
+                continue
+            if change is None:
+                continue
+            if tree in self._local_trees:
+                await self._watch_tree(tree)  # managed directories may have appeared
+            self._add_pending(tree, change, started)
+
+    async def _watch_tree(self, tree: int) -> None:
+        """Watch a local shared tree's probe directories with inotify (they only wake the poller)."""
+        if self.inotify is None:
+            return
+        root = self.layout.trees[tree]
+        paths = [os.path.join(root, d) if d else root for d in PROBE_DIRS]
+        for path in paths:
+            try:
+                wd = await self.workers.run(self.inotify.add, path)
+            except OSError:
+                continue  # not there (yet): the poll finds it and this runs again
+            self._ro_dirs[wd] = tree
+
+    def _add_pending(self, tree: int, change: TreeChange, started: float) -> None:
+        pending = self._pending
+        old = pending.changes.get(tree)
+        if old is not None:
+            change = TreeChange(old.touched | change.touched, old.top_names | change.top_names,
+                                old.managed | change.managed)
+        pending.changes[tree] = change
+        pending.since = started if pending.since is None else min(pending.since, started)
+        self._commit_wanted.set()
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._commit_wanted.wait()
+            self._commit_wanted = trio.Event()
+            pending, self._pending = self._pending, _Pending()
+            since = pending.since or time.monotonic()
+            self.bump()  # lookups racing with the catalog swap get short cache times
+            try:
+                changes = await self.workers.run(self.layout.commit, pending.changes)
+            except BackingTimeout as e:
+                log.warning("rebuilding the catalog: %s", e.strerror)
+                continue
+            self.bump()
+            await self._apply("share", changes, since)
+
+    async def _apply(self, source: str, changes: list[ViewChange], since: float) -> None:
+        if not changes:
+            return
+        notified = await self.kernel.apply(changes)
+        latency = (time.monotonic() - since) * 1000
+        self.changes_applied += 1
+        self.last_change = ChangeRecord(time.time(), source, len(changes), notified, latency)
+        self.latencies_ms = [*self.latencies_ms[-199:], latency]
+        log.debug("applied %d %s change(s), %d notification(s), %.1f ms", len(changes), source, notified, latency)
+
+    # -- inotify: the RW tree and local shared trees --------------------------------------------
+
+    async def _inotify_loop(self) -> None:
+        assert self.inotify is not None
+        while True:
+            events = await self.inotify.read()
+            started = time.monotonic()
+            await trio.sleep(COALESCE_SECONDS)
+            self.bump()
+            changes = self._rw_changes(events)
+            if changes:
+                await self._apply("rw", changes, started)
+
+    def _rw_changes(self, events: list[Event]) -> list[ViewChange]:
+        changes: dict[ViewChange, None] = {}
+        for ev in events:
+            if ev.overflow:
+                log.warning("inotify queue overflowed: re-checking every watched directory")
+                changes.update(dict.fromkeys(self._everything()))
+                for kick in self._kicks:
+                    kick.set()
+                continue
+            tree = self._ro_dirs.get(ev.wd)
+            if tree is not None:
+                self._kicks[tree].set()
+                if ev.mask & IN_IGNORED:
+                    del self._ro_dirs[ev.wd]
+                continue
+            node = self._rw_dirs.get(ev.wd)
+            if node is None:
+                continue
+            if ev.mask & IN_IGNORED:  # the directory is gone (or was replaced): watch it again when seen
+                del self._rw_dirs[ev.wd]
+                node.wd = 0
+                continue
+            if not ev.name or node.detached:
+                continue
+            try:
+                parent = self.inodes.path(node.ino)
+            except (KeyError, OSError):
+                continue
+            changes[ViewChange(parent, ev.name)] = None
+            if ev.mask & IN_ISDIR:
+                child = node.children.get(ev.name)
+                if child is not None and child.wd == 0:
+                    changes.update(dict.fromkeys(self._watch_new_rw_dir(child, (*parent, ev.name))))
+        return list(changes)
+
+    def _watch_new_rw_dir(self, node: Node, vpath: tuple[str, ...]) -> list[ViewChange]:
+        """A known directory got an RW part behind the mount: watch it, and re-check the names
+        already in it (created before the watch existed). Dropping the directory's entry instead
+        would be simpler, but would detach any mount below it."""
+        path = self._rw_path(vpath)
+        self.watch_rw_dir(node, path)
+        try:
+            names = os.listdir(path)
+        except OSError:
+            return []
+        return [ViewChange(vpath, name) for name in names]
+
+    def _rw_path(self, vpath: tuple[str, ...]) -> str:
+        return os.path.join(self.kernel.ns.rw_root, *vpath)
+
+    def _everything(self) -> list[ViewChange]:
+        out: list[ViewChange] = []
+        for node in list(self._rw_dirs.values()):
+            try:
+                parent = self.inodes.path(node.ino)
+            except (KeyError, OSError):
+                continue
+            out.extend(ViewChange(parent, name) for name in node.children)
+        return out
+
+    # -- status -------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        lat = sorted(self.latencies_ms)
+        out: dict[str, object] = {
+            "generation": self.view.generation,
+            "poll_interval": self.interval,
+            "changes_applied": self.changes_applied,
+            "kernel_notifications": self.kernel.notified,
+            "inotify_watches": len(self._rw_dirs) + len(self._ro_dirs),
+            "local_shared_trees": sorted(self.layout.trees[t] for t in self._local_trees),
+        }
+        if self.last_change is not None:
+            out["last_change"] = self.last_change.as_dict()
+        if lat:
+            out["latency_ms"] = {"p50": round(lat[len(lat) // 2], 1), "max": round(lat[-1], 1), "count": len(lat)}
+        return out
