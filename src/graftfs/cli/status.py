@@ -56,6 +56,12 @@ def format_status(st: dict[str, Any]) -> str:
         kind = " (iSulad remote-RO share)" if tree.get("remote_ro") else ""
         lines.append(f"  ro  {tree.get('tree')}: {tree.get('layers', 0)} layers, "
                      f"{tree.get('images', 0)} images visible{kind}")
+        if tree.get("unavailable_since"):
+            since = float(tree["unavailable_since"])
+            lines.append(f"      UNAVAILABLE since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))} "
+                         f"({_age(time.time() - since)}): {tree.get('unavailable_reason')}; "
+                         "showing its last known view")
+    lines.extend(_watcher_lines(st.get("watcher", {})))
     hidden = st.get("hidden", [])
     lines.append(f"hidden entries (deleted on this node): {st.get('hidden_count', len(hidden))}")
     lines.extend(f"  {h}" for h in hidden)
@@ -67,6 +73,20 @@ def format_status(st: dict[str, Any]) -> str:
     if st.get("skipped_count", 0) > len(skipped):
         lines.append(f"  ... and {st['skipped_count'] - len(skipped)} more")
     return "\n".join(lines)
+
+
+def _watcher_lines(w: dict[str, Any]) -> list[str]:
+    if not w or w.get("enabled") is False:
+        return ["watcher: off (changes behind the mount show within a second, via short kernel caches)"]
+    lines = [f"watcher: view generation {w.get('generation')}, shared trees polled every "
+             f"{w.get('poll_interval')} s, {w.get('inotify_watches', 0)} inotify watches, "
+             f"{w.get('changes_applied', 0)} changes applied"]
+    last = w.get("last_change")
+    if last:
+        lines.append(f"  last change: {_age(time.time() - float(last['at']))} ago from {last['source']}, "
+                     f"{last['names']} names re-checked, {last['notified']} kernel notifications, "
+                     f"{last['latency_ms']} ms from detection to invalidation")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:

@@ -239,6 +239,10 @@ class IsuladLayout:
             return None
         if len(vpath) <= 1:
             return shared.top_attrs.get(vpath[0] if vpath else "")
+        if len(vpath) == 2 and vpath[0] in MANAGED_DIRS and self._entry_base(tree, vpath[0], vpath[1]):
+            # an entry the catalog still lists: keep showing it (its contents are out of reach)
+            managed = shared.top_attrs.get(vpath[0])
+            return Attr.synthetic_dir(managed.mtime_ns if managed else 0, 0o755)
         raise OSError(errno.EIO, f"shared tree {shared.root} is unavailable ({shared.unavailable_reason})",
                       "/".join(vpath))
 

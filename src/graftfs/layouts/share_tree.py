@@ -271,10 +271,11 @@ def _scan(root: str, old: TreeScan | None, redo: set[EntryKey], list_layers: boo
         scan.layer_dirs = {lid: (overlays.get(lid), records.get(lid)) for lid in sorted(set(overlays) | set(records))}
         scan.remote_ro = _is_real_dir(os.path.join(root, OVERLAY, REMOTE_RO_DIR))
     else:
-        scan.layer_dirs, scan.remote_ro = old.layer_dirs, old.remote_ro
-    scan.image_dirs = dict(sorted(_entry_dirs(root, IMAGES).items())) if old is None or list_images else old.image_dirs
+        scan.layer_dirs, scan.remote_ro = dict(old.layer_dirs), old.remote_ro
+    scan.image_dirs = dict(sorted(_entry_dirs(root, IMAGES).items())) if old is None or list_images else dict(
+        old.image_dirs)
     old_problems = {(p.kind, p.id): p for p in old.problems} if old else {}
-    for lid, dirs in scan.layer_dirs.items():
+    for lid, dirs in list(scan.layer_dirs.items()):
         key = ("layer", lid)
         if old is not None and key not in redo and old.layer_dirs.get(lid) == dirs:
             _reuse(scan, old, key, old.layers.get(lid), old_problems.get(key))
@@ -287,8 +288,12 @@ def _scan(root: str, old: TreeScan | None, redo: set[EntryKey], list_layers: boo
                 raise ValueError("layer record directory missing")
             scan.layers[lid] = _check_layer(root, lid, dirs[0], dirs[1])
         except ValueError as e:
-            scan.problems.append(Problem(root, "layer", lid, str(e)))
-    for iid, path in scan.image_dirs.items():
+            if _vanished(dirs):
+                del scan.layer_dirs[lid]  # moved away while being checked: judged anew if it returns
+                del scan.sigs[key]
+            else:
+                scan.problems.append(Problem(root, "layer", lid, str(e)))
+    for iid, path in list(scan.image_dirs.items()):
         key = ("image", iid)
         if old is not None and key not in redo and old.image_dirs.get(iid) == path:
             _reuse(scan, old, key, old.images.get(iid), old_problems.get(key))
@@ -297,8 +302,17 @@ def _scan(root: str, old: TreeScan | None, redo: set[EntryKey], list_layers: boo
         try:
             scan.images[iid] = _check_image(iid, path)
         except ValueError as e:
-            scan.problems.append(Problem(root, "image", iid, str(e)))
+            if _vanished((path,)):
+                del scan.image_dirs[iid]
+                del scan.sigs[key]
+            else:
+                scan.problems.append(Problem(root, "image", iid, str(e)))
     return scan
+
+
+def _vanished(dirs: tuple[str | None, ...]) -> bool:
+    """Did one of an entry's listed directories go away (renamed out, deleted) since listing?"""
+    return any(d is not None and not _is_real_dir(d) for d in dirs)
 
 
 def _reuse(scan: TreeScan, old: TreeScan, key: EntryKey, entry: LayerEntry | ImageEntry | None,

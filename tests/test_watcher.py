@@ -1,0 +1,259 @@
+"""The watcher on real mounts: changes in the share and in the RW tree reach every reader through
+the kernel's long caches, quickly, exactly, and without ever reading an unreachable share as
+"everything was deleted". Readers are separate processes (stat, ls, cat), so what they see is
+what the kernel caches, not what graftfs would answer."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from conftest import GraftMount, Sample, needs_mount, sh, wait_for
+from graftfs.mounts import umount
+from graftfs.sample import chain, digest, publish_sample_image, short_name
+
+pytestmark = needs_mount
+
+MountFactory = Callable[..., GraftMount]
+#: The issue's promise is "within a second"; the share here is local (inotify wakes the poller),
+#: so this bound has room for a loaded CI machine without hiding a watcher that does nothing.
+FRESH = 1.0
+
+
+def visible(path: str) -> bool:
+    """Does a separate process see ``path`` (through the kernel's cache)?"""
+    return sh("stat", "-c", "%i", path, timeout=10).returncode == 0
+
+
+def listing(path: str) -> set[str]:
+    out = sh("ls", "-a", path, timeout=10)
+    assert out.returncode == 0, out.stderr
+    return set(out.stdout.split()) - {".", ".."}
+
+
+def seen_within(predicate: Callable[[], bool], seconds: float, what: str) -> float:
+    start = time.monotonic()
+    wait_for(predicate, seconds, what)
+    return time.monotonic() - start
+
+
+def test_kernel_caches_are_long(graft: GraftMount) -> None:
+    st = graft.status()
+    assert st["cache_timeout"] >= 60  # warm lookups never reach Python
+    watcher = st["watcher"]
+    assert isinstance(watcher, dict) and watcher["poll_interval"] == 0.5
+    assert graft.status()["watcher"]["generation"] >= 0  # type: ignore[index]
+
+
+def test_published_image_appears_and_negative_lookup_turns_positive(graft: GraftMount, sample: Sample) -> None:
+    image_id = digest("image:late/app:1")
+    target = graft.path("overlay-images", image_id, "images.json")
+    assert not visible(target)  # the kernel now holds a negative entry for the image
+    assert not visible(graft.path("overlay-images", image_id))
+    before = listing(graft.path("overlay-images"))
+    layers = chain("late", 3, parent=sample.ids.base)
+    assert publish_sample_image(sample.share, "late/app:1", layers) == image_id
+    took = seen_within(lambda: visible(target), FRESH, "the published image through stat")
+    assert listing(graft.path("overlay-images")) == before | {image_id}
+    assert {la.id for la in layers} <= listing(graft.path("overlay-layers"))
+    assert os.readlink(graft.path("overlay", "l", short_name(layers[-1].id))) == f"../{layers[-1].id}/diff"
+    record = json.loads(sh("cat", target).stdout)
+    assert record["layer"] == layers[-1].id
+    st = graft.status()["watcher"]
+    assert st["last_change"]["source"] == "share" and st["changes_applied"] >= 1  # type: ignore[index]
+    assert st["last_change"]["latency_ms"] < FRESH * 1000  # type: ignore[index]
+    print(f"visible after {took * 1000:.0f} ms")
+
+
+def test_removed_layer_makes_its_image_vanish(graft: GraftMount, sample: Sample) -> None:
+    ids = sample.ids
+    image_dir = graft.path("overlay-images", ids.image_web)
+    assert visible(os.path.join(image_dir, "images.json"))  # cached positive entries
+    assert ids.image_web in listing(graft.path("overlay-images"))
+    # the layer record is moved out of the share (as a gc would): the image loses its chain
+    os.rename(os.path.join(sample.share, "overlay-layers", ids.web), os.path.join(sample.share, ".graftfs-trash"))
+    seen_within(lambda: not visible(image_dir), FRESH, "the image to vanish")
+    assert ids.image_web not in listing(graft.path("overlay-images"))
+    assert ids.web not in listing(graft.path("overlay-layers"))
+    assert not visible(graft.path("overlay", "l", short_name(ids.web)))
+    assert ids.image_app in listing(graft.path("overlay-images"))  # the other image is untouched
+    reasons = {s["id"]: s["reason"] for s in graft.status()["skipped"]}  # type: ignore[attr-defined]
+    assert "is not visible" in reasons[ids.image_web]
+    # and back: the layer returns, so does the image
+    os.rename(os.path.join(sample.share, ".graftfs-trash"), os.path.join(sample.share, "overlay-layers", ids.web))
+    seen_within(lambda: visible(image_dir), FRESH, "the image to come back")
+
+
+def test_incomplete_layer_shows_once_its_link_is_written(graft: GraftMount, sample: Sample) -> None:
+    ids = sample.ids
+    assert not visible(graft.path("overlay-images", ids.image_broken))
+    Path(sample.share, "overlay", ids.broken, "link").write_text(short_name(ids.broken))
+    seen_within(lambda: visible(graft.path("overlay-images", ids.image_broken)), FRESH, "the completed image")
+    assert sh("cat", graft.path("overlay", "l", short_name(ids.broken), "half", "written")).stdout == "x"
+
+
+def test_record_rewritten_in_share_is_seen_by_cat_and_stat(graft: GraftMount, sample: Sample) -> None:
+    rel = ("overlay-images", sample.ids.image_app, "images.json")
+    on_mount, in_share = graft.path(*rel), os.path.join(sample.share, *rel)
+    assert sh("cat", on_mount).stdout == Path(in_share).read_text()  # pages and attributes now cached
+    assert sh("stat", "-c", "%s", on_mount).stdout.strip() == str(os.path.getsize(in_share))
+    # rewritten in place (same inode), longer
+    record = json.loads(Path(in_share).read_text())
+    record["names"] = ["demo/app:1", "demo/app:latest", "registry.example/demo/app:1"]
+    Path(in_share).write_text(json.dumps(record))
+    new = Path(in_share).read_text()
+    seen_within(lambda: sh("cat", on_mount).stdout == new, FRESH, "the new content through cat")
+    assert sh("stat", "-c", "%s", on_mount).stdout.strip() == str(len(new))
+    # replaced by rename (a new inode), shorter
+    tmp = in_share + ".tmp"
+    Path(tmp).write_text(json.dumps({**record, "names": ["x"]}))
+    os.rename(tmp, in_share)
+    newer = Path(in_share).read_text()
+    seen_within(lambda: sh("cat", on_mount).stdout == newer, FRESH, "the replaced record through cat")
+    assert sh("stat", "-c", "%s", on_mount).stdout.strip() == str(len(newer))
+
+
+def test_rw_changes_behind_the_mount_are_seen(graft: GraftMount, sample: Sample) -> None:
+    name = graft.path("notes.txt")
+    assert not visible(name)  # negative entry cached
+    Path(sample.rw, "notes.txt").write_text("one\n")
+    seen_within(lambda: visible(name), FRESH, "a file created in the RW tree")
+    assert sh("cat", name).stdout == "one\n"
+    Path(sample.rw, "notes.txt").write_text("one\ntwo\n")
+    seen_within(lambda: sh("cat", name).stdout == "one\ntwo\n", FRESH, "the file's new content")
+    # a directory made behind the mount, with a file written before graftfs could watch it
+    os.makedirs(os.path.join(sample.rw, "made", "later"))
+    Path(sample.rw, "made", "later", "f").write_text("f\n")
+    seen_within(lambda: sh("cat", graft.path("made", "later", "f")).stdout == "f\n", FRESH, "a new subtree")
+    os.unlink(os.path.join(sample.rw, "notes.txt"))
+    seen_within(lambda: not visible(name), FRESH, "the removed file to vanish")
+    # an RW file shadowing a shared one is removed behind the mount: the shared one shows again
+    shared = ("overlay", sample.ids.base, "diff", "etc", "os-release")
+    os.makedirs(os.path.join(sample.rw, *shared[:-1]))
+    Path(sample.rw, *shared).write_text("NAME=local\n")
+    seen_within(lambda: sh("cat", graft.path(*shared)).stdout == "NAME=local\n", FRESH, "the RW copy")
+    os.unlink(os.path.join(sample.rw, *shared))
+    seen_within(lambda: sh("cat", graft.path(*shared)).stdout == "NAME=demo\n", FRESH, "the shared file again")
+
+
+def test_unavailable_share_keeps_the_view(graft: GraftMount, sample: Sample) -> None:
+    images = listing(graft.path("overlay-images"))
+    layers = listing(graft.path("overlay-layers"))
+    marker = os.path.join(sample.share, ".graftfs-share")
+    # 1. the marker file vanishes (a half-mounted or damaged share): nothing is read as deleted
+    os.rename(marker, marker + ".away")
+    shutil.rmtree(os.path.join(sample.share, "overlay-images", sample.ids.image_web))
+    wait_for(lambda: _unavailable(graft), 3, "status to report the share unavailable")
+    assert listing(graft.path("overlay-images")) == images
+    assert visible(graft.path("overlay-images", sample.ids.image_web))
+    reason = _tree(graft)["unavailable_reason"]
+    assert ".graftfs-share" in reason, reason  # type: ignore[operator]
+    human = subprocess.run([sys.executable, "-m", "graftfs", "status", graft.mnt], capture_output=True, text=True,
+                           timeout=30)
+    assert "UNAVAILABLE since" in human.stdout, human.stdout
+    # marker back: the view catches up with what really changed meanwhile
+    os.rename(marker + ".away", marker)
+    seen_within(lambda: not visible(graft.path("overlay-images", sample.ids.image_web)), 3, "the catch-up")
+    assert not _unavailable(graft)
+    images.discard(sample.ids.image_web)
+    # 2. the share's mountpoint shows an empty directory (NFS not mounted): same view, EIO inside
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "empty", sample.share_ro], check=True, timeout=30)
+    try:
+        wait_for(lambda: _unavailable(graft), 3, "status to report the emptied share")
+        assert listing(graft.path("overlay-images")) == images
+        assert listing(graft.path("overlay-layers")) == layers
+        assert visible(graft.path("overlay-images", sample.ids.image_app))
+        unseen = sh("cat", graft.path("overlay", sample.ids.app, "diff", "app", "data.txt"))
+        assert unseen.returncode != 0 and "Input/output error" in unseen.stderr, unseen
+    finally:
+        umount(sample.share_ro)  # only the tmpfs: the read-only bind of the share is under it
+    seen_within(lambda: not _unavailable(graft), 3, "the share to be available again")
+    assert sh("cat", graft.path("overlay", sample.ids.app, "diff", "app", "data.txt")).stdout == "application data\n"
+    assert listing(graft.path("overlay-images")) == images
+
+
+def _tree(g: GraftMount) -> dict[str, object]:
+    ro = g.status()["ro"]
+    assert isinstance(ro, list)
+    return ro[0]  # type: ignore[no-any-return]
+
+
+def _unavailable(g: GraftMount) -> bool:
+    return not _tree(g)["available"]
+
+
+CHURN_READER = textwrap.dedent("""
+    import errno, json, os, sys, time
+    mnt, names, seconds = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3])
+    images = os.path.join(mnt, "overlay-images")
+    ok = absent = 0
+    errors = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        os.listdir(images)
+        for name in names:
+            try:
+                os.stat(os.path.join(images, name))
+                with open(os.path.join(images, name, "images.json"), "rb") as f:
+                    json.loads(f.read())
+                ok += 1
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    errors.append(f"{name}: {e}")
+                absent += 1
+            except ValueError as e:
+                errors.append(f"{name}: torn record {e}")
+    print(json.dumps({"ok": ok, "absent": absent, "errors": errors[:20], "error_count": len(errors)}))
+""")
+
+
+def test_churn_of_1000_entries_with_a_reader(graft: GraftMount, sample: Sample, tmp_path: Path) -> None:
+    base = sample.ids.base
+    names = []
+    parked = tmp_path / "share" / ".graftfs-parked"
+    parked.mkdir()
+    for i in range(1000):
+        names.append(_publish_small(sample.share, i, base))
+    reader = subprocess.Popen(
+        ["timeout", "-k", "2", "60", sys.executable, "-c", CHURN_READER, graft.mnt, json.dumps(names[:200]), "30"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    images = os.path.join(sample.share, "overlay-images")
+    moves = 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for name in names[moves % 2 :: 2][:250]:  # 250 out, then 250 back, alternating halves
+            src, dst = os.path.join(images, name), str(parked / name)
+            if os.path.exists(src):
+                os.rename(src, dst)
+            else:
+                os.rename(dst, src)
+        moves += 1
+        time.sleep(0.2)
+    out, err = reader.communicate(timeout=60)
+    assert reader.returncode == 0, err
+    result = json.loads(out)
+    assert result["error_count"] == 0, result
+    assert result["ok"] > 0 and result["absent"] > 0, result
+    # the churn stops: the view settles on exactly what the share holds
+    in_share = set(os.listdir(images)) - {sample.ids.image_broken}  # incomplete: never shown
+    seen_within(lambda: listing(graft.path("overlay-images")) == in_share, FRESH, "the settled listing")
+    for name in names[:200]:
+        assert visible(graft.path("overlay-images", name)) == (name in in_share), name
+    assert graft.proc is not None and graft.proc.poll() is None
+    print(f"{moves} rounds of 250 renames; reader: {result}; watcher: {graft.status()['watcher']}")
+
+
+def _publish_small(share: str, i: int, base: str) -> str:
+    """An image on the share's base layer (no new layers): just an image record to move around."""
+    from graftfs.sample import write_image
+
+    image_id = digest(f"image:churn/{i}")
+    write_image(share, image_id, base, [f"churn/{i}:1"])
+    return image_id
