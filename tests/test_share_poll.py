@@ -1,0 +1,163 @@
+"""Polling a shared tree without mounting: what a poll notices, what it costs, and when a tree
+counts as unavailable rather than emptied. The mount tests (test_watcher.py) show the same
+through the kernel; these pin the rules down fast and precisely."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from graftfs.layouts import ViewChange
+from graftfs.layouts.isulad import IsuladLayout
+from graftfs.layouts.share_tree import HOT_WINDOW_NS, SharedTree
+from graftfs.sample import build_demo, chain, digest, publish_sample_image, short_name, write_image
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> tuple[IsuladLayout, str, object]:
+    share, rw = str(tmp_path / "share"), str(tmp_path / "rw")
+    ids = build_demo(share, rw)
+    layout = IsuladLayout([share], rw)
+    layout.refresh()
+    return layout, share, ids
+
+
+def poll(layout: IsuladLayout) -> list[ViewChange]:
+    change = layout.poll_tree(0)
+    return layout.commit({0: change}) if change is not None else []
+
+
+def settle(layout: IsuladLayout) -> None:
+    """Let the hot window of recent directory changes pass, so later polls see only new changes."""
+    time.sleep(HOT_WINDOW_NS / 1e9 + 0.05)
+    poll(layout)
+
+
+def test_quiet_share_gives_no_changes(demo: tuple[IsuladLayout, str, object]) -> None:
+    layout, _, _ = demo
+    settle(layout)
+    assert layout.poll_tree(0) is None
+    assert poll(layout) == []
+
+
+def test_published_image_is_found_with_its_names(demo: tuple[IsuladLayout, str, object],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import graftfs.layouts.share_tree as st
+
+    layout, share, ids = demo
+    settle(layout)
+    layers = chain("new", 2, parent=ids.base)  # type: ignore[attr-defined]
+    image = publish_sample_image(share, "new:1", layers)
+    checked: list[str] = []
+    real = st._check_layer
+    monkeypatch.setattr(st, "_check_layer", lambda tree, lid, *a: checked.append(lid) or real(tree, lid, *a))
+    changes = poll(layout)
+    assert sorted(checked) == sorted(la.id for la in layers)  # only the new layers are read
+    assert ViewChange(("overlay-images",), image, deep=True) in changes
+    for la in layers:
+        assert ViewChange(("overlay-layers",), la.id, deep=True) in changes
+        assert ViewChange(("overlay",), la.id) in changes
+        assert ViewChange(("overlay", "l"), short_name(la.id)) in changes
+    assert image in layout.catalog.images
+    assert ids.app in layout.catalog.layers  # type: ignore[attr-defined]
+
+
+def test_rewritten_record_is_touched_by_the_sweep(demo: tuple[IsuladLayout, str, object]) -> None:
+    layout, share, ids = demo
+    settle(layout)
+    path = Path(share, "overlay-images", ids.image_app, "images.json")  # type: ignore[attr-defined]
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "names": ["renamed:1"]}))
+    changes = poll(layout)
+    assert ViewChange(("overlay-images",), ids.image_app, deep=True) in changes  # type: ignore[attr-defined]
+    assert layout.catalog.images[ids.image_app][1].names == ("renamed:1",)  # type: ignore[attr-defined]
+
+
+def test_entry_moved_out_while_checked_is_judged_again(tmp_path: Path) -> None:
+    share = str(tmp_path / "s")
+    base = chain("b", 1)
+    publish_sample_image(share, "b:1", base)
+    tree = SharedTree(share)
+    tree.poll(full=True)
+    iid = digest("image:x:1")
+    write_image(share, iid, base[0].id, ["x:1"])
+    os.unlink(os.path.join(share, "overlay-images", iid, "images.json"))  # half-written
+    tree.poll()
+    assert [p.id for p in tree.scan.problems] == [iid]
+    write_image(share, iid, base[0].id, ["x:1"])
+    tree.poll()
+    assert iid in tree.scan.images and not tree.scan.problems
+
+
+def test_missing_marker_means_unavailable_not_empty(demo: tuple[IsuladLayout, str, object]) -> None:
+    layout, share, ids = demo
+    before = dict(layout.catalog.images)
+    os.rename(os.path.join(share, ".graftfs-share"), os.path.join(share, "marker.away"))
+    shutil.rmtree(os.path.join(share, "overlay-images"))
+    assert poll(layout) == []
+    assert layout.catalog.images == before
+    tree = layout.shared[0]
+    assert not tree.available and "marker" in tree.unavailable_reason
+    # unavailable: the top of the tree is answered from memory, anything deeper is EIO
+    assert layout.missing(0, ("overlay-images",)) is not None
+    with pytest.raises(OSError) as exc:
+        layout.missing(0, ("overlay-images", ids.image_app, "manifest"))  # type: ignore[attr-defined]
+    assert exc.value.errno == 5
+    os.rename(os.path.join(share, "marker.away"), os.path.join(share, ".graftfs-share"))
+    changes = poll(layout)
+    assert tree.available
+    assert layout.catalog.images == {}
+    assert ViewChange(("overlay-images",), ids.image_app, deep=True) in changes  # type: ignore[attr-defined]
+
+
+def test_isulad_share_without_marker(tmp_path: Path) -> None:
+    share = str(tmp_path / "isulad")
+    publish_sample_image(share, "i:1", chain("i", 1))
+    layout = IsuladLayout([share], str(tmp_path / "rw"))
+    layout.refresh()
+    assert len(layout.catalog.images) == 1
+    moved = str(tmp_path / "moved")
+    os.rename(share, moved)
+    os.mkdir(share)  # the mountpoint of an unmounted NFS export
+    poll(layout)
+    assert not layout.shared[0].available and len(layout.catalog.images) == 1
+    os.rmdir(share)
+    os.rename(moved, share)
+    poll(layout)
+    assert layout.shared[0].available and len(layout.catalog.images) == 1
+
+
+def test_empty_share_is_a_share_with_no_images(tmp_path: Path) -> None:
+    share = str(tmp_path / "empty")
+    os.mkdir(share)
+    layout = IsuladLayout([share], str(tmp_path / "rw"))
+    layout.refresh()
+    assert layout.shared[0].available and layout.catalog.images == {}
+    image = publish_sample_image(share, "first:1", chain("first", 1))
+    poll(layout)
+    assert image in layout.catalog.images
+
+
+def test_sweep_is_bounded_per_poll(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import graftfs.layouts.share_tree as st
+
+    share = str(tmp_path / "big")
+    publish_sample_image(share, "big:1", chain("big", 30))
+    tree = SharedTree(share)
+    tree.poll(full=True)
+    monkeypatch.setattr(st, "SWEEP_BUDGET", 10)
+    checked: list[int] = []
+    real = st._entry_sig
+
+    def counting(paths: list[str]) -> object:
+        checked.append(1)
+        return real(paths)
+
+    monkeypatch.setattr(st, "_entry_sig", counting)
+    tree.poll()
+    assert len(checked) == 10  # 31 entries known, 10 re-checked per poll
