@@ -161,3 +161,24 @@ def test_sweep_is_bounded_per_poll(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(st, "_entry_sig", counting)
     tree.poll()
     assert len(checked) == 10  # 31 entries known, 10 re-checked per poll
+
+
+def test_incremental_catalog_equals_a_full_build(demo: tuple[IsuladLayout, str, object]) -> None:
+    from graftfs.layouts.isulad import build_catalog, local_layer_ids
+    from graftfs.sample import SampleLayer, write_layer
+
+    layout, share, ids = demo
+    parent, child = digest("layer:late-parent"), digest("layer:early-child")
+    write_layer(share, SampleLayer(child, parent, {"c": b"1"}))  # published before its parent
+    write_image(share, digest("image:early"), child, ["early:1"])
+    poll(layout)
+    assert child not in layout.catalog.layers and digest("image:early") not in layout.catalog.images
+    write_layer(share, SampleLayer(parent, ids.base, {"p": b"1"}))  # type: ignore[attr-defined]
+    changes = poll(layout)
+    assert child in layout.catalog.layers and digest("image:early") in layout.catalog.images
+    assert ViewChange(("overlay",), child) in changes
+    full = build_catalog([t.scan for t in layout.shared], local_layer_ids(layout.rw_root))
+    inc = layout.catalog
+    assert inc.layers == full.layers and inc.images == full.images and inc.shorts == full.shorts
+    assert sorted(map(str, inc.problems)) == sorted(map(str, full.problems))
+    assert [sorted(x) for x in inc.layers_by_tree] == [sorted(x) for x in full.layers_by_tree]

@@ -135,7 +135,7 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
     ops = GraftOperations(ns, workers, info, watched=watched)
     if watched:
         watcher = Watcher(ns.layout, ops.inodes, KernelCache(ops.inodes, ns, workers), ops,  # type: ignore[arg-type]
-                          workers, cfg.poll)
+                          workers, cfg.poll, cfg.share_inotify)
         watcher.open()
         ops.on_rw_dir = watcher.watch_rw_dir
     try:

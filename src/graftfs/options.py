@@ -41,6 +41,7 @@ class MountConfig:
     log_file: str | None = None
     timeout: float = 10.0
     poll: float = 0.5  # seconds between polls of each shared tree; 0 turns the watcher off
+    share_inotify: bool = True  # let inotify wake the poller of shared trees on local filesystems
     fuse_options: list[str] = field(default_factory=list)
 
     def add_options(self, text: str) -> None:
@@ -85,6 +86,10 @@ class MountConfig:
                 raise ConfigError(f"poll={value!r} is not a number of seconds") from None
             if not 0 <= self.poll <= 3600:
                 raise ConfigError("poll= must be between 0 (no watcher) and 3600 seconds")
+        elif key == "share_inotify":
+            if value not in ("0", "1"):
+                raise ConfigError("share_inotify= must be 0 (poll only) or 1")
+            self.share_inotify = value == "1"
         elif key in FUSE_KEYS:
             self.fuse_options.append(f"{key}={value}")
         elif key.startswith(("x-", "comment")):
@@ -139,7 +144,8 @@ class MountConfig:
         argv = ["--rw", str(self.rw), "--layout", self.layout]
         for r in self.ro:
             argv += ["--ro", r]
-        opts = [*self.fuse_options, f"timeout={self.timeout:g}", f"poll={self.poll:g}"]
+        opts = [*self.fuse_options, f"timeout={self.timeout:g}", f"poll={self.poll:g}",
+                f"share_inotify={int(self.share_inotify)}"]
         argv += ["-o", ",".join(opts)]
         if self.log_file:
             argv += ["--log-file", self.log_file]

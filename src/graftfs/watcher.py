@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 DEFAULT_POLL_INTERVAL = 0.5
 #: Events arriving together are handled as one batch after this pause.
 COALESCE_SECONDS = 0.005
+#: A local share's poller, woken by inotify, waits this long for the rest of a publish.
+KICK_DEBOUNCE = 0.01
 
 
 class WatchedLayout(Protocol):
@@ -76,13 +78,14 @@ class _Pending:
 
 class Watcher:
     def __init__(self, layout: WatchedLayout, inodes: InodeTable, kernel: KernelCache, view: Generation,
-                 workers: Workers, interval: float = DEFAULT_POLL_INTERVAL) -> None:
+                 workers: Workers, interval: float = DEFAULT_POLL_INTERVAL, share_inotify: bool = True) -> None:
         self.layout = layout
         self.inodes = inodes
         self.kernel = kernel
         self.view = view
         self.workers = workers
         self.interval = interval
+        self.share_inotify = share_inotify
         self.inotify: Inotify | None = None
         self.changes_applied = 0
         self.last_change: ChangeRecord | None = None
@@ -137,14 +140,16 @@ class Watcher:
     async def _tree_loop(self, tree: int) -> None:
         root = self.layout.trees[tree]
         try:
-            if await self.workers.run(is_local_fs, root):
+            if self.share_inotify and await self.workers.run(is_local_fs, root):
                 self._local_trees.add(tree)
                 await self._watch_tree(tree)
         except OSError as e:
             log.warning("cannot tell whether %s is local: polling only (%s)", root, e)
         while True:
-            with trio.move_on_after(self.interval):
+            with trio.move_on_after(self.interval) as waited:
                 await self._kicks[tree].wait()
+            if not waited.cancelled_caught:
+                await trio.sleep(KICK_DEBOUNCE)  # a publisher renames several entries in a row: take them together
             self._kicks[tree] = trio.Event()
             started = time.monotonic()
             try:

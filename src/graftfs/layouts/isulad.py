@@ -72,6 +72,8 @@ class Catalog:
     layers_by_tree: list[list[str]] = field(default_factory=list)
     images_by_tree: list[list[str]] = field(default_factory=list)
     shorts_mtime_ns: int = 0  # newest link file: the times of the synthesized overlay/l
+    layer_problems: list[Problem] = field(default_factory=list)  # broken chains
+    layer_inputs: tuple[list[dict[str, LayerEntry]], frozenset[str]] | None = None  # what the layer half used
 
     def layer_ids_in(self, tree: int) -> list[str]:
         return self.layers_by_tree[tree] if tree < len(self.layers_by_tree) else []
@@ -80,13 +82,14 @@ class Catalog:
         return self.images_by_tree[tree] if tree < len(self.images_by_tree) else []
 
 
-def _chain_reasons(candidates: dict[str, LayerEntry], local: set[str]) -> dict[str, str | None]:
+def _chain_reasons(candidates: dict[str, LayerEntry], local: set[str],
+                   known_good: Iterable[str] = ()) -> dict[str, str | None]:
     """For every candidate layer: why its parent chain is not visible, or None when it is.
 
     Each chain is walked once (results are shared along it), so 10,000 layers in deep images
     cost one pass, not one walk per layer.
     """
-    result: dict[str, str | None] = {}
+    result: dict[str, str | None] = dict.fromkeys(known_good)
     for lid in candidates:
         chain: list[str] = []
         on_chain: set[str] = set()
@@ -115,22 +118,21 @@ def build_catalog(scans: Iterable[TreeScan], local_layers: set[str], old: Catalo
     """Combine per-tree scans into the view's catalog, dropping broken chains.
 
     ``local_layers`` are the layer ids the RW tree holds; a shared layer may sit on one of them.
-    Problems not already in ``old`` are logged (once, not at every rebuild).
+    When no tree's layers changed since ``old`` (the same dictionaries, see TreeScan), the layer
+    half of ``old`` is reused: publishing an image on known layers costs no layer work. Problems
+    not already in ``old`` are logged (once, not at every rebuild).
     """
     scans = list(scans)
     cat = Catalog([s.root for s in scans], remote_ro=[s.remote_ro for s in scans])
-    candidates: dict[str, tuple[int, LayerEntry]] = {}
-    for ti, scan in enumerate(scans):
-        cat.problems.extend(scan.problems)
-        for lid, entry in scan.layers.items():
-            candidates.setdefault(lid, (ti, entry))
-    reasons = _chain_reasons({lid: e for lid, (_, e) in candidates.items()}, local_layers)
-    for lid, (ti, entry) in candidates.items():
-        reason = reasons[lid]
-        if reason is None:
-            cat.layers[lid] = (ti, entry)
-        else:
-            cat.problems.append(Problem(scans[ti].root, "layer", lid, reason))
+    inputs = ([s.layers for s in scans], frozenset(local_layers))
+    if old is not None and _same_inputs(old.layer_inputs, inputs):
+        cat.layers, cat.layers_by_tree, cat.shorts = old.layers, old.layers_by_tree, old.shorts
+        cat.shorts_mtime_ns, cat.layer_problems = old.shorts_mtime_ns, old.layer_problems
+    elif old is None or not _add_layers(cat, old, scans, local_layers):
+        _build_layers(cat, scans, local_layers)
+    cat.layer_inputs = inputs
+    cat.problems = [p for s in scans for p in s.problems] + cat.layer_problems
+    cat.images_by_tree = [[] for _ in scans]
     for ti, scan in enumerate(scans):
         for iid, img in scan.images.items():
             if iid in cat.images:
@@ -141,19 +143,87 @@ def build_catalog(scans: Iterable[TreeScan], local_layers: set[str], old: Catalo
                 cat.problems.append(Problem(scan.root, "image", iid, reason))
                 continue
             cat.images[iid] = (ti, img)
-    cat.layers_by_tree = [[] for _ in scans]
-    for lid, (ti, entry) in cat.layers.items():
-        cat.layers_by_tree[ti].append(lid)
-        cat.shorts.setdefault(entry.short, (ti, entry))
-        cat.shorts_mtime_ns = max(cat.shorts_mtime_ns, entry.mtime_ns)
-    cat.images_by_tree = [[] for _ in scans]
-    for iid, (ti, _) in cat.images.items():
-        cat.images_by_tree[ti].append(iid)
+            cat.images_by_tree[ti].append(iid)
     known = set(old.problems) if old is not None else set()
     for p in cat.problems:
         if p not in known:
             log.warning("skipping %s %s in %s: %s", p.kind, p.id, p.tree, p.reason)
     return cat
+
+
+def _same_inputs(a: tuple[list[dict[str, LayerEntry]], frozenset[str]] | None,
+                 b: tuple[list[dict[str, LayerEntry]], frozenset[str]]) -> bool:
+    if a is None or len(a[0]) != len(b[0]) or a[1] != b[1]:
+        return False
+    return all(x is y for x, y in zip(a[0], b[0], strict=True))
+
+
+def _added_layers(old: Catalog, scans: list[TreeScan], local_layers: set[str]
+                  ) -> dict[str, tuple[int, LayerEntry]] | None:
+    """The layers that are new since ``old`` (first tree wins), or None when anything else changed
+    (a layer gone or rewritten, the trees or the local layers different)."""
+    if old.layer_inputs is None or len(old.layer_inputs[0]) != len(scans) or old.layer_inputs[1] != local_layers:
+        return None
+    added: dict[str, tuple[int, LayerEntry]] = {}
+    for ti, (before, scan) in enumerate(zip(old.layer_inputs[0], scans, strict=True)):
+        now = scan.layers
+        if before.keys() - now.keys():
+            return None
+        for lid in now.keys() - before.keys():
+            added.setdefault(lid, (ti, now[lid]))
+        if any(now[lid] is not entry for lid, entry in before.items()):
+            return None
+    return added
+
+
+def _add_layers(cat: Catalog, old: Catalog, scans: list[TreeScan], local_layers: set[str]) -> bool:
+    """Extend ``old``'s layer half with newly published layers; False when a full build is needed.
+
+    Adding layers never hides a visible one, so only the new layers and the ones whose chain was
+    broken before need their chains walked: publishing into a 10,000-layer share stays cheap.
+    """
+    added = _added_layers(old, scans, local_layers)
+    if added is None or any(lid in old.layers for lid in added):
+        return False
+    waiting = {p.id: p for p in old.layer_problems}
+    candidates: dict[str, tuple[int, LayerEntry]] = dict(added)
+    for lid, problem in waiting.items():
+        for ti, scan in enumerate(scans):
+            if scan.root == problem.tree and lid in scan.layers:
+                candidates.setdefault(lid, (ti, scan.layers[lid]))
+    flat = {lid: e for lid, (_, e) in candidates.items()}
+    visible = {lid: e for lid, (_, e) in old.layers.items()}
+    reasons = _chain_reasons(flat, local_layers, known_good=visible.keys())
+    cat.layers = dict(old.layers)
+    cat.layers_by_tree = [list(ids) for ids in old.layers_by_tree]
+    cat.shorts = dict(old.shorts)
+    cat.shorts_mtime_ns = old.shorts_mtime_ns
+    for lid, (ti, entry) in candidates.items():
+        _place_layer(cat, scans, lid, ti, entry, reasons[lid])
+    return True
+
+
+def _place_layer(cat: Catalog, scans: list[TreeScan], lid: str, ti: int, entry: LayerEntry, reason: str | None) -> None:
+    if reason is None:
+        cat.layers[lid] = (ti, entry)
+        cat.layers_by_tree[ti].append(lid)
+        cat.shorts.setdefault(entry.short, (ti, entry))
+        if entry.mtime_ns > cat.shorts_mtime_ns:
+            cat.shorts_mtime_ns = entry.mtime_ns
+    else:
+        cat.layer_problems.append(Problem(scans[ti].root, "layer", lid, reason))
+
+
+def _build_layers(cat: Catalog, scans: list[TreeScan], local_layers: set[str]) -> None:
+    """The layer half of the catalog: first tree wins, then every chain must be visible."""
+    candidates: dict[str, tuple[int, LayerEntry]] = {}
+    for ti, scan in enumerate(scans):
+        for lid, entry in scan.layers.items():
+            candidates.setdefault(lid, (ti, entry))
+    reasons = _chain_reasons({lid: e for lid, (_, e) in candidates.items()}, local_layers)
+    cat.layers_by_tree = [[] for _ in scans]
+    for lid, (ti, entry) in candidates.items():
+        _place_layer(cat, scans, lid, ti, entry, reasons[lid])
 
 
 def diff_catalogs(old: Catalog, new: Catalog, touched: set[tuple[int, EntryKey]]) -> list[ViewChange]:
@@ -174,6 +244,8 @@ def diff_catalogs(old: Catalog, new: Catalog, touched: set[tuple[int, EntryKey]]
 
 def _changed(old: Mapping[str, object], new: Mapping[str, object], touched: set[str]) -> list[str]:
     """Keys added, removed, or whose value differs, plus ``touched`` ones."""
+    if old is new:
+        return [k for k in touched if k in old]
     out = [k for k, v in new.items() if old.get(k) != v]
     out += [k for k in old if k not in new]
     out += [k for k in touched if k in old or k in new]

@@ -125,23 +125,31 @@ def _is_real_dir(path: str) -> bool:
     return st is not None and stat.S_ISDIR(st.st_mode)
 
 
-def _entry_dirs(root: str, managed: str) -> dict[str, str]:
+def _entry_dirs(root: str, managed: str, known: dict[str, str] | None = None) -> dict[str, str]:
     """Map id -> backing dir for entries of one managed dir, in both share shapes.
 
     Entries in ``<managed>/RO/<id>`` (remote-RO share) win over ``<managed>/<id>``; symlinks are
-    skipped, as they are iSulad's pointers into RO/, never entries of their own. The directory
-    entry types come from readdir, so listing 10,000 entries costs no per-entry stat.
+    skipped, as they are iSulad's pointers into RO/, never entries of their own. Names already
+    in ``known`` at the same place are taken as they were, so re-listing 10,000 entries costs one
+    readdir and no per-entry checks; only new names are checked (name, then type).
     """
     found: dict[str, str] = {}
+    known = known or {}
     base = os.path.join(root, managed)
     for sub in (os.path.join(base, REMOTE_RO_DIR), base):
         try:
-            with os.scandir(sub) as it:
-                for entry in it:
-                    if entry.name not in found and ID_RE.match(entry.name) and entry.is_dir(follow_symlinks=False):
-                        found[entry.name] = entry.path
+            names = os.listdir(sub)
         except (FileNotFoundError, NotADirectoryError):
             continue
+        prefix = sub + "/"
+        for name in names:
+            if name in found:
+                continue
+            path = known.get(name)
+            if path is not None and path == prefix + name:
+                found[name] = path
+            elif len(name) == 64 and ID_RE.match(name) and _is_real_dir(prefix + name):
+                found[name] = prefix + name
     return found
 
 
@@ -200,7 +208,7 @@ PROBE_DIRS = ("", OVERLAY, f"{OVERLAY}/{REMOTE_RO_DIR}", LAYERS, f"{LAYERS}/{REM
 #: within the filesystem's timestamp granularity would not move its mtime.
 HOT_WINDOW_NS = 2_000_000_000
 #: Known entries whose record files are re-checked per poll (all of them on small shares).
-SWEEP_BUDGET = 500
+SWEEP_BUDGET = 128
 
 
 def _sig(st: os.stat_result | None) -> Sig | None:
@@ -225,106 +233,158 @@ def fresh_stat(path: str) -> os.stat_result | None:
 
 
 def _layer_paths(overlay_dir: str | None, record_dir: str | None) -> list[str]:
+    """The files whose change means a layer must be checked again (link file and record)."""
     paths = []
     if overlay_dir:
-        paths += [overlay_dir, os.path.join(overlay_dir, "link")]
+        paths.append(overlay_dir + "/link")
     if record_dir:
-        paths += [record_dir, os.path.join(record_dir, "layer.json")]
+        paths.append(record_dir + "/layer.json")
     return paths
 
 
 def _image_paths(record_dir: str | None) -> list[str]:
-    return [record_dir, os.path.join(record_dir, "images.json")] if record_dir else []
+    """An image's record and its directory (whose mtime moves when a big-data file is added)."""
+    return [record_dir, record_dir + "/images.json"] if record_dir else []
+
+
+def _entry_sig(paths: list[str]) -> tuple[Sig | None, ...]:
+    out: list[Sig | None] = []
+    for p in paths:
+        try:
+            st = os.lstat(p)
+        except OSError as e:
+            if _tree_error(e):
+                raise
+            out.append(None)
+            continue
+        out.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(out)
 
 
 @dataclass
 class TreeScan:
-    """What one RO tree holds, each entry checked on its own."""
+    """What one RO tree holds, each entry checked on its own.
+
+    Dictionaries are replaced, not changed, once the scan is published: a rescan that changes
+    no layer keeps the very same ``layers`` object, which lets the catalog skip its layer work.
+    """
 
     root: str
     layers: dict[str, LayerEntry] = field(default_factory=dict)
     images: dict[str, ImageEntry] = field(default_factory=dict)
-    problems: list[Problem] = field(default_factory=list)
+    broken: dict[EntryKey, Problem] = field(default_factory=dict)
     remote_ro: bool = False  # entries were found in iSulad's RO/ subdirectories
     # where each entry's directories are, and the signature of its files when it was checked
-    layer_dirs: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+    overlay_dirs: dict[str, str] = field(default_factory=dict)  # layer id -> overlay/<id>
+    record_dirs: dict[str, str] = field(default_factory=dict)  # layer id -> overlay-layers/<id>
     image_dirs: dict[str, str] = field(default_factory=dict)
     sigs: dict[EntryKey, tuple[Sig | None, ...]] = field(default_factory=dict)
+
+    @property
+    def problems(self) -> list[Problem]:
+        return list(self.broken.values())
 
     def entry_paths(self, key: EntryKey) -> list[str]:
         kind, eid = key
         if kind == "layer":
-            return _layer_paths(*self.layer_dirs.get(eid, (None, None)))
+            return _layer_paths(*self.dirs_of(eid))
         return _image_paths(self.image_dirs.get(eid))
 
+    def dirs_of(self, lid: str) -> tuple[str | None, str | None]:
+        return self.overlay_dirs.get(lid), self.record_dirs.get(lid)
 
-def _entry_sig(paths: list[str]) -> tuple[Sig | None, ...]:
-    return tuple(_sig(_lstat(p)) for p in paths)
+
+def _moved(old: dict[str, str], new: dict[str, str]) -> set[str]:
+    """Ids listed now that were not listed, or listed elsewhere, or listed before and not now."""
+    return {eid for eid, _ in new.items() - old.items()} | (old.keys() - new.keys())
 
 
 def _scan(root: str, old: TreeScan | None, redo: set[EntryKey], list_layers: bool, list_images: bool) -> TreeScan:
-    """Scan a tree, reusing from ``old`` every entry that is where it was and not in ``redo``."""
-    scan = TreeScan(root)
+    """Scan a tree, reusing from ``old`` every entry that is where it was and not in ``redo``.
+
+    Work is proportional to what changed, not to the size of the share: unchanged listings are
+    not read, a re-read listing costs set operations in C, and only new, moved or vanished
+    entries are checked (or dropped).
+    """
+    base = old or TreeScan(root)
+    scan = TreeScan(root, base.layers, base.images, dict(base.broken), base.remote_ro, base.overlay_dirs,
+                    base.record_dirs, base.image_dirs, dict(base.sigs))
     if old is None or list_layers:
-        overlays = _entry_dirs(root, OVERLAY)
-        records = _entry_dirs(root, LAYERS)
-        scan.layer_dirs = {lid: (overlays.get(lid), records.get(lid)) for lid in sorted(set(overlays) | set(records))}
+        scan.overlay_dirs = _entry_dirs(root, OVERLAY, base.overlay_dirs)
+        scan.record_dirs = _entry_dirs(root, LAYERS, base.record_dirs)
         scan.remote_ro = _is_real_dir(os.path.join(root, OVERLAY, REMOTE_RO_DIR))
-    else:
-        scan.layer_dirs, scan.remote_ro = dict(old.layer_dirs), old.remote_ro
-    scan.image_dirs = dict(sorted(_entry_dirs(root, IMAGES).items())) if old is None or list_images else dict(
-        old.image_dirs)
-    old_problems = {(p.kind, p.id): p for p in old.problems} if old else {}
-    for lid, dirs in list(scan.layer_dirs.items()):
-        key = ("layer", lid)
-        if old is not None and key not in redo and old.layer_dirs.get(lid) == dirs:
-            _reuse(scan, old, key, old.layers.get(lid), old_problems.get(key))
-            continue
-        scan.sigs[key] = _entry_sig(_layer_paths(*dirs))
-        try:
-            if dirs[0] is None:
-                raise ValueError("overlay directory missing")
-            if dirs[1] is None:
-                raise ValueError("layer record directory missing")
-            scan.layers[lid] = _check_layer(root, lid, dirs[0], dirs[1])
-        except ValueError as e:
-            if _vanished(dirs):
-                del scan.layer_dirs[lid]  # moved away while being checked: judged anew if it returns
-                del scan.sigs[key]
-            else:
-                scan.problems.append(Problem(root, "layer", lid, str(e)))
-    for iid, path in list(scan.image_dirs.items()):
-        key = ("image", iid)
-        if old is not None and key not in redo and old.image_dirs.get(iid) == path:
-            _reuse(scan, old, key, old.images.get(iid), old_problems.get(key))
-            continue
-        scan.sigs[key] = _entry_sig(_image_paths(path))
-        try:
-            scan.images[iid] = _check_image(iid, path)
-        except ValueError as e:
-            if _vanished((path,)):
-                del scan.image_dirs[iid]
-                del scan.sigs[key]
-            else:
-                scan.problems.append(Problem(root, "image", iid, str(e)))
+    if old is None or list_images:
+        scan.image_dirs = _entry_dirs(root, IMAGES, base.image_dirs)
+    layer_ids = scan.overlay_dirs.keys() | scan.record_dirs.keys()
+    touched = {eid for kind, eid in redo if kind == "layer"}
+    touched |= _moved(base.overlay_dirs, scan.overlay_dirs) | _moved(base.record_dirs, scan.record_dirs)
+    if touched:
+        scan.layers = dict(base.layers)
+        for lid in touched:
+            _forget(scan, "layer", lid)
+        for lid in sorted(touched & layer_ids):
+            _check_layer_into(scan, lid)
+    touched = {eid for kind, eid in redo if kind == "image"} | _moved(base.image_dirs, scan.image_dirs)
+    if touched:
+        scan.images = dict(base.images)
+        for iid in touched:
+            _forget(scan, "image", iid)
+        for iid in sorted(touched & scan.image_dirs.keys()):
+            _check_image_into(scan, iid)
     return scan
+
+
+def _forget(scan: TreeScan, kind: str, eid: str) -> None:
+    entries: dict[str, LayerEntry] | dict[str, ImageEntry] = scan.layers if kind == "layer" else scan.images
+    entries.pop(eid, None)
+    scan.broken.pop((kind, eid), None)
+    scan.sigs.pop((kind, eid), None)
+
+
+def _check_layer_into(scan: TreeScan, lid: str) -> None:
+    dirs = scan.dirs_of(lid)
+    key = ("layer", lid)
+    scan.sigs[key] = _entry_sig(_layer_paths(*dirs))
+    try:
+        if dirs[0] is None:
+            raise ValueError("overlay directory missing")
+        if dirs[1] is None:
+            raise ValueError("layer record directory missing")
+        scan.layers[lid] = _check_layer(scan.root, lid, dirs[0], dirs[1])
+    except ValueError as e:
+        if _vanished(dirs):
+            _unlist(scan, key)
+        else:
+            scan.broken[key] = Problem(scan.root, "layer", lid, str(e))
+
+
+def _check_image_into(scan: TreeScan, iid: str) -> None:
+    path = scan.image_dirs[iid]
+    key = ("image", iid)
+    scan.sigs[key] = _entry_sig(_image_paths(path))
+    try:
+        scan.images[iid] = _check_image(iid, path)
+    except ValueError as e:
+        if _vanished((path,)):
+            _unlist(scan, key)
+        else:
+            scan.broken[key] = Problem(scan.root, "image", iid, str(e))
+
+
+def _unlist(scan: TreeScan, key: EntryKey) -> None:
+    """An entry moved away while being checked: drop it so it is judged anew if it returns."""
+    kind, eid = key
+    if kind == "layer":
+        scan.overlay_dirs = {k: v for k, v in scan.overlay_dirs.items() if k != eid}
+        scan.record_dirs = {k: v for k, v in scan.record_dirs.items() if k != eid}
+    else:
+        scan.image_dirs = {k: v for k, v in scan.image_dirs.items() if k != eid}
+    scan.sigs.pop(key, None)
 
 
 def _vanished(dirs: tuple[str | None, ...]) -> bool:
     """Did one of an entry's listed directories go away (renamed out, deleted) since listing?"""
     return any(d is not None and not _is_real_dir(d) for d in dirs)
-
-
-def _reuse(scan: TreeScan, old: TreeScan, key: EntryKey, entry: LayerEntry | ImageEntry | None,
-           problem: Problem | None) -> None:
-    if key in old.sigs:
-        scan.sigs[key] = old.sigs[key]
-    if isinstance(entry, LayerEntry):
-        scan.layers[entry.id] = entry
-    elif isinstance(entry, ImageEntry):
-        scan.images[entry.id] = entry
-    elif problem is not None:
-        scan.problems.append(problem)
 
 
 def scan_tree(root: str) -> TreeScan:
@@ -438,7 +498,7 @@ class SharedTree:
     def _sweep(self) -> set[EntryKey]:
         """Re-stat the record files of broken entries (all) and known ones (a slice per poll)."""
         scan = self.scan
-        problems = [(p.kind, p.id) for p in scan.problems]
+        problems = list(scan.broken)
         known = list(scan.sigs)
         budget = max(0, SWEEP_BUDGET - len(problems))
         if len(known) <= budget:
