@@ -48,7 +48,9 @@ def make_layout(name: str, cfg: MountConfig) -> Layout:
     assert cfg.rw is not None
     if name == "isulad":
         layout = IsuladLayout(cfg.ro, cfg.rw)
-        layout.refresh()
+        for root in layout.load(cfg.timeout):
+            log.error("shared tree %s did not answer within %g s: mounting with it empty; its images show "
+                      "once it answers", root, cfg.timeout)
         return layout
     if name == "plain":
         return PlainLayout(cfg.ro)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -42,6 +43,10 @@ DEFAULT_POLL_INTERVAL = 0.5
 COALESCE_SECONDS = 0.005
 #: A local share's poller, woken by inotify, waits this long for the rest of a publish.
 KICK_DEBOUNCE = 0.01
+#: A watcher task that failed unexpectedly starts again after this pause.
+RESTART_DELAY = 1.0
+#: Attempts at telling the kernel about one batch of changes before giving up on it.
+APPLY_ATTEMPTS = 3
 
 
 class WatchedLayout(Protocol):
@@ -88,6 +93,7 @@ class Watcher:
         self.share_inotify = share_inotify
         self.inotify: Inotify | None = None
         self.changes_applied = 0
+        self.failures = 0
         self.last_change: ChangeRecord | None = None
         self._pending = _Pending()
         self._commit_wanted = trio.Event()
@@ -119,13 +125,24 @@ class Watcher:
         self._rw_dirs[wd] = node
 
     async def run(self) -> None:
-        """Run until cancelled."""
+        """Run until cancelled. A failing loop is logged and restarted, never allowed to end the
+        nursery it shares with the FUSE loop (that would unmount)."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._commit_loop)
+            nursery.start_soon(self._guarded, "commit", self._commit_loop)
             if self.inotify is not None:
-                nursery.start_soon(self._inotify_loop)
+                nursery.start_soon(self._guarded, "inotify", self._inotify_loop)
             for tree in range(len(self.layout.trees)):
-                nursery.start_soon(self._tree_loop, tree)
+                nursery.start_soon(self._guarded, f"poll {self.layout.trees[tree]}", self._tree_loop, tree)
+
+    async def _guarded(self, what: str, loop: Callable[..., Awaitable[None]], *args: object) -> None:
+        while True:
+            try:
+                await loop(*args)
+                return
+            except Exception:
+                log.exception("watcher task %s failed; restarting it in %g s", what, RESTART_DELAY)
+                self.failures += 1
+                await trio.sleep(RESTART_DELAY)
 
     def close(self) -> None:
         if self.inotify is not None:
@@ -195,8 +212,12 @@ class Watcher:
             self.bump()  # lookups racing with the catalog swap get short cache times
             try:
                 changes = await self.workers.run(self.layout.commit, pending.changes)
-            except BackingTimeout as e:
-                log.warning("rebuilding the catalog: %s", e.strerror)
+            except Exception as e:
+                # keep what was found so the next attempt applies it (a commit is idempotent)
+                log.error("rebuilding the catalog failed (%s); retrying in %g s", e, RESTART_DELAY)
+                for tree, change in pending.changes.items():
+                    self._add_pending(tree, change, since)
+                await trio.sleep(RESTART_DELAY)
                 continue
             self.bump()
             await self._apply("share", changes, since)
@@ -204,7 +225,17 @@ class Watcher:
     async def _apply(self, source: str, changes: list[ViewChange], since: float) -> None:
         if not changes:
             return
-        notified = await self.kernel.apply(changes)
+        for attempt in range(APPLY_ATTEMPTS):
+            try:
+                notified = await self.kernel.apply(changes)
+                break
+            except Exception as e:
+                log.error("telling the kernel about %d changed names failed (%s)%s", len(changes), e,
+                          "; retrying" if attempt + 1 < APPLY_ATTEMPTS else "; giving up")
+                await trio.sleep(RESTART_DELAY)
+        else:
+            self.failures += 1
+            return
         latency = (time.monotonic() - since) * 1000
         self.changes_applied += 1
         self.last_change = ChangeRecord(time.time(), source, len(changes), notified, latency)
@@ -292,6 +323,7 @@ class Watcher:
             "generation": self.view.generation,
             "poll_interval": self.interval,
             "changes_applied": self.changes_applied,
+            "failures": self.failures,
             "kernel_notifications": self.kernel.notified,
             "inotify_watches": len(self._rw_dirs) + len(self._ro_dirs),
             "local_shared_trees": sorted(self.layout.trees[t] for t in self._local_trees),

@@ -26,6 +26,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -282,6 +284,19 @@ class IsuladLayout:
         self.commit({})
         return self.catalog
 
+    def load(self, timeout: float) -> list[str]:
+        """The first scan, each tree in its own thread: a tree that does not answer within
+        ``timeout`` (a hung share) starts out empty instead of holding up the mount; its scan,
+        once it completes, is committed by the watcher. Returns the roots of such trees."""
+        threads = [threading.Thread(target=t.poll, kwargs={"full": True}, daemon=True) for t in self.shared]
+        for th in threads:
+            th.start()
+        deadline = time.monotonic() + timeout
+        for th in threads:
+            th.join(max(0.0, deadline - time.monotonic()))
+        self.commit({})
+        return [t.root for t, th in zip(self.shared, threads, strict=True) if th.is_alive()]
+
     def poll_tree(self, tree: int) -> TreeChange | None:
         """Look for changes in one tree; None when there are none (see SharedTree.poll)."""
         return self.shared[tree].poll()
@@ -289,7 +304,10 @@ class IsuladLayout:
     def commit(self, changes: dict[int, TreeChange]) -> list[ViewChange]:
         """Rebuild the catalog from every tree's current scan; return the view names that changed."""
         old = self.catalog
+        versions = [t.version for t in self.shared]  # read before the scans: a newer scan commits again
         new = build_catalog([t.scan for t in self.shared], local_layer_ids(self.rw_root), old)
+        for tree, version in zip(self.shared, versions, strict=True):
+            tree.committed_version = version
         self.catalog = new
         touched = {(ti, key) for ti, ch in changes.items() for key in ch.touched}
         out = diff_catalogs(old, new, touched)

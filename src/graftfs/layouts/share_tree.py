@@ -419,6 +419,8 @@ class SharedTree:
         self.unavailable_since: float | None = None
         self.unavailable_reason = ""
         self.polls = 0
+        self.version = 0  # bumped whenever ``scan`` is replaced
+        self.committed_version = 0  # the version the layout's catalog was last built from
         self.lock = threading.Lock()
         self._probe: dict[str, Sig | None] = {}
         self._hot: set[str] = set()
@@ -464,6 +466,8 @@ class SharedTree:
         change = None
         if dirty or touched:
             change = self._rescan(dirty, touched, full)
+        elif self.version != self.committed_version:
+            change = TreeChange()  # scanned by a poll whose result was never committed (a slow start)
         self._probe = probe
         self._hot = {d for d, sig in probe.items() if sig is not None and now - sig[2] < HOT_WINDOW_NS}
         self.had_managed = self.had_managed or has_managed
@@ -480,6 +484,7 @@ class SharedTree:
         if "" in dirty:
             change.top_names = self._read_top()
         self.scan = new
+        self.version += 1
         return change
 
     def _read_top(self) -> set[str]:
