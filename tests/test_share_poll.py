@@ -182,3 +182,29 @@ def test_incremental_catalog_equals_a_full_build(demo: tuple[IsuladLayout, str, 
     assert inc.layers == full.layers and inc.images == full.images and inc.shorts == full.shorts
     assert sorted(map(str, inc.problems)) == sorted(map(str, full.problems))
     assert [sorted(x) for x in inc.layers_by_tree] == [sorted(x) for x in full.layers_by_tree]
+
+
+def test_slow_tree_at_start_does_not_hold_up_the_mount(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    slow, fast = str(tmp_path / "slow"), str(tmp_path / "fast")
+    slow_image = publish_sample_image(slow, "slow:1", chain("slow", 1))
+    fast_image = publish_sample_image(fast, "fast:1", chain("fast", 1))
+    layout = IsuladLayout([slow, fast], str(tmp_path / "rw"))
+    real_poll = SharedTree._poll
+
+    def hanging(self: SharedTree, full: bool) -> object:
+        if self.root == slow:
+            time.sleep(1.0)  # a share that answers late
+        return real_poll(self, full)
+
+    monkeypatch.setattr(SharedTree, "_poll", hanging)
+    started = time.monotonic()
+    assert layout.load(timeout=0.2) == [slow]
+    assert time.monotonic() - started < 0.9
+    assert fast_image in layout.catalog.images and slow_image not in layout.catalog.images
+    assert layout.poll_tree(0) is None  # the first scan still runs: polls skip
+    time.sleep(1.0)
+    change = layout.poll_tree(0)
+    assert change is not None  # its late scan was never committed: the watcher is told
+    changes = layout.commit({0: change})
+    assert slow_image in layout.catalog.images
+    assert ViewChange(("overlay-images",), slow_image, deep=True) in changes
