@@ -14,7 +14,7 @@ import pytest
 
 from graftfs.layouts import ViewChange
 from graftfs.layouts.isulad import IsuladLayout
-from graftfs.layouts.share_tree import HOT_WINDOW_NS, SharedTree
+from graftfs.layouts.share_tree import SharedTree
 from graftfs.sample import build_demo, chain, digest, publish_sample_image, short_name, write_image
 
 
@@ -33,8 +33,7 @@ def poll(layout: IsuladLayout) -> list[ViewChange]:
 
 
 def settle(layout: IsuladLayout) -> None:
-    """Let the hot window of recent directory changes pass, so later polls see only new changes."""
-    time.sleep(HOT_WINDOW_NS / 1e9 + 0.05)
+    """Take the extra listing that follows a change, so later polls see only new changes."""
     poll(layout)
 
 

@@ -73,6 +73,8 @@ class KernelCache:
         now = await self.workers.run(self._resolve_all, [(*ch.parent, ch.name) for _, ch in items])
         notices = [n for (parent, ch), attr in zip(items, now, strict=True) for n in self._decide(parent, ch, attr)]
         if notices:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("notifying the kernel: %s", notices[:10])
             with trio.move_on_after(NOTIFY_TIME_LIMIT) as scope:
                 await trio.to_thread.run_sync(_notify_all, notices, abandon_on_cancel=True, limiter=self._limiter)
             if scope.cancelled_caught:

@@ -204,9 +204,6 @@ EntryKey = tuple[str, str]
 #: Directories (relative to the tree root) whose mtime changes when an entry appears or vanishes.
 PROBE_DIRS = ("", OVERLAY, f"{OVERLAY}/{REMOTE_RO_DIR}", LAYERS, f"{LAYERS}/{REMOTE_RO_DIR}",
               IMAGES, f"{IMAGES}/{REMOTE_RO_DIR}")
-#: A directory modified this recently is listed again at the next poll as well: a second change
-#: within the filesystem's timestamp granularity would not move its mtime.
-HOT_WINDOW_NS = 2_000_000_000
 #: Known entries whose record files are re-checked per poll (all of them on small shares).
 SWEEP_BUDGET = 128
 
@@ -445,7 +442,6 @@ class SharedTree:
             self.lock.release()
 
     def _poll(self, full: bool) -> TreeChange | None:
-        now = time.time_ns()
         probe = {d: _sig(fresh_stat(os.path.join(self.root, d) if d else self.root)) for d in PROBE_DIRS}
         if probe[""] is None:
             self._set_unavailable("the directory is missing")
@@ -461,7 +457,10 @@ class SharedTree:
             self._set_unavailable("overlay/, overlay-layers/ and overlay-images/ all vanished")
             return None
         full = full or not self.available
-        dirty = {d for d, sig in probe.items() if full or sig != self._probe.get(d) or d in self._hot}
+        changed = {d for d, sig in probe.items() if full or sig != self._probe.get(d)}
+        # a directory that changed is listed once more at the next poll: a second change within
+        # the same timestamp tick as the first (after our listing) would not move its mtime again
+        dirty = changed | self._hot
         touched = self._sweep()
         change = None
         if dirty or touched:
@@ -469,7 +468,7 @@ class SharedTree:
         elif self.version != self.committed_version:
             change = TreeChange()  # scanned by a poll whose result was never committed (a slow start)
         self._probe = probe
-        self._hot = {d for d, sig in probe.items() if sig is not None and now - sig[2] < HOT_WINDOW_NS}
+        self._hot = changed
         self.had_managed = self.had_managed or has_managed
         self._set_available()
         return change
