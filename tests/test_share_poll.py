@@ -28,8 +28,12 @@ def demo(tmp_path: Path) -> tuple[IsuladLayout, str, object]:
 
 
 def poll(layout: IsuladLayout) -> list[ViewChange]:
-    change = layout.poll_tree(0)
-    return layout.commit({0: change}) if change is not None else []
+    """One poll of every tree, committed and acknowledged as the watcher does."""
+    if not any([layout.poll_tree(t) for t in range(len(layout.trees))]):
+        return []
+    seq, changes = layout.commit()
+    layout.ack(seq)
+    return changes
 
 
 def settle(layout: IsuladLayout) -> None:
@@ -40,7 +44,7 @@ def settle(layout: IsuladLayout) -> None:
 def test_quiet_share_gives_no_changes(demo: tuple[IsuladLayout, str, object]) -> None:
     layout, _, _ = demo
     settle(layout)
-    assert layout.poll_tree(0) is None
+    assert layout.poll_tree(0) is False
     assert poll(layout) == []
 
 
@@ -77,7 +81,9 @@ def test_rewritten_record_is_touched_by_the_sweep(demo: tuple[IsuladLayout, str,
     assert layout.catalog.images[ids.image_app][1].names == ("renamed:1",)  # type: ignore[attr-defined]
 
 
-def test_entry_moved_out_while_checked_is_judged_again(tmp_path: Path) -> None:
+def test_entry_moved_out_while_checked_is_judged_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import graftfs.layouts.share_tree as st
+
     share = str(tmp_path / "s")
     base = chain("b", 1)
     publish_sample_image(share, "b:1", base)
@@ -85,12 +91,29 @@ def test_entry_moved_out_while_checked_is_judged_again(tmp_path: Path) -> None:
     tree.poll(full=True)
     iid = digest("image:x:1")
     write_image(share, iid, base[0].id, ["x:1"])
-    os.unlink(os.path.join(share, "overlay-images", iid, "images.json"))  # half-written
+    entry, parked = os.path.join(share, "overlay-images", iid), str(tmp_path / "parked")
+    real_check = st._check_image
+
+    def moved_away_meanwhile(image_id: str, record_dir: str) -> object:
+        os.rename(entry, parked)  # a gc (or a publisher undoing) moves it out between listing and reading
+        return real_check(image_id, record_dir)
+
+    monkeypatch.setattr(st, "_check_image", moved_away_meanwhile)
     tree.poll()
-    assert [p.id for p in tree.scan.problems] == [iid]
-    write_image(share, iid, base[0].id, ["x:1"])
+    monkeypatch.setattr(st, "_check_image", real_check)
+    assert iid not in tree.scan.images and not tree.scan.problems  # gone, not "broken"
+    os.rename(parked, entry)
     tree.poll()
     assert iid in tree.scan.images and not tree.scan.problems
+    # a half-written entry that stays is a problem, and shows once completed
+    half = digest("image:half:1")
+    write_image(share, half, base[0].id, ["half:1"])
+    os.unlink(os.path.join(share, "overlay-images", half, "images.json"))
+    tree.poll()
+    assert [p.id for p in tree.scan.problems] == [half]
+    write_image(share, half, base[0].id, ["half:1"])
+    tree.poll()
+    assert half in tree.scan.images and not tree.scan.problems
 
 
 def test_missing_marker_means_unavailable_not_empty(demo: tuple[IsuladLayout, str, object]) -> None:
@@ -142,6 +165,28 @@ def test_empty_share_is_a_share_with_no_images(tmp_path: Path) -> None:
     assert image in layout.catalog.images
 
 
+def test_sweep_reaches_good_records_past_many_broken_entries(tmp_path: Path) -> None:
+    from graftfs.sample import SampleLayer, write_layer
+
+    share = str(tmp_path / "crashed")
+    base = chain("ok", 1)
+    good = publish_sample_image(share, "ok:1", base)
+    for i in range(300):  # half-written layers left behind by crashed publishers
+        write_layer(share, SampleLayer(digest(f"layer:crashed:{i}"), None, {}), with_link=False)
+    layout = IsuladLayout([share], str(tmp_path / "rw"))
+    layout.refresh()
+    poll(layout)
+    assert len(layout.catalog.problems) == 300
+    record = Path(share, "overlay-images", good, "images.json")
+    record.write_text(json.dumps({**json.loads(record.read_text()), "names": ["ok:2"]}))
+    late = digest("layer:crashed:299")
+    Path(share, "overlay", late, "link").write_text(short_name(late))
+    for _ in range(10):
+        poll(layout)
+    assert layout.catalog.images[good][1].names == ("ok:2",)
+    assert late in layout.catalog.layers
+
+
 def test_sweep_is_bounded_per_poll(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import graftfs.layouts.share_tree as st
 
@@ -163,7 +208,6 @@ def test_sweep_is_bounded_per_poll(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_incremental_catalog_equals_a_full_build(demo: tuple[IsuladLayout, str, object]) -> None:
-    from graftfs.layouts.isulad import build_catalog, local_layer_ids
     from graftfs.sample import SampleLayer, write_layer
 
     layout, share, ids = demo
@@ -176,11 +220,53 @@ def test_incremental_catalog_equals_a_full_build(demo: tuple[IsuladLayout, str, 
     changes = poll(layout)
     assert child in layout.catalog.layers and digest("image:early") in layout.catalog.images
     assert ViewChange(("overlay",), child) in changes
+    assert_same_as_full_build(layout)
+
+
+def assert_same_as_full_build(layout: IsuladLayout) -> None:
+    from graftfs.layouts.isulad import build_catalog, local_layer_ids
+
     full = build_catalog([t.scan for t in layout.shared], local_layer_ids(layout.rw_root))
     inc = layout.catalog
     assert inc.layers == full.layers and inc.images == full.images and inc.shorts == full.shorts
     assert sorted(map(str, inc.problems)) == sorted(map(str, full.problems))
     assert [sorted(x) for x in inc.layers_by_tree] == [sorted(x) for x in full.layers_by_tree]
+
+
+def test_incremental_catalog_over_two_trees_in_any_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import random
+
+    import graftfs.layouts.isulad as isulad
+    from graftfs.sample import SampleLayer, write_layer
+
+    trees = [str(tmp_path / "t0"), str(tmp_path / "t1")]
+    for t in trees:
+        os.makedirs(t)
+    layout = IsuladLayout(trees, str(tmp_path / "rw"))
+    layout.refresh()
+    incremental: list[bool] = []
+    real_add = isulad._add_layers
+    monkeypatch.setattr(isulad, "_add_layers", lambda *a: incremental.append(real_add(*a)) or incremental[-1])
+    # a layer waiting for its parent in tree 0 turns up in tree 1 too: tree 0's copy still wins
+    waiting, missing = digest("layer:waiting"), digest("layer:missing-parent")
+    write_layer(trees[0], SampleLayer(waiting, missing, {}))
+    poll(layout)
+    write_layer(trees[1], SampleLayer(waiting, missing, {}))
+    poll(layout)
+    assert_same_as_full_build(layout)
+    write_layer(trees[1], SampleLayer(missing, None, {}))
+    poll(layout)
+    assert layout.catalog.layers[waiting][0] == 0
+    assert_same_as_full_build(layout)
+    ids = [digest(f"layer:r{i}") for i in range(12)]
+    steps = [(t, i) for i in range(12) for t in (0, 1) if (i + t) % 3]  # some ids in both trees
+    random.Random(7).shuffle(steps)
+    for tree, i in steps:
+        parent = ids[i - 1] if i else None  # one chain, published out of order across two trees
+        write_layer(trees[tree], SampleLayer(ids[i], parent, {f"f{tree}": b"x"}))
+        poll(layout)
+        assert_same_as_full_build(layout)
+    assert True in incremental and False in incremental  # both paths were exercised
 
 
 def test_slow_tree_at_start_does_not_hold_up_the_mount(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -200,10 +286,9 @@ def test_slow_tree_at_start_does_not_hold_up_the_mount(tmp_path: Path, monkeypat
     assert layout.load(timeout=0.2) == [slow]
     assert time.monotonic() - started < 0.9
     assert fast_image in layout.catalog.images and slow_image not in layout.catalog.images
-    assert layout.poll_tree(0) is None  # the first scan still runs: polls skip
+    assert layout.poll_tree(0) is False  # the first scan still runs: polls skip
     time.sleep(1.0)
-    change = layout.poll_tree(0)
-    assert change is not None  # its late scan was never committed: the watcher is told
-    changes = layout.commit({0: change})
+    assert layout.poll_tree(0) is True  # its late scan was never committed: the watcher is told
+    changes = poll(layout)
     assert slow_image in layout.catalog.images
     assert ViewChange(("overlay-images",), slow_image, deep=True) in changes

@@ -48,8 +48,8 @@ def test_kernel_caches_are_long(graft: GraftMount) -> None:
     st = graft.status()
     assert st["cache_timeout"] >= 60  # warm lookups never reach Python
     watcher = st["watcher"]
-    assert isinstance(watcher, dict) and watcher["poll_interval"] == 0.5
-    assert graft.status()["watcher"]["generation"] >= 0  # type: ignore[index]
+    assert isinstance(watcher, dict) and watcher["poll_interval"] == 0.5 and watcher["failures"] == 0
+    assert watcher["local_shared_trees"] and watcher["inotify_watches"] >= 1
 
 
 def test_published_image_appears_and_negative_lookup_turns_positive(graft: GraftMount, sample: Sample) -> None:
@@ -99,6 +99,18 @@ def test_incomplete_layer_shows_once_its_link_is_written(graft: GraftMount, samp
     assert sh("cat", graft.path("overlay", "l", short_name(ids.broken), "half", "written")).stdout == "x"
 
 
+def test_polled_share_without_inotify(sample: Sample, mount_factory: MountFactory) -> None:
+    """What a network share gets: no inotify wake-ups, only polls (here every 0.2 s)."""
+    graft = mount_factory(sample.rw, [sample.share_ro], "-o", "share_inotify=0,poll=0.2")
+    assert graft.status()["watcher"]["local_shared_trees"] == []  # type: ignore[index]
+    image_id = digest("image:polled:1")
+    assert not visible(graft.path("overlay-images", image_id))
+    publish_sample_image(sample.share, "polled:1", chain("polled", 2, parent=sample.ids.base))
+    seen_within(lambda: visible(graft.path("overlay-images", image_id)), 0.2 + FRESH, "the polled image")
+    shutil.rmtree(os.path.join(sample.share, "overlay-images", image_id))
+    seen_within(lambda: not visible(graft.path("overlay-images", image_id)), 0.2 + FRESH, "its removal")
+
+
 def test_record_rewritten_in_share_is_seen_by_cat_and_stat(graft: GraftMount, sample: Sample) -> None:
     rel = ("overlay-images", sample.ids.image_app, "images.json")
     on_mount, in_share = graft.path(*rel), os.path.join(sample.share, *rel)
@@ -129,14 +141,22 @@ def test_rw_changes_behind_the_mount_are_seen(graft: GraftMount, sample: Sample)
     Path(sample.rw, "notes.txt").write_text("one\ntwo\n")
     seen_within(lambda: sh("cat", name).stdout == "one\ntwo\n", FRESH, "the file's new content")
     # a directory made behind the mount, with a file written before graftfs could watch it
+    assert not visible(graft.path("made"))
     os.makedirs(os.path.join(sample.rw, "made", "later"))
     Path(sample.rw, "made", "later", "f").write_text("f\n")
     seen_within(lambda: sh("cat", graft.path("made", "later", "f")).stdout == "f\n", FRESH, "a new subtree")
+    # mkdir -p below shared directories the kernel already caches, down to a cached negative name
+    deep = ("overlay", sample.ids.base, "diff", "etc", "newdir", "newfile")
+    assert visible(graft.path(*deep[:4])) and not visible(graft.path(*deep))
+    assert not visible(graft.path(*deep[:5]))
+    os.makedirs(os.path.join(sample.rw, *deep[:5]))
+    Path(sample.rw, *deep).write_text("deep\n")
+    seen_within(lambda: sh("cat", graft.path(*deep)).stdout == "deep\n", FRESH, "a file below a new RW path")
     os.unlink(os.path.join(sample.rw, "notes.txt"))
     seen_within(lambda: not visible(name), FRESH, "the removed file to vanish")
     # an RW file shadowing a shared one is removed behind the mount: the shared one shows again
     shared = ("overlay", sample.ids.base, "diff", "etc", "os-release")
-    os.makedirs(os.path.join(sample.rw, *shared[:-1]))
+    assert sh("cat", graft.path(*shared)).stdout == "NAME=demo\n"  # cached: the shared file
     Path(sample.rw, *shared).write_text("NAME=local\n")
     seen_within(lambda: sh("cat", graft.path(*shared)).stdout == "NAME=local\n", FRESH, "the RW copy")
     os.unlink(os.path.join(sample.rw, *shared))

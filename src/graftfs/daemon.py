@@ -140,6 +140,7 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
                           workers, cfg.poll, cfg.share_inotify)
         watcher.open()
         ops.on_rw_dir = watcher.watch_rw_dir
+        ops.on_dir_forgotten = watcher.forget_rw_dir
     try:
         pyfuse3.init(ops, cfg.mountpoint, cfg.fuse_option_set())
     except RuntimeError as e:

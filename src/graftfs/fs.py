@@ -84,6 +84,8 @@ class GraftOperations(pyfuse3.Operations):
         #: Called with (node, RW path) for each directory with an RW part the kernel learns of,
         #: so the watcher can see changes made there behind the mount's back.
         self.on_rw_dir: Callable[[Node, str], None] = lambda node, path: None
+        #: Called for a watched directory the kernel forgot (nothing below it is cached any more).
+        self.on_dir_forgotten: Callable[[Node], None] = lambda node: None
         self._files: dict[int, tuple[Node, bool]] = {}  # fd -> (node, fd is on the RW tree)
         self._dirs: dict[int, DirHandle] = {}
         self._next_dir_fh = 1
@@ -179,7 +181,9 @@ class GraftOperations(pyfuse3.Operations):
     @fuse_boundary
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
-            self.inodes.forget(ino, count)
+            node = self.inodes.forget(ino, count)
+            if node is not None and node.lookups == 0 and node.wd:
+                self.on_dir_forgotten(node)
 
     @fuse_boundary
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -251,37 +255,42 @@ class GraftOperations(pyfuse3.Operations):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
                     ) -> pyfuse3.EntryAttributes:
         parent, sname, vpath = self._child_path(parent_inode, name)
-        res = await self.workers.run(self.ns.mkdir, vpath, mode, ctx.uid, ctx.gid)
-        return self._new_entry(parent, sname, res)
+        with self.inodes.busy((parent, sname)):
+            res = await self.workers.run(self.ns.mkdir, vpath, mode, ctx.uid, ctx.gid)
+            return self._new_entry(parent, sname, res)
 
     @fuse_boundary
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent, sname, vpath = self._child_path(parent_inode, name)
-        res = await self.workers.run(self.ns.mknod, vpath, mode, rdev, ctx.uid, ctx.gid)
-        return self._new_entry(parent, sname, res)
+        with self.inodes.busy((parent, sname)):
+            res = await self.workers.run(self.ns.mknod, vpath, mode, rdev, ctx.uid, ctx.gid)
+            return self._new_entry(parent, sname, res)
 
     @fuse_boundary
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent, sname, vpath = self._child_path(parent_inode, name)
-        res = await self.workers.run(self.ns.symlink, vpath, os.fsdecode(target), ctx.uid, ctx.gid)
-        return self._new_entry(parent, sname, res)
+        with self.inodes.busy((parent, sname)):
+            res = await self.workers.run(self.ns.symlink, vpath, os.fsdecode(target), ctx.uid, ctx.gid)
+            return self._new_entry(parent, sname, res)
 
     @fuse_boundary
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         src = self._path(inode)
         parent, sname, vpath = self._child_path(new_parent_inode, new_name)
-        res = await self.workers.run(self.ns.link, src, vpath)
-        return self._new_entry(parent, sname, res)
+        with self.inodes.busy((parent, sname)):
+            res = await self.workers.run(self.ns.link, src, vpath)
+            return self._new_entry(parent, sname, res)
 
     @fuse_boundary
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent, sname, vpath = self._child_path(parent_inode, name)
-        fd, res = await self.workers.run(self.ns.create, vpath, mode, flags, ctx.uid, ctx.gid)
-        entry = self._new_entry(parent, sname, res)
+        with self.inodes.busy((parent, sname)):
+            fd, res = await self.workers.run(self.ns.create, vpath, mode, flags, ctx.uid, ctx.gid)
+            entry = self._new_entry(parent, sname, res)
         node = self.inodes.child(parent, sname)
         node.open_fds.add(fd)
         self._files[fd] = (node, True)
@@ -290,25 +299,28 @@ class GraftOperations(pyfuse3.Operations):
     @fuse_boundary
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent, sname, vpath = self._child_path(parent_inode, name)
-        await self.workers.run(self.ns.unlink, vpath)
-        self.inodes.detach(parent, sname)
+        with self.inodes.busy((parent, sname)):
+            await self.workers.run(self.ns.unlink, vpath)
+            self.inodes.detach(parent, sname)
 
     @fuse_boundary
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent, sname, vpath = self._child_path(parent_inode, name)
-        await self.workers.run(self.ns.rmdir, vpath)
-        self.inodes.detach(parent, sname)
+        with self.inodes.busy((parent, sname)):
+            await self.workers.run(self.ns.rmdir, vpath)
+            self.inodes.detach(parent, sname)
 
     @fuse_boundary
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
         old_parent, old_name, src = self._child_path(parent_inode_old, name_old)
         new_parent, new_name, dst = self._child_path(parent_inode_new, name_new)
-        await self.workers.run(self.ns.rename, src, dst, flags)
-        if flags & RENAME_EXCHANGE:
-            self.inodes.exchange(old_parent, old_name, new_parent, new_name)
-        else:
-            self.inodes.move(old_parent, old_name, new_parent, new_name)
+        with self.inodes.busy((old_parent, old_name), (new_parent, new_name)):
+            await self.workers.run(self.ns.rename, src, dst, flags)
+            if flags & RENAME_EXCHANGE:
+                self.inodes.exchange(old_parent, old_name, new_parent, new_name)
+            else:
+                self.inodes.move(old_parent, old_name, new_parent, new_name)
 
     # -- files ------------------------------------------------------------------------------
 

@@ -12,6 +12,8 @@ Only the trio thread touches this table, so it needs no locking.
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -37,6 +39,7 @@ class InodeTable:
         self.root = Node(pyfuse3.ROOT_INODE, "", None, lookups=1)
         self._by_ino: dict[int, Node] = {self.root.ino: self.root}
         self._next = pyfuse3.ROOT_INODE + 1
+        self._busy: dict[tuple[int, str], int] = {}  # (parent ino, name) -> requests changing it
 
     def __len__(self) -> int:
         return len(self._by_ino)
@@ -56,6 +59,27 @@ class InodeTable:
             # the entry, or a directory above it, was removed from the view
             raise FileNotFoundError(errno.ENOENT, f"inode {ino} was removed from the view")
         return tuple(reversed(parts))
+
+    @contextmanager
+    def busy(self, *names: tuple[Node, str]) -> Iterator[None]:
+        """Mark names that a request through the mount is changing, from before its backing
+        operation until the table follows it: the watcher then leaves them alone (the events
+        it sees for them are the request's own, and the table is briefly behind the disk)."""
+        keys = [(parent.ino, name) for parent, name in names]
+        for key in keys:
+            self._busy[key] = self._busy.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            for key in keys:
+                left = self._busy[key] - 1
+                if left:
+                    self._busy[key] = left
+                else:
+                    del self._busy[key]
+
+    def is_busy(self, parent: Node, name: str) -> bool:
+        return (parent.ino, name) in self._busy
 
     def find(self, vpath: VPath) -> Node | None:
         """The node at a view path if the kernel was ever told of it (never creates one)."""
@@ -79,12 +103,14 @@ class InodeTable:
             self._by_ino[node.ino] = node
         return node
 
-    def forget(self, ino: int, count: int) -> None:
+    def forget(self, ino: int, count: int) -> Node | None:
+        """The kernel dropped ``count`` references; returns the node (None if unknown)."""
         node = self._by_ino.get(ino)
         if node is None:
-            return
+            return None
         node.lookups = max(0, node.lookups - count)
         self._maybe_drop(node)
+        return node
 
     def _maybe_drop(self, node: Node) -> None:
         if node.detached and node.lookups == 0 and not node.open_fds and not node.children:

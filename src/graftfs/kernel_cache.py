@@ -32,6 +32,7 @@ import pyfuse3
 import trio
 
 from graftfs.attrs import Attr
+from graftfs.errors import BackingTimeout
 from graftfs.inodes import InodeTable, Node
 from graftfs.layouts import ViewChange
 from graftfs.namespace import Namespace
@@ -63,15 +64,23 @@ class KernelCache:
 
     async def apply(self, changes: Iterable[ViewChange]) -> int:
         """Bring the kernel's caches in line for these names; return the notifications sent."""
-        items: list[tuple[Node, ViewChange]] = []
+        items: list[tuple[Node, ViewChange, Node | None]] = []
         for ch in dict.fromkeys(changes):
             parent = self.inodes.find(ch.parent)
-            if parent is not None and not parent.detached:
-                items.append((parent, ch))  # the kernel can cache nothing below an unknown directory
+            if parent is not None and not parent.detached and not self.inodes.is_busy(parent, ch.name):
+                # (nothing is cached below an unknown directory; busy names are a request's own)
+                items.append((parent, ch, parent.children.get(ch.name)))
         if not items:
             return 0
-        now = await self.workers.run(self._resolve_all, [(*ch.parent, ch.name) for _, ch in items])
-        notices = [n for (parent, ch), attr in zip(items, now, strict=True) for n in self._decide(parent, ch, attr)]
+        try:
+            now = await self.workers.run(self._resolve_all, [(*ch.parent, ch.name) for _, ch, _ in items])
+        except BackingTimeout as e:
+            # a backing tree hangs: notify without knowing, where that is harmless (see _decide)
+            log.warning("re-resolving %d changed names: %s; dropping their cached entries unseen", len(items),
+                        e.strerror)
+            now = [_UNKNOWN] * len(items)
+        notices = [n for (parent, ch, before), attr in zip(items, now, strict=True)
+                   for n in self._decide(parent, ch, before, attr)]
         if notices:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("notifying the kernel: %s", notices[:10])
@@ -91,16 +100,23 @@ class KernelCache:
                 out.append(self.ns.resolve(vpath).attr)
             except (FileNotFoundError, NotADirectoryError):
                 out.append(None)
-            except OSError as e:  # e.g. an unavailable share: leave the kernel's view as it is
+            except OSError as e:  # e.g. an unavailable share
                 log.debug("cannot re-resolve %s: %s", "/".join(vpath), e)
                 out.append(_UNKNOWN)
         return out
 
-    def _decide(self, parent: Node, ch: ViewChange, now: Attr | None) -> list[Notice]:
-        """The notifications for one name (trio thread: it updates the inode table)."""
-        if now is _UNKNOWN:
-            return []
+    def _decide(self, parent: Node, ch: ViewChange, before: Node | None, now: Attr | None) -> list[Notice]:
+        """The notifications for one name (trio thread: it updates the inode table).
+
+        ``before`` is the node the name had when the change was picked up: if a request through
+        the mount replaced it meanwhile (a rename, a create), the kernel already knows best and
+        the possibly older resolution is not acted on.
+        """
         node = parent.children.get(ch.name)
+        if node is not before or self.inodes.is_busy(parent, ch.name):
+            return []
+        if now is _UNKNOWN:
+            return self._unseen(parent, ch, node)
         if node is None or node.detached:
             # the kernel holds no positive entry; a negative one is stale only if the name exists now
             return [Notice(parent.ino, ch.name)] if now is not None else []
@@ -115,6 +131,17 @@ class KernelCache:
             keep_pages = now.is_dir or bool(node.open_fds)
             notices.append(Notice(node.ino, attr_only=keep_pages))
         return notices
+
+    @staticmethod
+    def _unseen(parent: Node, ch: ViewChange, node: Node | None) -> list[Notice]:
+        """Notifications for a name whose current state cannot be read (a hung or unavailable
+        tree): drop what may be stale without changing the inode table. A directory's entry is
+        kept (dropping it would detach mounts below it); its attributes are refreshed."""
+        if node is None or node.detached:
+            return [Notice(parent.ino, ch.name)]
+        if node.sig is not None and stat.S_ISDIR(node.sig[0]):
+            return [Notice(node.ino, attr_only=True)]
+        return [Notice(parent.ino, ch.name), Notice(node.ino, attr_only=bool(node.open_fds))]
 
 
 #: Marks a name that could not be re-resolved (its tree is unreachable).

@@ -19,11 +19,13 @@ while the change was applied is cached only briefly.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import trio
@@ -33,7 +35,7 @@ from graftfs.inodes import InodeTable, Node
 from graftfs.inotify import IN_IGNORED, IN_ISDIR, Event, Inotify, is_local_fs
 from graftfs.kernel_cache import KernelCache
 from graftfs.layouts import ViewChange
-from graftfs.layouts.share_tree import PROBE_DIRS, TreeChange
+from graftfs.layouts.share_tree import PROBE_DIRS
 from graftfs.workers import Workers
 
 log = logging.getLogger(__name__)
@@ -52,8 +54,9 @@ APPLY_ATTEMPTS = 3
 class WatchedLayout(Protocol):
     trees: list[str]
 
-    def poll_tree(self, tree: int) -> TreeChange | None: ...
-    def commit(self, changes: dict[int, TreeChange]) -> list[ViewChange]: ...
+    def poll_tree(self, tree: int) -> bool: ...
+    def commit(self) -> tuple[int, list[ViewChange]]: ...
+    def ack(self, seq: int) -> None: ...
 
 
 class Generation(Protocol):
@@ -75,12 +78,6 @@ class ChangeRecord:
                 "latency_ms": round(self.latency_ms, 1)}
 
 
-@dataclass
-class _Pending:
-    changes: dict[int, TreeChange] = field(default_factory=dict)
-    since: float | None = None  # monotonic time of the first poll that found one of them
-
-
 class Watcher:
     def __init__(self, layout: WatchedLayout, inodes: InodeTable, kernel: KernelCache, view: Generation,
                  workers: Workers, interval: float = DEFAULT_POLL_INTERVAL, share_inotify: bool = True) -> None:
@@ -95,12 +92,13 @@ class Watcher:
         self.changes_applied = 0
         self.failures = 0
         self.last_change: ChangeRecord | None = None
-        self._pending = _Pending()
+        self._pending_since: float | None = None  # monotonic time of the first poll that found a change
         self._commit_wanted = trio.Event()
         self._kicks = [trio.Event() for _ in layout.trees]
         self._rw_dirs: dict[int, Node] = {}  # inotify wd -> directory node
         self._ro_dirs: dict[int, int] = {}  # inotify wd -> index of the shared tree
         self._local_trees: set[int] = set()
+        self._watch_limit_logged = False
         self.latencies_ms: list[float] = []  # recent ones, for status percentiles
 
     # -- setup ------------------------------------------------------------------------------
@@ -119,10 +117,22 @@ class Watcher:
         try:
             wd = self.inotify.add(path)
         except OSError as e:
-            log.debug("cannot watch %s: %s", path, e)
+            if e.errno == errno.ENOSPC and not self._watch_limit_logged:
+                self._watch_limit_logged = True
+                log.error("out of inotify watches (fs.inotify.max_user_watches): changes made behind the "
+                          "mount in newly seen RW directories show only when the kernel's cache expires")
+            else:
+                log.debug("cannot watch %s: %s", path, e)
             return
         node.wd = wd
         self._rw_dirs[wd] = node
+
+    def forget_rw_dir(self, node: Node) -> None:
+        """The kernel forgot a directory: nothing of it is cached any more, so stop watching it."""
+        if self.inotify is not None and node.wd:
+            self._rw_dirs.pop(node.wd, None)
+            self.inotify.remove(node.wd)
+        node.wd = 0
 
     async def run(self) -> None:
         """Run until cancelled. A failing loop is logged and restarted, never allowed to end the
@@ -170,15 +180,15 @@ class Watcher:
             self._kicks[tree] = trio.Event()
             started = time.monotonic()
             try:
-                change = await self.workers.run(self.layout.poll_tree, tree)
+                found = await self.workers.run(self.layout.poll_tree, tree)
             except BackingTimeout as e:
                 log.warning("polling %s: %s", root, e.strerror)
                 continue
-            if change is None:
+            if not found:
                 continue
             if tree in self._local_trees:
                 await self._watch_tree(tree)  # managed directories may have appeared
-            self._add_pending(tree, change, started)
+            self._want_commit(started)
 
     async def _watch_tree(self, tree: int) -> None:
         """Watch a local shared tree's probe directories with inotify (they only wake the poller)."""
@@ -193,38 +203,32 @@ class Watcher:
                 continue  # not there (yet): the poll finds it and this runs again
             self._ro_dirs[wd] = tree
 
-    def _add_pending(self, tree: int, change: TreeChange, started: float) -> None:
-        pending = self._pending
-        old = pending.changes.get(tree)
-        if old is not None:
-            change = TreeChange(old.touched | change.touched, old.top_names | change.top_names,
-                                old.managed | change.managed)
-        pending.changes[tree] = change
-        pending.since = started if pending.since is None else min(pending.since, started)
+    def _want_commit(self, since: float) -> None:
+        self._pending_since = since if self._pending_since is None else min(self._pending_since, since)
         self._commit_wanted.set()
 
     async def _commit_loop(self) -> None:
         while True:
             await self._commit_wanted.wait()
             self._commit_wanted = trio.Event()
-            pending, self._pending = self._pending, _Pending()
-            since = pending.since or time.monotonic()
+            since, self._pending_since = self._pending_since or time.monotonic(), None
             self.bump()  # lookups racing with the catalog swap get short cache times
             try:
-                changes = await self.workers.run(self.layout.commit, pending.changes)
+                seq, changes = await self.workers.run(self.layout.commit)
             except Exception as e:
-                # keep what was found so the next attempt applies it (a commit is idempotent)
+                # nothing is lost: an unacknowledged commit's changes are reported again
                 log.error("rebuilding the catalog failed (%s); retrying in %g s", e, RESTART_DELAY)
-                for tree, change in pending.changes.items():
-                    self._add_pending(tree, change, since)
                 await trio.sleep(RESTART_DELAY)
+                self._want_commit(since)
                 continue
             self.bump()
-            await self._apply("share", changes, since)
+            if await self._apply("share", changes, since):
+                self.layout.ack(seq)
 
-    async def _apply(self, source: str, changes: list[ViewChange], since: float) -> None:
+    async def _apply(self, source: str, changes: list[ViewChange], since: float) -> bool:
+        """Tell the kernel; False when that failed even after retries."""
         if not changes:
-            return
+            return True
         for attempt in range(APPLY_ATTEMPTS):
             try:
                 notified = await self.kernel.apply(changes)
@@ -235,12 +239,13 @@ class Watcher:
                 await trio.sleep(RESTART_DELAY)
         else:
             self.failures += 1
-            return
+            return False
         latency = (time.monotonic() - since) * 1000
         self.changes_applied += 1
         self.last_change = ChangeRecord(time.time(), source, len(changes), notified, latency)
         self.latencies_ms = [*self.latencies_ms[-199:], latency]
         log.debug("applied %d %s change(s), %d notification(s), %.1f ms", len(changes), source, notified, latency)
+        return True
 
     # -- inotify: the RW tree and local shared trees --------------------------------------------
 
@@ -250,9 +255,9 @@ class Watcher:
             events = await self.inotify.read()
             started = time.monotonic()
             await trio.sleep(COALESCE_SECONDS)
-            self.bump()
             changes = self._rw_changes(events)
             if changes:
+                self.bump()
                 await self._apply("rw", changes, started)
 
     def _rw_changes(self, events: list[Event]) -> list[ViewChange]:
@@ -292,15 +297,27 @@ class Watcher:
 
     def _watch_new_rw_dir(self, node: Node, vpath: tuple[str, ...]) -> list[ViewChange]:
         """A known directory got an RW part behind the mount: watch it, and re-check the names
-        already in it (created before the watch existed). Dropping the directory's entry instead
-        would be simpler, but would detach any mount below it."""
-        path = self._rw_path(vpath)
-        self.watch_rw_dir(node, path)
-        try:
-            names = os.listdir(path)
-        except OSError:
-            return []
-        return [ViewChange(vpath, name) for name in names]
+        already in it (created before the watch existed), down through the directories below it
+        that the kernel knows (``mkdir -p a/b/c`` behind the mount). Dropping the directory's
+        entry instead would be simpler, but would detach any mount below it."""
+        out: list[ViewChange] = []
+        stack = [(node, vpath)]
+        while stack:
+            dnode, dpath = stack.pop()
+            path = self._rw_path(dpath)
+            if dnode.wd == 0:
+                self.watch_rw_dir(dnode, path)
+            try:
+                names = os.listdir(path)
+            except OSError:
+                continue
+            out.extend(ViewChange(dpath, name) for name in names)
+            for name in names:
+                child = dnode.children.get(name)
+                if child is not None and child.wd == 0 and not child.detached and child.sig is not None \
+                        and stat.S_ISDIR(child.sig[0]):
+                    stack.append((child, (*dpath, name)))
+        return out
 
     def _rw_path(self, vpath: tuple[str, ...]) -> str:
         return os.path.join(self.kernel.ns.rw_root, *vpath)

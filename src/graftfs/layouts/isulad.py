@@ -185,9 +185,9 @@ def _add_layers(cat: Catalog, old: Catalog, scans: list[TreeScan], local_layers:
     broken before need their chains walked: publishing into a 10,000-layer share stays cheap.
     """
     added = _added_layers(old, scans, local_layers)
-    if added is None or any(lid in old.layers for lid in added):
-        return False
     waiting = {p.id: p for p in old.layer_problems}
+    if added is None or any(lid in old.layers or lid in waiting for lid in added):
+        return False  # an id in several trees: which tree wins is the full build's business
     candidates: dict[str, tuple[int, LayerEntry]] = dict(added)
     for lid, problem in waiting.items():
         for ti, scan in enumerate(scans):
@@ -274,6 +274,10 @@ class IsuladLayout:
         self.rw_root = rw_root
         self.shared = [SharedTree(t) for t in trees]
         self.catalog = Catalog(list(trees))
+        self._acked = self.catalog  # the catalog the kernel was last told about
+        self._unacked: dict[int, TreeChange] = {}
+        self._commit_seq = 0
+        self._commit_lock = threading.Lock()
 
     # -- keeping the catalog current (blocking I/O: worker threads only) ----------------------
 
@@ -281,7 +285,7 @@ class IsuladLayout:
         """Scan every RO tree in full and rebuild the catalog."""
         for tree in self.shared:
             tree.poll(full=True)
-        self.commit({})
+        self.ack(self.commit()[0])
         return self.catalog
 
     def load(self, timeout: float) -> list[str]:
@@ -294,26 +298,45 @@ class IsuladLayout:
         deadline = time.monotonic() + timeout
         for th in threads:
             th.join(max(0.0, deadline - time.monotonic()))
-        self.commit({})
+        self.ack(self.commit()[0])
         return [t.root for t, th in zip(self.shared, threads, strict=True) if th.is_alive()]
 
-    def poll_tree(self, tree: int) -> TreeChange | None:
-        """Look for changes in one tree; None when there are none (see SharedTree.poll)."""
+    def poll_tree(self, tree: int) -> bool:
+        """Look for changes in one tree; True when there are some to commit (see SharedTree.poll)."""
         return self.shared[tree].poll()
 
-    def commit(self, changes: dict[int, TreeChange]) -> list[ViewChange]:
-        """Rebuild the catalog from every tree's current scan; return the view names that changed."""
-        old = self.catalog
-        versions = [t.version for t in self.shared]  # read before the scans: a newer scan commits again
-        new = build_catalog([t.scan for t in self.shared], local_layer_ids(self.rw_root), old)
-        for tree, version in zip(self.shared, versions, strict=True):
-            tree.committed_version = version
-        self.catalog = new
-        touched = {(ti, key) for ti, ch in changes.items() for key in ch.touched}
-        out = diff_catalogs(old, new, touched)
-        for ch in changes.values():
-            out.extend(ViewChange((), name) for name in sorted(ch.top_names | ch.managed))
-        return out
+    def commit(self) -> tuple[int, list[ViewChange]]:
+        """Rebuild the catalog from every tree's current scan and return (sequence number, the
+        view names that changed since the last *acknowledged* commit).
+
+        The caller acknowledges (``ack``) once the kernel has been told. A commit whose caller
+        gave up waiting (a worker time limit) is not acknowledged, so the next one reports its
+        changes again instead of losing them. Commits are serialized.
+        """
+        with self._commit_lock:
+            for ti, tree in enumerate(self.shared):
+                change = tree.take_pending()
+                if change is not None:
+                    self._unacked[ti] = change.merged(self._unacked.get(ti))
+            new = build_catalog([t.scan for t in self.shared], local_layer_ids(self.rw_root), self.catalog)
+            self.catalog = new
+            touched = {(ti, key) for ti, ch in self._unacked.items() for key in ch.touched}
+            out = diff_catalogs(self._acked, new, touched)
+            for ch in self._unacked.values():
+                out.extend(ViewChange((), name) for name in sorted(ch.top_names | ch.managed))
+            self._commit_seq += 1
+            return self._commit_seq, out
+
+    def ack(self, seq: int) -> None:
+        """The changes of commit ``seq`` reached the kernel (never blocks: see commit)."""
+        if not self._commit_lock.acquire(blocking=False):
+            return  # a commit is running: the next acknowledgement covers it
+        try:
+            if seq == self._commit_seq:
+                self._acked = self.catalog
+                self._unacked = {}
+        finally:
+            self._commit_lock.release()
 
     # -- answering the namespace (any thread) --------------------------------------------------
 

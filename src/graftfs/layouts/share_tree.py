@@ -384,6 +384,14 @@ def _vanished(dirs: tuple[str | None, ...]) -> bool:
     return any(d is not None and not _is_real_dir(d) for d in dirs)
 
 
+def _rotate(keys: list[EntryKey], pos: int, budget: int) -> tuple[list[EntryKey], int]:
+    """The next ``budget`` keys from ``pos``, wrapping around; all of them when they fit."""
+    if len(keys) <= budget:
+        return keys, 0
+    start = pos % len(keys)
+    return [keys[(start + i) % len(keys)] for i in range(budget)], start + budget
+
+
 def scan_tree(root: str) -> TreeScan:
     """Scan one RO tree: every layer and image checked on its own (chains come later)."""
     return _scan(root, None, set(), True, True)
@@ -396,6 +404,11 @@ class TreeChange:
     touched: set[EntryKey] = field(default_factory=set)  # entries whose files changed in place
     top_names: set[str] = field(default_factory=set)  # names at the tree root that changed
     managed: set[str] = field(default_factory=set)  # managed dirs whose listing was re-read
+
+    def merged(self, other: TreeChange | None) -> TreeChange:
+        if other is None:
+            return self
+        return TreeChange(self.touched | other.touched, self.top_names | other.top_names, self.managed | other.managed)
 
 
 class SharedTree:
@@ -416,30 +429,47 @@ class SharedTree:
         self.unavailable_since: float | None = None
         self.unavailable_reason = ""
         self.polls = 0
-        self.version = 0  # bumped whenever ``scan`` is replaced
-        self.committed_version = 0  # the version the layout's catalog was last built from
         self.lock = threading.Lock()
+        # what changed since the layout last took it: kept here, not only returned, so that the
+        # findings of a poll whose caller gave up waiting (a slow share) are not lost
+        self._pending: TreeChange | None = None
+        self._pending_lock = threading.Lock()
         self._probe: dict[str, Sig | None] = {}
         self._hot: set[str] = set()
         self._sweep_pos = 0
+        self._sweep_broken_pos = 0
 
     @property
     def available(self) -> bool:
         return self.unavailable_since is None
 
-    def poll(self, full: bool = False) -> TreeChange | None:
-        """Bring the scan up to date; return what changed, or None when nothing did (or the tree
-        is unavailable, or another poll still runs)."""
+    def poll(self, full: bool = False) -> bool:
+        """Bring the scan up to date; True when there are changes to take (``take_pending``).
+        Nothing is found while the tree is unavailable or another poll still runs."""
         if not self.lock.acquire(blocking=False):
-            return None
+            return self.has_pending
         try:
             self.polls += 1
-            return self._poll(full)
+            change = self._poll(full)
         except OSError as e:
             self._set_unavailable(f"{e.strerror or e} ({e.filename or self.root})")
-            return None
+            change = None
         finally:
             self.lock.release()
+        if change is not None:
+            with self._pending_lock:
+                self._pending = change.merged(self._pending)
+        return self.has_pending
+
+    @property
+    def has_pending(self) -> bool:
+        return self._pending is not None
+
+    def take_pending(self) -> TreeChange | None:
+        """The changes found since the last call (the layout commits them)."""
+        with self._pending_lock:
+            change, self._pending = self._pending, None
+        return change
 
     def _poll(self, full: bool) -> TreeChange | None:
         probe = {d: _sig(fresh_stat(os.path.join(self.root, d) if d else self.root)) for d in PROBE_DIRS}
@@ -465,8 +495,6 @@ class SharedTree:
         change = None
         if dirty or touched:
             change = self._rescan(dirty, touched, full)
-        elif self.version != self.committed_version:
-            change = TreeChange()  # scanned by a poll whose result was never committed (a slow start)
         self._probe = probe
         self._hot = changed
         self.had_managed = self.had_managed or has_managed
@@ -483,7 +511,6 @@ class SharedTree:
         if "" in dirty:
             change.top_names = self._read_top()
         self.scan = new
-        self.version += 1
         return change
 
     def _read_top(self) -> set[str]:
@@ -500,19 +527,22 @@ class SharedTree:
         return changed
 
     def _sweep(self) -> set[EntryKey]:
-        """Re-stat the record files of broken entries (all) and known ones (a slice per poll)."""
+        """Re-stat the record files of a slice of the broken entries and of the known ones.
+
+        Each kind gets its own rotating slice (half the budget each, or all of it when the
+        other has none), so neither starves the other: a share full of half-written entries
+        still notices a record rewritten in place, and every entry is re-checked in turn.
+        """
         scan = self.scan
-        problems = list(scan.broken)
-        known = list(scan.sigs)
-        budget = max(0, SWEEP_BUDGET - len(problems))
-        if len(known) <= budget:
-            part = known
-        else:
-            start = self._sweep_pos % len(known)
-            part = [known[(start + i) % len(known)] for i in range(budget)]
-            self._sweep_pos = start + budget
+        broken = list(scan.broken)
+        known = [k for k in scan.sigs if k not in scan.broken]
+        half = SWEEP_BUDGET // 2
+        broken_budget = SWEEP_BUDGET - min(half, len(known)) if broken else 0
+        known_budget = SWEEP_BUDGET - min(broken_budget, len(broken))
+        part_b, self._sweep_broken_pos = _rotate(broken, self._sweep_broken_pos, broken_budget)
+        part_k, self._sweep_pos = _rotate(known, self._sweep_pos, known_budget)
         touched = set()
-        for key in dict.fromkeys(problems[:SWEEP_BUDGET] + part):
+        for key in part_b + part_k:
             if key in scan.sigs and _entry_sig(scan.entry_paths(key)) != scan.sigs[key]:
                 touched.add(key)
         return touched
