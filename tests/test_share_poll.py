@@ -292,3 +292,24 @@ def test_slow_tree_at_start_does_not_hold_up_the_mount(tmp_path: Path, monkeypat
     changes = poll(layout)
     assert slow_image in layout.catalog.images
     assert ViewChange(("overlay-images",), slow_image, deep=True) in changes
+
+
+def test_unavailable_share_keeps_rw_files_reachable(demo: tuple[IsuladLayout, str, object], tmp_path: Path) -> None:
+    from graftfs.hides import HideStore
+    from graftfs.namespace import STATE_DIR, Namespace
+
+    layout, share, ids = demo
+    rw = layout.rw_root
+    os.makedirs(os.path.join(rw, STATE_DIR), exist_ok=True)
+    ns = Namespace(rw, layout, HideStore(os.path.join(rw, STATE_DIR)))
+    local = ("overlay", ids.app, "diff", "app", "local.txt")  # type: ignore[attr-defined]
+    os.makedirs(os.path.join(rw, *local[:-1]))
+    Path(rw, *local).write_text("mine\n")
+    os.rename(share, str(tmp_path / "share-away"))  # the share's mountpoint is gone
+    poll(layout)
+    assert not layout.shared[0].available
+    assert ns.resolve(local).origin == "rw"  # served from RW though the share cannot be asked
+    with pytest.raises(OSError) as exc:
+        ns.resolve(("overlay", ids.app, "diff", "app", "data.txt"))  # type: ignore[attr-defined]
+    assert exc.value.errno == 5  # EIO: out of reach, not "deleted"
+    assert {n for n, _ in ns.listdir(("overlay-images",))} >= {ids.image_app}  # type: ignore[attr-defined]

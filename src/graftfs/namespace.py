@@ -175,7 +175,16 @@ class Namespace:
         rw = _lstat(rw_path)
         if rw is not None:
             sources.append(Source("rw", Attr.from_stat(rw), rw_path))
-        ro: list[Source] = [] if vpath and self.hides.covers(vpath) else self._ro_sources(vpath)
+        ro: list[Source] = []
+        if not (vpath and self.hides.covers(vpath)):
+            try:
+                ro = self._ro_sources(vpath)
+            except OSError:
+                if not sources or sources[0].attr.is_dir:
+                    raise
+                # an RW file shadows whatever an unreachable share has here: serve it, and assume
+                # something is below (a delete then records a hide, harmless if nothing was)
+                return Resolved(vpath, tuple(sources), True)
         for src in ro:
             if not sources or (sources[0].attr.is_dir and src.attr.is_dir):
                 sources.append(src)
