@@ -23,6 +23,7 @@ from graftfs.fs import GraftOperations
 from graftfs.hides import HideStore
 from graftfs.kernel_cache import KernelCache
 from graftfs.layouts import PlainLayout
+from graftfs.layouts.containers_storage import ContainersStorageLayout
 from graftfs.layouts.isulad import IsuladLayout
 from graftfs.mounts import find_mount, remove_runtime, write_runtime
 from graftfs.namespace import STATE_DIR, Layout, Namespace
@@ -46,8 +47,8 @@ def detect_layout(cfg: MountConfig) -> str:
 
 def make_layout(name: str, cfg: MountConfig) -> Layout:
     assert cfg.rw is not None
-    if name == "isulad":
-        layout = IsuladLayout(cfg.ro, cfg.rw)
+    if name in ("isulad", "containers-storage"):
+        layout = IsuladLayout(cfg.ro, cfg.rw) if name == "isulad" else ContainersStorageLayout(cfg.ro, cfg.rw)
         for root in layout.load(cfg.timeout):
             log.error("shared tree %s did not answer within %g s: mounting with it empty; its images show "
                       "once it answers", root, cfg.timeout)

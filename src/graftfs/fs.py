@@ -14,6 +14,7 @@ JSON that ``graftfs status`` prints.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -40,6 +41,13 @@ STATUS_XATTR = "user.graftfs.status"
 PID_XATTR = "user.graftfs.pid"
 OWN_XATTR_PREFIXES = ("user.graftfs.", "trusted.graftfs.")
 STATUS_MAX_BYTES = 60_000
+#: The index files a layout may compose in memory (graftfs.layouts.containers_storage).
+MERGED_PATHS = frozenset({("overlay-layers", "layers.json"), ("overlay-images", "images.json")})
+#: containers/storage lock files whose first bytes are a "last writer" token that readers compare
+#: to decide whether to reload the index: as seen through the mount, the token also changes with
+#: the share (see _token_key), so long-running clients (CRI-O, podman system service) reload.
+LOCK_PATHS = frozenset({("overlay-layers", "layers.lock"), ("overlay-images", "images.lock")})
+TOKEN_BYTES = 64
 
 #: With the watcher telling the kernel exactly what changed (graftfs.watcher), the kernel may
 #: keep entries, attributes and file pages for long, so warm lookups never reach Python.
@@ -88,19 +96,24 @@ class GraftOperations(pyfuse3.Operations):
         self.on_dir_forgotten: Callable[[Node], None] = lambda node: None
         self._files: dict[int, tuple[Node, bool]] = {}  # fd -> (node, fd is on the RW tree)
         self._dirs: dict[int, DirHandle] = {}
+        self._token_fds: set[int] = set()
+        self._token_salt = os.urandom(16)
+        self._token_cache: tuple[int, bytes] = (-1, b"")
         self._next_dir_fh = 1
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _entry(self, node: Node, attr: Attr, generation: int | None = None) -> pyfuse3.EntryAttributes:
+    def _entry(self, node: Node, attr: Attr, generation: int | None = None, volatile: bool = False
+               ) -> pyfuse3.EntryAttributes:
         """Attributes for the kernel; ``generation`` is the view generation the answer was
-        computed in (None: not subject to watcher races)."""
+        computed in (None: not subject to watcher races). ``volatile`` attributes (a merged
+        index file, whose size follows the share) are not cached at all."""
         e = pyfuse3.EntryAttributes()
         e.st_ino = node.ino
         e.generation = 0
         timeout = self.cache_timeout if generation in (None, self.generation) else RACED_CACHE_TIMEOUT
         e.entry_timeout = timeout
-        e.attr_timeout = timeout
+        e.attr_timeout = 0.0 if volatile else timeout
         node.sig = attr.sig
         e.st_mode = attr.mode
         e.st_nlink = attr.nlink
@@ -137,7 +150,7 @@ class GraftOperations(pyfuse3.Operations):
         node = self.inodes.child(parent, name)
         node.lookups += 1
         self._seen(node, res)
-        return self._entry(node, res.attr, generation)
+        return self._entry(node, res.attr, generation, _volatile(res))
 
     def _seen(self, node: Node, res: Resolved) -> None:
         """Note a directory the kernel now knows, so changes behind the mount reach it."""
@@ -167,7 +180,7 @@ class GraftOperations(pyfuse3.Operations):
         if node is not None:
             res = await self.workers.run(self.ns.resolve, self._path(node.ino))
             node.lookups += 1
-            return self._entry(node, res.attr)
+            return self._entry(node, res.attr, volatile=_volatile(res))
         parent, sname, vpath = self._child_path(parent_inode, name)
         generation = self.generation
         try:
@@ -195,7 +208,7 @@ class GraftOperations(pyfuse3.Operations):
             st = await self.workers.run(os.fstat, next(iter(node.open_fds)))
             return self._entry(node, Attr.from_stat(st))
         res = await self.workers.run(self.ns.resolve, self._path(inode))
-        return self._entry(node, res.attr)
+        return self._entry(node, res.attr, volatile=_volatile(res))
 
     @fuse_boundary
     async def setattr(
@@ -327,14 +340,31 @@ class GraftOperations(pyfuse3.Operations):
     @fuse_boundary
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
-        fd, in_rw = await self.workers.run(self.ns.open, self._path(inode), flags)
+        vpath = self._path(inode)
+        fd, in_rw = await self.workers.run(self.ns.open, vpath, flags)
         node.open_fds.add(fd)
         self._files[fd] = (node, in_rw)
+        if in_rw and vpath in LOCK_PATHS:
+            self._token_fds.add(fd)
+            return pyfuse3.FileInfo(fh=fd, direct_io=True)  # every token read must reach us
+        if not in_rw and vpath in MERGED_PATHS:
+            # composed in memory per open: never serve another open's pages
+            return pyfuse3.FileInfo(fh=fd, direct_io=True)
         return pyfuse3.FileInfo(fh=fd, keep_cache=self.keep_cache)
 
     @fuse_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self.workers.run_fd(os.pread, fh, size, off)
+        data = await self.workers.run_fd(os.pread, fh, size, off)
+        if fh in self._token_fds and off < TOKEN_BYTES and data:
+            data = _mix_token(data, off, self._token_key())
+        return data
+
+    def _token_key(self) -> bytes:
+        """64 bytes that change whenever the shared part of the view changes (and per mount)."""
+        generation = int(getattr(self.ns.layout, "share_generation", 0))
+        if self._token_cache[0] != generation:
+            self._token_cache = (generation, hashlib.sha512(self._token_salt + str(generation).encode()).digest())
+        return self._token_cache[1]
 
     @fuse_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -347,6 +377,7 @@ class GraftOperations(pyfuse3.Operations):
     @fuse_boundary
     async def release(self, fh: int) -> None:
         entry = self._files.pop(fh, None)
+        self._token_fds.discard(fh)
         if entry is not None:
             self.inodes.close_fd(entry[0], fh)
         await self.workers.run_fd(os.close, fh)
@@ -374,7 +405,7 @@ class GraftOperations(pyfuse3.Operations):
             if handle.node.detached:
                 break
             node = self.inodes.child(handle.node, name)
-            entry = self._entry(node, res.attr, handle.generation)
+            entry = self._entry(node, res.attr, handle.generation, _volatile(res))
             if not pyfuse3.readdir_reply(token, os.fsencode(name), entry, index + 1):
                 break
             node.lookups += 1
@@ -473,6 +504,18 @@ class GraftOperations(pyfuse3.Operations):
                 info[key] = info[key][: len(info[key]) // 2]
             data = json.dumps(info, sort_keys=True).encode()
         return data
+
+
+def _mix_token(data: bytes, off: int, key: bytes) -> bytes:
+    """XOR the token bytes within ``data`` (read at ``off``) with ``key``: a stable function of
+    the node's own token and the share's state, so it changes when either does."""
+    end = min(TOKEN_BYTES, off + len(data))
+    mixed = bytes(b ^ k for b, k in zip(data[: end - off], key[off:end], strict=True))
+    return mixed + data[end - off :]
+
+
+def _volatile(res: Resolved) -> bool:
+    return res.top.content is not None
 
 
 def _utime(path_or_fd: str | int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,

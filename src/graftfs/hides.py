@@ -60,6 +60,7 @@ class HideStore:
     def __init__(self, state_dir: str) -> None:
         self._path = os.path.join(state_dir, LOG_NAME)
         self._lock = threading.Lock()
+        self.generation = 0  # bumped by every add: lets layouts cache what depends on the hides
         self._paths: set[VPath] = compact(set(self._load()))
         self._rewrite()
         self._file = open(self._path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for appends
@@ -105,6 +106,7 @@ class HideStore:
             self._file.write(_encode(vpath))
             self._file.flush()
             self._paths.add(vpath)
+            self.generation += 1
 
     def sync(self) -> None:
         with self._lock:

@@ -32,7 +32,7 @@ from typing import Protocol
 
 from graftfs.attrs import Attr
 from graftfs.hides import HideStore
-from graftfs.layouts import Synthetic
+from graftfs.layouts import HideView, Synthetic
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ class Layout(Protocol):
     def synthetic(self, vpath: VPath) -> Synthetic | None: ...
     def synthetic_names(self, vpath: VPath) -> list[str]: ...
     def missing(self, tree: int, vpath: VPath) -> Attr | None: ...
+    def merged(self, vpath: VPath, hides: HideView) -> Synthetic | None: ...
+    def absorb(self, vpath: VPath, written: str, hides: HideView) -> None: ...
     def status(self) -> dict[str, object]: ...
 
 
@@ -68,6 +70,7 @@ class Source:
     path: str | None = None  # backing path; None for synthesized entries
     tree: int | None = None  # index of the RO tree; None for RW and synthesized entries
     link_target: str | None = None  # synthesized symlinks only
+    content: bytes | None = None  # merged files composed by the layout (e.g. layers.json)
 
     @property
     def is_rw(self) -> bool:
@@ -121,6 +124,19 @@ def renameat2(old: str, new: str, flags: int) -> None:
         raise OSError(err, os.strerror(err), old, None, new)
 
 
+def _memory_file(content: bytes) -> int:
+    """A read-only file descriptor holding ``content`` (for files composed in memory)."""
+    fd = os.memfd_create("graftfs-merged", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(content)
+        while view:
+            view = view[os.write(fd, view):]
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _enoent(vpath: VPath) -> OSError:
     return FileNotFoundError(errno.ENOENT, "no such entry in the view", "/".join(vpath))
 
@@ -170,6 +186,10 @@ class Namespace:
         """Resolve a view path; raise FileNotFoundError when nothing shows there."""
         if self.is_private(vpath):
             raise _enoent(vpath)
+        merged = self.layout.merged(vpath, self.hides) if len(vpath) == 2 else None
+        if merged is not None:
+            # an index file the layout composes from the node's file and the share's records
+            return Resolved(vpath, (Source(merged.origin, merged.attr, content=merged.content),), False)
         sources: list[Source] = []
         rw_path = self.rw_path(vpath)
         rw = _lstat(rw_path)
@@ -210,8 +230,9 @@ class Namespace:
                     shown = os.listdir(src.path)
                 listed = shown
             else:
-                listed = self.layout.synthetic_names(res.vpath)
+                continue
             names.update(dict.fromkeys(listed))
+        names.update(dict.fromkeys(self.layout.synthetic_names(res.vpath)))
         return list(names)
 
     def _children(self, res: Resolved) -> Iterator[tuple[str, Resolved]]:
@@ -324,6 +345,9 @@ class Namespace:
         if stat.S_ISLNK(mode):
             target = src.link_target if src.link_target is not None else os.readlink(src.path or "")
             os.symlink(target, dst)
+        elif stat.S_ISREG(mode) and src.content is not None:
+            with open(dst, "xb") as f:
+                f.write(src.content if with_data else b"")
         elif stat.S_ISREG(mode):
             assert src.path is not None
             if with_data:
@@ -389,12 +413,15 @@ class Namespace:
     # -- opening ----------------------------------------------------------------------------
 
     def open(self, vpath: VPath, flags: int) -> tuple[int, bool]:
-        """Open a file; writers get an RW copy first. Returns (backing fd, fd is on RW)."""
+        """Open a file; writers get an RW copy first. Returns (backing fd, fd is on RW).
+        A merged file opens as an in-memory copy of its current content."""
         flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
         res = self.resolve(vpath)
         if writing:
             return os.open(self.copy_up(vpath, with_data=not flags & os.O_TRUNC), flags), True
+        if res.top.content is not None:
+            return _memory_file(res.top.content), False
         if res.top.path is None:
             raise OSError(errno.ELOOP, "cannot open a symlink", "/".join(vpath))
         return os.open(res.top.path, flags), res.top.is_rw
@@ -448,6 +475,14 @@ class Namespace:
         dst_res = self._try_resolve(dst)
         if flags & RENAME_NOREPLACE and dst_res is not None:
             raise FileExistsError(errno.EEXIST, "entry exists", "/".join(dst))
+        if dst_res is not None and dst_res.top.content is not None and not flags and src_res.top.is_rw \
+                and stat.S_ISREG(src_res.attr.mode):
+            # the runtime replaces a merged index file: keep its own records, hide what it dropped
+            try:
+                self.layout.absorb(dst, self.rw_path(src), self.hides)
+                return
+            except ValueError as e:
+                log.error("%s: kept as written, its records are this node's own", e)
         self._refuse_ro_dir_move(src_res)
         if flags & RENAME_EXCHANGE:
             if dst_res is None:

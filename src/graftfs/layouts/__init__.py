@@ -14,12 +14,23 @@ three questions about the RO trees:
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
+from typing import Protocol
 
 from graftfs.attrs import Attr
 
 VPath = tuple[str, ...]
+
+
+class HideView(Protocol):
+    """What a layout may ask of the node's hides (graftfs.hides.HideStore)."""
+
+    generation: int
+
+    def covers(self, vpath: VPath) -> bool: ...
+    def add(self, vpath: VPath) -> None: ...
 
 #: Names at the top of a shared tree that belong to graftfs itself (marker, staging, leases).
 SHARE_PRIVATE_PREFIX = ".graftfs"
@@ -35,6 +46,7 @@ class Synthetic:
     origin: str
     attr: Attr
     link_target: str | None = None  # set for symlinks
+    content: bytes | None = None  # set for files composed in memory (see Layout.merged)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +96,12 @@ class PlainLayout:
 
     def missing(self, tree: int, vpath: VPath) -> Attr | None:
         return None
+
+    def merged(self, vpath: VPath, hides: HideView) -> Synthetic | None:
+        return None
+
+    def absorb(self, vpath: VPath, written: str, hides: HideView) -> None:
+        raise OSError(errno.EPERM, "not a merged file", "/".join(vpath))
 
     def status(self) -> dict[str, object]:
         return {"layout": self.name}

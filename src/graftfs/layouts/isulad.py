@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from graftfs.attrs import Attr
-from graftfs.layouts import SHARE_PRIVATE_PREFIX, Synthetic, ViewChange
+from graftfs.layouts import SHARE_PRIVATE_PREFIX, HideView, Synthetic, ViewChange
 from graftfs.layouts.share_tree import (
     IMAGES,
     LAYERS,
@@ -277,6 +277,7 @@ class IsuladLayout:
         self._acked = self.catalog  # the catalog the kernel was last told about
         self._unacked: dict[int, TreeChange] = {}
         self._commit_seq = 0
+        self.share_generation = 0  # bumped by every commit that changed the view
         self._commit_lock = threading.Lock()
 
     # -- keeping the catalog current (blocking I/O: worker threads only) ----------------------
@@ -318,13 +319,15 @@ class IsuladLayout:
                 change = tree.take_pending()
                 if change is not None:
                     self._unacked[ti] = change.merged(self._unacked.get(ti))
-            new = build_catalog([t.scan for t in self.shared], local_layer_ids(self.rw_root), self.catalog)
+            new = build_catalog([t.scan for t in self.shared], self.local_layers(), self.catalog)
             self.catalog = new
             touched = {(ti, key) for ti, ch in self._unacked.items() for key in ch.touched}
             out = diff_catalogs(self._acked, new, touched)
             for ch in self._unacked.values():
                 out.extend(ViewChange((), name) for name in sorted(ch.top_names | ch.managed))
             self._commit_seq += 1
+            if out:
+                self.share_generation += 1
             return self._commit_seq, out
 
     def ack(self, seq: int) -> None:
@@ -358,6 +361,16 @@ class IsuladLayout:
             return Attr.synthetic_dir(managed.mtime_ns if managed else 0, 0o755)
         raise OSError(errno.EIO, f"shared tree {shared.root} is unavailable ({shared.unavailable_reason})",
                       "/".join(vpath))
+
+    def local_layers(self) -> set[str]:
+        """Layer ids the node's RW tree holds (a shared layer's parent may be one of them)."""
+        return local_layer_ids(self.rw_root)
+
+    def merged(self, vpath: tuple[str, ...], hides: HideView) -> Synthetic | None:
+        return None  # iSulad keeps one record per entry: nothing to compose
+
+    def absorb(self, vpath: tuple[str, ...], written: str, hides: HideView) -> None:
+        raise OSError(errno.EPERM, "not a merged file", "/".join(vpath))
 
     def _entry_base(self, tree: int, top: str, name: str) -> str | None:
         cat = self.catalog

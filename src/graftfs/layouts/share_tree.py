@@ -54,6 +54,7 @@ class LayerEntry:
     overlay_dir: str  # backing path of overlay/<id>
     record_dir: str  # backing path of overlay-layers/<id>
     mtime_ns: int  # of the link file: used as the times of the synthesized l/<short> link
+    record: dict[str, object] | None = field(default=None, compare=False, repr=False)  # layer.json as read
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class ImageEntry:
     top_layer: str | None
     names: tuple[str, ...]
     record_dir: str  # backing path of overlay-images/<id>
+    record: dict[str, object] | None = field(default=None, compare=False, repr=False)  # images.json as read
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,7 @@ def _check_layer(tree: str, lid: str, overlay_dir: str, record_dir: str) -> Laye
     parent = rec.get("parent") or None
     if parent is not None and (not isinstance(parent, str) or not ID_RE.match(parent)):
         raise ValueError(f"layer.json parent {str(parent)[:70]!r} is not a layer id")
-    return LayerEntry(lid, parent, short, overlay_dir, record_dir, link_mtime)
+    return LayerEntry(lid, parent, short, overlay_dir, record_dir, link_mtime, rec)
 
 
 def _check_image(iid: str, record_dir: str) -> ImageEntry:
@@ -191,7 +193,7 @@ def _check_image(iid: str, record_dir: str) -> ImageEntry:
         raise ValueError(f"images.json top layer {str(top)[:70]!r} is not a layer id")
     raw_names = rec.get("names") or []
     names = tuple(n for n in raw_names if isinstance(n, str)) if isinstance(raw_names, list) else ()
-    return ImageEntry(iid, top, names, record_dir)
+    return ImageEntry(iid, top, names, record_dir, rec)
 
 
 # -- change detection ---------------------------------------------------------------------

@@ -1,0 +1,198 @@
+"""The containers/storage layout (podman, CRI-O, buildah): one index file per store, merged.
+
+containers/storage keeps every layer record in ``overlay-layers/layers.json`` and every image
+record in ``overlay-images/images.json`` (JSON arrays), and a layer's tar-split beside them as
+``overlay-layers/<id>.tar-split.gz``. A share cannot hold such index files (two writers would
+have to lock one file across nodes), so it keeps the per-entry shape of graftfs.layouts.isulad:
+``overlay-layers/<id>/{layer.json,<id>.tar-split.gz}``, ``overlay-images/<id>/{images.json,...}``.
+
+This layout presents the share to the runtime in the runtime's own shape:
+
+* ``layers.json`` and ``images.json`` are *merged files*, composed in memory: the node's own
+  records (the RW tree's file) followed by the records of the visible shared entries that this
+  node has not hidden and does not hold itself;
+* when the runtime rewrites one (temp file renamed over it, as containers/storage always does),
+  the written array is split back (``absorb``): records equal to a shared one are not copied to
+  RW, shared records the runtime dropped become hides on this node only, everything else is
+  written to the RW file. Nothing the runtime wrote is lost and the share is never written;
+* ``overlay-layers/<id>.tar-split.gz`` of a shared layer maps to the file in its entry directory;
+  the per-entry record directories themselves are not shown.
+
+Overlay directories and ``overlay/l/<short>`` links are shown as in the iSulad layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+from graftfs.attrs import Attr
+from graftfs.layouts import HideView, Synthetic, ViewChange
+from graftfs.layouts.isulad import IsuladLayout
+from graftfs.layouts.share_tree import ID_RE, IMAGES, LAYERS, MAX_RECORD_BYTES
+
+log = logging.getLogger(__name__)
+
+LAYERS_JSON = (LAYERS, "layers.json")
+IMAGES_JSON = (IMAGES, "images.json")
+TAR_SPLIT_SUFFIX = ".tar-split.gz"
+
+
+@dataclass(frozen=True)
+class _Composed:
+    key: tuple[object, ...]
+    synthetic: Synthetic
+
+
+def read_records(path: str) -> list[dict[str, object]]:
+    """The records of an index file the runtime wrote; [] when it does not exist.
+
+    A file that does not parse raises ValueError: the caller decides (never silently dropped).
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_RECORD_BYTES * 16 + 1)
+    except FileNotFoundError:
+        return []
+    if len(data) > MAX_RECORD_BYTES * 16:
+        raise ValueError(f"{path} is larger than {MAX_RECORD_BYTES * 16} bytes")
+    if not data.strip():
+        return []
+    try:
+        records = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} does not parse: {e}") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path} is not a JSON array")
+    return [r for r in records if isinstance(r, dict)]
+
+
+class ContainersStorageLayout(IsuladLayout):
+    """The iSulad layout's catalog, presented with containers/storage's index files."""
+
+    name = "containers-storage"
+
+    def __init__(self, trees: list[str], rw_root: str) -> None:
+        super().__init__(trees, rw_root)
+        self._composed: dict[tuple[str, ...], _Composed] = {}
+        self._compose_lock = threading.Lock()
+
+    # -- the catalog's view of the RW tree ------------------------------------------------------
+
+    def local_layers(self) -> set[str]:
+        """Layer ids the node holds itself: the records of its own layers.json."""
+        try:
+            return {str(r.get("id")) for r in read_records(os.path.join(self.rw_root, *LAYERS_JSON))}
+        except ValueError:
+            return set()
+
+    def commit(self) -> tuple[int, list[ViewChange]]:
+        seq, changes = super().commit()
+        if changes:
+            changes += [ViewChange((LAYERS,), LAYERS_JSON[1]), ViewChange((IMAGES,), IMAGES_JSON[1])]
+        return seq, changes
+
+    # -- merged index files ----------------------------------------------------------------------
+
+    def merged(self, vpath: tuple[str, ...], hides: HideView) -> Synthetic | None:
+        if vpath not in (LAYERS_JSON, IMAGES_JSON):
+            return None
+        rw_path = os.path.join(self.rw_root, *vpath)
+        try:
+            st = os.stat(rw_path)
+            rw_sig: tuple[int, ...] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            rw_sig = ()
+        cat = self.catalog
+        key = (id(cat), rw_sig, hides.generation)
+        with self._compose_lock:
+            cached = self._composed.get(vpath)
+            if cached is not None and cached.key == key:
+                return cached.synthetic
+        content, mtime_ns = self._compose(vpath, rw_path, hides)
+        mtime_ns = max(mtime_ns, st.st_mtime_ns if rw_sig else 0)
+        attr = Attr.synthetic_file(len(content), mtime_ns)
+        synthetic = Synthetic("merged", attr, content=content)
+        with self._compose_lock:
+            self._composed[vpath] = _Composed(key, synthetic)
+        return synthetic
+
+    def _compose(self, vpath: tuple[str, ...], rw_path: str, hides: HideView) -> tuple[bytes, int]:
+        """The node's records, then the visible shared ones; and the newest record time."""
+        try:
+            own = read_records(rw_path)
+        except ValueError as e:
+            log.error("%s; serving the shared records only until the runtime rewrites it", e)
+            own = []
+        own_ids = {r.get("id") for r in own}
+        shared: list[dict[str, object]] = []
+        newest = 0
+        entries = self.catalog.layers if vpath == LAYERS_JSON else self.catalog.images
+        for eid, (_, entry) in entries.items():
+            if eid in own_ids or entry.record is None or hides.covers((vpath[0], eid)):
+                continue
+            shared.append(entry.record)
+            newest = max(newest, getattr(entry, "mtime_ns", 0))
+        return json.dumps(own + shared).encode(), newest or self.catalog.shorts_mtime_ns
+
+    def absorb(self, vpath: tuple[str, ...], written: str, hides: HideView) -> None:
+        """Split an index file the runtime wrote (at RW path ``written``) into this node's part.
+
+        Records identical to a visible shared one stay in the share; a shared record missing
+        from what was written is hidden on this node; all other records go to the RW file,
+        which replaces ``written`` atomically. A file that does not parse is kept as it is.
+        """
+        if vpath not in (LAYERS_JSON, IMAGES_JSON):
+            raise OSError(1, "not a merged file", "/".join(vpath))
+        records = read_records(written)  # ValueError: the caller keeps the file as written
+        entries = self.catalog.layers if vpath == LAYERS_JSON else self.catalog.images
+        shared = {eid: entry.record for eid, (_, entry) in entries.items()
+                  if entry.record is not None and not hides.covers((vpath[0], eid))}
+        own = [r for r in records if not (r.get("id") in shared and shared[str(r.get("id"))] == r)]
+        kept = {r.get("id") for r in records}
+        for eid in shared:
+            if eid not in kept:
+                hides.add((vpath[0], eid))
+        with open(written, "w", encoding="utf-8") as f:
+            json.dump(own, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(written, os.path.join(self.rw_root, *vpath))
+
+    # -- where shared files show ---------------------------------------------------------------
+
+    def ro_path(self, tree: int, vpath: tuple[str, ...]) -> str | None:
+        if len(vpath) >= 2 and vpath[0] == LAYERS:
+            return self._tar_split(tree, vpath)
+        return super().ro_path(tree, vpath)
+
+    def _tar_split(self, tree: int, vpath: tuple[str, ...]) -> str | None:
+        """overlay-layers/<id>.tar-split.gz of a shared layer; nothing else below overlay-layers."""
+        name = vpath[1]
+        if len(vpath) != 2 or not name.endswith(TAR_SPLIT_SUFFIX):
+            return None
+        lid = name[: -len(TAR_SPLIT_SUFFIX)]
+        layer = self.catalog.layers.get(lid) if ID_RE.match(lid) else None
+        if layer is None or layer[0] != tree:
+            return None
+        return os.path.join(layer[1].record_dir, name)
+
+    def ro_names(self, tree: int, vpath: tuple[str, ...]) -> list[str] | None:
+        if vpath == (LAYERS,):
+            return [lid + TAR_SPLIT_SUFFIX for lid in self.catalog.layer_ids_in(tree)]
+        return super().ro_names(tree, vpath)
+
+    def synthetic_names(self, vpath: tuple[str, ...]) -> list[str]:
+        if vpath == (LAYERS,):
+            return [LAYERS_JSON[1]]
+        if vpath == (IMAGES,):
+            return [IMAGES_JSON[1]]
+        return super().synthetic_names(vpath)
+
+    def status(self) -> dict[str, object]:
+        out = super().status()
+        out["layout"] = self.name
+        return out

@@ -1,0 +1,130 @@
+"""The containers-storage layout on real mounts: podman's index files (layers.json,
+images.json) merged from the node's own records and the share's per-entry records, and split
+back when the runtime rewrites them (temp file renamed over, as containers/storage does)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import GraftMount, Sample, bind_ro, force_unmount, needs_mount, sh, wait_for
+from graftfs.sample import SampleLayer, chain, digest, publish_sample_image
+
+pytestmark = needs_mount
+
+MountFactory = Callable[..., GraftMount]
+
+
+def records(path: str) -> dict[str, dict[str, object]]:
+    out = sh("cat", path)
+    assert out.returncode == 0, out.stderr
+    return {str(r["id"]): r for r in json.loads(out.stdout)}
+
+
+@pytest.fixture
+def podman_node(tmp_path: Path, mount_factory: MountFactory) -> tuple[GraftMount, Sample, dict[str, str]]:
+    """A share with two images (per-entry records) and a node whose RW tree podman wrote."""
+    share, rw = tmp_path / "share", tmp_path / "rw"
+    share.mkdir()
+    (share / ".graftfs-share").write_text("graftfs share v1\n")
+    base = chain("cs-base", 2)
+    image_a = publish_sample_image(str(share), "cs/a:1", base)
+    app = chain("cs-app", 1, parent=base[-1].id)
+    image_b = publish_sample_image(str(share), "cs/b:1", app)
+    for layer in base + app:
+        tar_split = Path(share, "overlay-layers", layer.id, f"{layer.id}.tar-split.gz")
+        tar_split.write_bytes(b"tar-split " + layer.id.encode())
+    local_layer, local_image = digest("layer:cs-local"), digest("image:cs-local")
+    for d in ("overlay-layers", "overlay-images", "overlay/l"):
+        (rw / d).mkdir(parents=True)
+    (rw / "overlay-layers" / "layers.json").write_text(json.dumps([{"id": local_layer, "parent": app[-1].id}]))
+    (rw / "overlay-images" / "images.json").write_text(json.dumps([{"id": local_image, "layer": local_layer}]))
+    (rw / "overlay-layers" / "layers.lock").write_bytes(b"\0" * 64)
+    share_ro = str(tmp_path / "share-ro")
+    bind_ro(str(share), share_ro)
+    ids = {"base0": base[0].id, "base1": base[1].id, "app": app[0].id, "image_a": image_a, "image_b": image_b,
+           "local_layer": local_layer, "local_image": local_image}
+    try:
+        g = mount_factory(str(rw), [share_ro])  # layout auto: RW holds layers.json
+        yield g, Sample(tmp_path, str(share), share_ro, str(rw), None), ids  # type: ignore[arg-type]
+        g.stop()  # before the share's bind mount goes (mount_factory stops it again: a no-op)
+    finally:
+        force_unmount(share_ro)
+
+
+def test_index_files_merge_node_and_share(podman_node: tuple[GraftMount, Sample, dict[str, str]]) -> None:
+    g, _, ids = podman_node
+    assert g.status()["layout"] == "containers-storage"
+    layers = records(g.path("overlay-layers", "layers.json"))
+    assert set(layers) == {ids["base0"], ids["base1"], ids["app"], ids["local_layer"]}
+    assert layers[ids["app"]]["parent"] == ids["base1"]  # the share's record as published
+    images = records(g.path("overlay-images", "images.json"))
+    assert set(images) == {ids["image_a"], ids["image_b"], ids["local_image"]}
+    listed = set(os.listdir(g.path("overlay-layers")))
+    assert {"layers.json", "layers.lock", f"{ids['app']}.tar-split.gz"} <= listed
+    assert ids["app"] not in listed  # the share's per-entry record directories are not shown
+    assert Path(g.path("overlay-layers", f"{ids['app']}.tar-split.gz")).read_bytes() == b"tar-split " + ids[
+        "app"].encode()
+    assert os.path.isdir(g.path("overlay", ids["app"], "diff"))
+    size = int(sh("stat", "-c", "%s", g.path("overlay-layers", "layers.json")).stdout)
+    assert size == len(Path(g.path("overlay-layers", "layers.json")).read_bytes())
+
+
+def test_runtime_rewrite_is_split_back(podman_node: tuple[GraftMount, Sample, dict[str, str]]) -> None:
+    g, sample, ids = podman_node
+    index = g.path("overlay-layers", "layers.json")
+    current = list(records(index).values())
+    new_layer = {"id": digest("layer:cs-new"), "parent": ids["local_layer"]}
+    written = [r for r in current if r["id"] != ids["base0"]] + [new_layer]  # podman deleted base0, added one
+    tmp = g.path("overlay-layers", ".tmp-layers.json123")
+    Path(tmp).write_text(json.dumps(written))
+    os.rename(tmp, index)  # what containers/storage's atomic write does
+    assert set(records(index)) == {ids["base1"], ids["app"], ids["local_layer"], new_layer["id"]}
+    own = json.loads(Path(sample.rw, "overlay-layers", "layers.json").read_text())
+    assert {r["id"] for r in own} == {ids["local_layer"], new_layer["id"]}  # shared records stay shared
+    assert not os.path.exists(os.path.join(sample.rw, "overlay-layers", ".tmp-layers.json123"))
+    assert "overlay-layers/" + ids["base0"] in g.status()["hidden"]  # type: ignore[operator]
+    g.remount()
+    assert set(records(index)) == {ids["base1"], ids["app"], ids["local_layer"], new_layer["id"]}
+    assert os.path.isdir(os.path.join(sample.share, "overlay-layers", ids["base0"]))  # the share is untouched
+
+
+def test_image_published_while_mounted_shows_in_images_json(
+        podman_node: tuple[GraftMount, Sample, dict[str, str]]) -> None:
+    g, sample, ids = podman_node
+    late = publish_sample_image(sample.share, "cs/late:1", [SampleLayer(digest("layer:cs-late"), ids["app"],
+                                                                        {"late": b"1"})])
+    wait_for(lambda: late in records(g.path("overlay-images", "images.json")), 2, "the late image in images.json")
+    assert digest("layer:cs-late") in records(g.path("overlay-layers", "layers.json"))
+
+
+def read_token(path: str) -> bytes:
+    fd = os.open(path, os.O_RDWR)  # as containers/storage opens its lock files
+    try:
+        return os.pread(fd, 64, 0)
+    finally:
+        os.close(fd)
+
+
+def test_lock_token_changes_with_the_share(podman_node: tuple[GraftMount, Sample, dict[str, str]]) -> None:
+    g, sample, ids = podman_node
+    lock = g.path("overlay-layers", "layers.lock")
+    first = read_token(lock)
+    assert len(first) == 64 and read_token(lock) == first  # stable while nothing changes
+    # this node's own write (a runtime's "last writer" token) changes what everyone reads
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"w" * 64, 0)
+        assert os.pread(fd, 64, 0) != first  # read back through the same open file, not a stale page
+    finally:
+        os.close(fd)
+    own = read_token(lock)
+    assert own != first and Path(sample.rw, "overlay-layers", "layers.lock").read_bytes() == b"w" * 64
+    # the share changes: the token seen through the mount changes too, without any local write
+    publish_sample_image(sample.share, "cs/token:1", [SampleLayer(digest("layer:cs-token"), ids["app"], {})])
+    wait_for(lambda: read_token(lock) != own, 2, "the lock token to change with the share")
+    assert Path(sample.rw, "overlay-layers", "layers.lock").read_bytes() == b"w" * 64  # RW keeps the real one
