@@ -21,7 +21,8 @@ VAGRANTFILE = Path(__file__).resolve().parent.parent / "Vagrantfile"
 NO_PROVIDER = "No usable default provider"
 GRAFTFS_FSTAB_LINE = (
     "none /var/lib/containers/storage graftfs "
-    "rw=/var/lib/graftfs/rw,ro=/mnt/graftfs-share,x-systemd.requires=/mnt/graftfs-share,_netdev 0 0"
+    "rw=/var/lib/graftfs/rw,ro=/mnt/graftfs-share,layout=containers-storage,"
+    "x-systemd.requires=/mnt/graftfs-share,_netdev 0 0"
 )
 
 
