@@ -20,6 +20,10 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
+#: What the kernel answers on a mount whose daemon is gone: ENOTCONN, or ECONNABORTED for
+#: requests caught in the connection's teardown.
+DEAD_MOUNT_ERRNOS = frozenset({errno.ENOTCONN, errno.ECONNABORTED})
+
 MNT_FORCE = 1
 MNT_DETACH = 2
 RUN_DIR = "/run/graftfs"

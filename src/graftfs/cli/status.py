@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from graftfs.fs import STATUS_XATTR
-from graftfs.mounts import FSTYPE, call_with_timeout, canonical, find_mount
+from graftfs.mounts import DEAD_MOUNT_ERRNOS, FSTYPE, call_with_timeout, canonical, find_mount
 
 NAME = "status"
 HELP = "show backing trees, visible layers and images per origin, hidden and skipped entries"
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         st = fetch_status(mp)
     except OSError as e:
-        if e.errno == errno.ENOTCONN:
+        if e.errno in DEAD_MOUNT_ERRNOS:
             print(f"graftfs status: {mp} is a dead mount (its daemon is gone); run: graftfs umount {mp}",
                   file=sys.stderr)
         else:

@@ -10,6 +10,7 @@ import sys
 import time
 
 from graftfs.mounts import (
+    DEAD_MOUNT_ERRNOS,
     FSTYPE,
     MNT_DETACH,
     call_with_timeout,
@@ -37,7 +38,7 @@ def _is_dead(mountpoint: str, timeout: float = 5.0) -> bool:
     try:
         call_with_timeout(lambda: os.stat(mountpoint), timeout, "the mount")
     except OSError as e:
-        return e.errno == errno.ENOTCONN
+        return e.errno in DEAD_MOUNT_ERRNOS
     return False
 
 
