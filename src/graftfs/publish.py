@@ -1,0 +1,228 @@
+"""Publishing images from a node's graph into a share, so that every node can use them.
+
+The share keeps one directory per layer and per image (the per-entry shape read by
+graftfs.layouts.share_tree). An entry becomes visible to readers only when it is complete, so
+each one is first written in full to a staging directory on the share itself, then renamed into
+place: layers bottom-up (the overlay directory, then its record), the image record last. A
+publisher killed half-way leaves staging debris (invisible to readers, cleaned up by a re-run)
+and never a half-visible image. Two publishers of the same content-addressed entry do not
+collide: whoever renames second finds the entry in place and keeps the first one.
+
+The source graph is a containers/storage graph directory (``layers.json``/``images.json``),
+plain or a graftfs mount.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from graftfs.layouts import MARKER_NAME
+from graftfs.layouts.containers_storage import read_records
+from graftfs.layouts.share_tree import ID_RE, IMAGES, LAYERS, MANAGED_DIRS, OVERLAY
+
+STAGING_DIR = ".graftfs-staging"
+MARKER_TEXT = "graftfs share v1\n"
+
+Record = dict[str, object]
+Progress = Callable[[str], None]
+
+
+class PublishError(Exception):
+    """Publishing cannot go on; the message is the one line the user sees."""
+
+
+@dataclass
+class LayerResult:
+    id: str
+    status: str  # "published" or "already published"
+    bytes: int = 0
+
+
+@dataclass
+class ImageResult:
+    id: str
+    names: list[str]
+    status: str = "published"
+    layers: list[LayerResult] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"id": self.id, "names": self.names, "status": self.status,
+                "layers": [vars(la) for la in self.layers]}
+
+
+@dataclass
+class Graph:
+    """A containers/storage graph directory's records."""
+
+    root: str
+    layers: dict[str, Record]
+    images: list[Record]
+
+    @classmethod
+    def load(cls, root: str) -> Graph:
+        if not os.path.isdir(os.path.join(root, LAYERS)):
+            raise PublishError(f"{root} is not a containers/storage graph (no {LAYERS}/)")
+        try:
+            layers = read_records(os.path.join(root, LAYERS, "layers.json"))
+            images = read_records(os.path.join(root, IMAGES, "images.json"))
+        except ValueError as e:
+            raise PublishError(str(e)) from None
+        return cls(root, {str(r.get("id")): r for r in layers}, images)
+
+    def find(self, ref: str) -> Record:
+        """An image by full id, unique id prefix, or name (``bb:1`` also matches ``localhost/bb:1``)."""
+        exact = [i for i in self.images if i.get("id") == ref or ref in _names(i)]
+        if len(exact) == 1:
+            return exact[0]
+        loose = [i for i in self.images
+                 if (len(ref) >= 4 and str(i.get("id", "")).startswith(ref))
+                 or any(n.endswith("/" + ref) or n.endswith("/" + ref + ":latest") for n in _names(i))]
+        if len(loose) == 1:
+            return loose[0]
+        if not loose:
+            raise PublishError(f"no image {ref!r} in {self.root}")
+        raise PublishError(f"{ref!r} matches {len(loose)} images in {self.root}; give the full id")
+
+    def chain(self, image: Record) -> list[Record]:
+        """The image's layers, bottom first."""
+        out: list[Record] = []
+        cur = image.get("layer")
+        while cur:
+            layer = self.layers.get(str(cur))
+            if layer is None:
+                raise PublishError(f"layer {str(cur)[:12]} of image {str(image.get('id'))[:12]} is not in the graph")
+            if len(out) > 1000:
+                raise PublishError(f"the layer chain of image {str(image.get('id'))[:12]} loops")
+            out.append(layer)
+            cur = layer.get("parent")
+        return list(reversed(out))
+
+
+def _names(image: Record) -> list[str]:
+    names = image.get("names")
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
+class Publisher:
+    def __init__(self, graph: Graph, share: str, progress: Progress | None = None) -> None:
+        self.graph = graph
+        self.share = share
+        self.progress = progress or (lambda line: None)
+        self.staging = os.path.join(share, STAGING_DIR, uuid.uuid4().hex)
+
+    def publish(self, ref: str) -> ImageResult:
+        image = self.graph.find(ref)
+        iid = str(image.get("id"))
+        if not ID_RE.match(iid):
+            raise PublishError(f"image id {iid[:70]!r} is not a 64-hex id")
+        result = ImageResult(iid, _names(image))
+        self._lay_out_share()
+        layers = self.graph.chain(image)
+        try:
+            for n, layer in enumerate(layers, 1):
+                result.layers.append(self._layer(layer))
+                self.progress(f"layer {n}/{len(layers)} {str(layer['id'])[:12]}: {result.layers[-1].status}")
+            result.status = self._image(image)
+            self.progress(f"image {iid[:12]} {' '.join(result.names)}: {result.status}")
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        return result
+
+    def _lay_out_share(self) -> None:
+        """An empty directory becomes a share (its marker written last, atomically)."""
+        if os.path.exists(os.path.join(self.share, MARKER_NAME)):
+            pass
+        elif any(os.path.exists(os.path.join(self.share, d)) for d in MANAGED_DIRS):
+            pass  # a share without a marker (written by iSulad): publish into it as it is
+        else:
+            tmp = os.path.join(self.share, f"{MARKER_NAME}.{uuid.uuid4().hex}")
+            with open(tmp, "w") as f:
+                f.write(MARKER_TEXT)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, os.path.join(self.share, MARKER_NAME))
+        for d in MANAGED_DIRS:
+            os.makedirs(os.path.join(self.share, d), exist_ok=True)
+        os.makedirs(self.staging, exist_ok=True)
+
+    def _layer(self, record: Record) -> LayerResult:
+        lid = str(record["id"])
+        overlay_dst = os.path.join(self.share, OVERLAY, lid)
+        record_dst = os.path.join(self.share, LAYERS, lid)
+        if os.path.exists(os.path.join(overlay_dst, "link")) and os.path.exists(os.path.join(record_dst, "layer.json")):
+            return LayerResult(lid, "already published")
+        src = os.path.join(self.graph.root, OVERLAY, lid)
+        stage = os.path.join(self.staging, lid)
+        os.makedirs(stage)
+        size = _copy_overlay_dir(src, os.path.join(stage, "overlay"))
+        rec_dir = os.path.join(stage, "record")
+        os.mkdir(rec_dir)
+        _write_json(os.path.join(rec_dir, "layer.json"), record)
+        tar_split = os.path.join(self.graph.root, LAYERS, f"{lid}.tar-split.gz")
+        if os.path.exists(tar_split):
+            shutil.copyfile(tar_split, os.path.join(rec_dir, f"{lid}.tar-split.gz"))
+        _sync_tree(stage)
+        _place(os.path.join(stage, "overlay"), overlay_dst)
+        _place(rec_dir, record_dst)
+        return LayerResult(lid, "published", size)
+
+    def _image(self, record: Record) -> str:
+        iid = str(record["id"])
+        dst = os.path.join(self.share, IMAGES, iid)
+        if os.path.exists(os.path.join(dst, "images.json")):
+            return "already published"
+        stage = os.path.join(self.staging, iid)
+        src = os.path.join(self.graph.root, IMAGES, iid)
+        if os.path.isdir(src):
+            shutil.copytree(src, stage, symlinks=True)  # manifest, config and other big-data files
+        else:
+            os.makedirs(stage)
+        _write_json(os.path.join(stage, "images.json"), record)
+        _sync_tree(stage)
+        return "published" if _place(stage, dst) else "already published"
+
+
+def _copy_overlay_dir(src: str, dst: str) -> int:
+    """Copy a layer's overlay directory: diff (everything kept: owners, modes, xattrs, whiteout
+    devices, hard links), its link and lower files; an empty work/. Returns the bytes copied."""
+    os.makedirs(dst)
+    for name in ("link", "lower"):
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    if not os.path.exists(os.path.join(dst, "link")):
+        raise PublishError(f"{src} has no link file: not a complete overlay layer")
+    os.mkdir(os.path.join(dst, "work"))
+    res = subprocess.run(["cp", "-a", "--", os.path.join(src, "diff"), os.path.join(dst, "diff")],
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if res.returncode != 0:
+        raise PublishError(f"copying {src}/diff failed: {res.stderr.strip().splitlines()[-1:]}")
+    return sum(os.lstat(os.path.join(d, f)).st_size for d, _, files in os.walk(os.path.join(dst, "diff"))
+               for f in files)
+
+
+def _write_json(path: str, record: Record) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(record, f)
+
+
+def _sync_tree(path: str) -> None:
+    """Make a staged entry durable before it is renamed into view (a reader on another node
+    must never see a visible entry whose files are not on the server)."""
+    subprocess.run(["sync", "-f", path], check=False, stdin=subprocess.DEVNULL)
+
+
+def _place(stage: str, dst: str) -> bool:
+    """Rename a staged entry into place; False when another publisher got there first."""
+    try:
+        os.rename(stage, dst)
+    except OSError as e:
+        if os.path.isdir(dst):
+            return False  # ENOTEMPTY/EEXIST: already in place, keep the first
+        raise PublishError(f"placing {dst} failed: {e.strerror}") from None
+    return True

@@ -1,0 +1,240 @@
+"""Real podman (containers/storage, native overlay driver) on graftfs graphs: one node's whole
+lifecycle, and two nodes sharing images published by `graftfs publish`.
+
+Each node gets its own storage.conf/containers.conf (graphroot on its graftfs mount, runroot in
+a temp dir, runc, no network) through CONTAINERS_STORAGE_CONF/CONTAINERS_CONF; nothing under
+/etc/containers or /var/lib/containers is touched. Images are built without a registry from a
+busybox-static rootfs. Teardown removes containers and any mount podman left below the test's
+directory before graftfs is unmounted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import GraftMount, graftfs_cmd, needs_mount, wait_for
+from graftfs.mounts import MNT_DETACH, mount_table, umount
+
+pytestmark = [needs_mount, pytest.mark.skipif(shutil.which("podman") is None, reason="podman is not installed")]
+
+MountFactory = Callable[..., GraftMount]
+BUSYBOX = "/bin/busybox"
+
+
+@pytest.fixture(scope="module")
+def busybox_tar(tmp_path_factory: pytest.TempPathFactory) -> str:
+    if not os.path.exists(BUSYBOX):
+        pytest.skip("busybox-static is not installed")
+    root = tmp_path_factory.mktemp("rootfs")
+    (root / "bin").mkdir()
+    shutil.copy(BUSYBOX, root / "bin" / "busybox")
+    for applet in ("sh", "echo", "cat", "ls", "rm", "touch", "dd", "sha256sum", "sleep", "mkdir", "head"):
+        os.symlink("busybox", root / "bin" / applet)
+    for d in ("etc", "proc", "sys", "dev", "tmp"):
+        (root / d).mkdir()
+    tar = str(tmp_path_factory.mktemp("image") / "busybox.tar")
+    subprocess.run(["tar", "-C", str(root), "-cf", tar, "."], check=True, timeout=60)
+    return tar
+
+
+@dataclass
+class Node:
+    """One node: a graftfs mount as podman's graph, and podman pointed at it."""
+
+    name: str
+    mount: GraftMount
+    env: dict[str, str]
+
+    def podman(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+        # output goes to files, not pipes: with a pipe, podman 4.3 waits ~20 s for conmon at exit
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            code = subprocess.run(["timeout", "-k", "5", str(timeout), "podman", *args], stdout=out, stderr=err,
+                                  env=self.env, timeout=timeout + 15, stdin=subprocess.DEVNULL).returncode
+            out.seek(0)
+            err.seek(0)
+            res = subprocess.CompletedProcess(args, code, out.read(), err.read())
+        if check:
+            assert res.returncode == 0, f"podman {' '.join(args)} on {self.name}: {res.stderr[-2000:]}"
+        return res
+
+    def images(self) -> set[str]:
+        out = self.podman("images", "--format", "{{.ID}} {{.Repository}}:{{.Tag}}").stdout.split("\n")
+        return {line.split()[1] for line in out if line.strip()}
+
+
+@pytest.fixture
+def make_node(tmp_path: Path, mount_factory: MountFactory) -> Iterator[Callable[[str, str], Node]]:
+    nodes: list[Node] = []
+
+    short = Path(tempfile.mkdtemp(prefix="gfs-", dir="/tmp"))  # conmon's socket paths must stay short
+
+    def make(name: str, share: str) -> Node:
+        base = tmp_path / name
+        rw, run, tmp = base / "rw", short / name / "run", short / name / "tmp"
+        for d in (rw, run, tmp):
+            d.mkdir(parents=True)
+        mount = mount_factory(str(rw), [share], "--layout", "containers-storage", name=f"{name}-graph")
+        (base / "storage.conf").write_text(
+            f'[storage]\ndriver = "overlay"\ngraphroot = "{mount.mnt}"\nrunroot = "{run}"\n')
+        (base / "containers.conf").write_text(
+            '[containers]\nnetns = "none"\ndefault_ulimits = ["nofile=10000:10000", "nproc=32768:32768"]\n'
+            '[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
+            f'tmp_dir = "{run}/libpod-tmp"\n')
+        env = {**os.environ, "CONTAINERS_STORAGE_CONF": str(base / "storage.conf"),
+               "CONTAINERS_CONF": str(base / "containers.conf"), "TMPDIR": str(tmp)}
+        node = Node(name, mount, env)
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        node.podman("rm", "-af", "-t", "0", timeout=60, check=False)
+        node.podman("unmount", "-a", timeout=60, check=False)
+    _unmount_below(str(tmp_path), keep={n.mount.mnt for n in nodes})
+    _unmount_below(str(short), keep=set())
+    shutil.rmtree(short, ignore_errors=True)
+
+
+def _unmount_below(top: str, keep: set[str]) -> None:
+    """Detach what podman may have left mounted below ``top`` (deepest first)."""
+    for entry in sorted(mount_table(), key=lambda m: -len(m.mountpoint)):
+        if entry.mountpoint.startswith(top + "/") and entry.mountpoint not in keep:
+            with contextlib.suppress(OSError):
+                umount(entry.mountpoint, MNT_DETACH)
+
+
+@pytest.fixture
+def share(tmp_path: Path) -> str:
+    path = tmp_path / "share"
+    path.mkdir()  # empty: the first publish lays it out
+    return str(path)
+
+
+def test_podman_lifecycle_on_one_node(make_node: Callable[[str, str], Node], share: str, busybox_tar: str) -> None:
+    node = make_node("node", share)
+    info = json.loads(node.podman("info", "--format", "json").stdout)
+    status = dict(info["store"]["graphStatus"])
+    assert info["store"]["graphDriverName"] == "overlay" and status.get("Native Overlay Diff") == "true", status
+    assert "mount_program" not in json.dumps(info["store"].get("graphOptions", {}))
+    node.podman("import", busybox_tar, "localhost/bb:1")
+    assert node.podman("run", "--rm", "localhost/bb:1", "echo", "hello").stdout == "hello\n"
+    node.podman("run", "--name", "c1", "localhost/bb:1", "sh", "-c", "echo data > /f; rm /bin/touch")
+    node.podman("commit", "-q", "c1", "localhost/bb:2")
+    out = node.podman("run", "--rm", "localhost/bb:2", "sh", "-c", "cat /f; ls /bin/touch || echo whiteout").stdout
+    assert out == "data\nwhiteout\n"
+    assert node.images() == {"localhost/bb:1", "localhost/bb:2"}
+    node.podman("rm", "c1")
+    node.podman("rmi", "localhost/bb:1")  # untags only: bb:2 still uses its layer
+    node.mount.remount()
+    assert node.images() == {"localhost/bb:2"}
+    assert node.podman("run", "--rm", "localhost/bb:2", "cat", "/f").stdout == "data\n"
+    assert node.mount.status()["layout"] == "containers-storage"
+
+
+def _service(node: Node, sock: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{sock}"], env=node.env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    wait_for(lambda: os.path.exists(sock), 30, "the podman API socket")
+    return proc
+
+
+def _service_images(sock: str) -> set[str]:
+    res = subprocess.run(["curl", "-s", "--max-time", "20", "--unix-socket", sock,
+                          "http://d/v4.0.0/libpod/images/json"], capture_output=True, text=True, timeout=30)
+    return {name for image in json.loads(res.stdout or "[]") for name in image.get("Names") or []}
+
+
+def test_two_nodes_share_a_published_image(make_node: Callable[[str, str], Node], share: str, busybox_tar: str,
+                                           tmp_path: Path) -> None:
+    a, b = make_node("a", share), make_node("b", share)
+    sock = str(tmp_path / "b-api.sock")
+    service = _service(b, sock)
+    try:
+        assert _service_images(sock) == set()
+        a.podman("import", busybox_tar, "localhost/base:1")
+        a.podman("run", "--name", "build", "localhost/base:1", "sh", "-c", "echo shared > /shared.txt; rm /bin/touch")
+        a.podman("commit", "-q", "build", "localhost/app:1")
+        pub = graftfs_cmd("publish", "--graph", a.mount.mnt, "--share", share, "--json", "localhost/app:1")
+        assert pub.returncode == 0, pub.stderr
+        summary = json.loads(pub.stdout)
+        assert summary["images"][0]["status"] == "published" and len(summary["images"][0]["layers"]) == 2
+        assert os.path.exists(os.path.join(share, ".graftfs-share"))  # the first publish laid the share out
+        # node B, never restarted, sees it: the CLI and the long-running API service
+        wait_for(lambda: "localhost/app:1" in b.images(), 5, "node B to list the published image")
+        wait_for(lambda: "localhost/app:1" in _service_images(sock), 10, "the API service on B to list it")
+        out = b.podman("run", "--rm", "localhost/app:1", "sh", "-c", "cat /shared.txt; ls /bin/touch || echo gone")
+        assert out.stdout == "shared\ngone\n"
+        # B's RW tree holds no copy of the shared layers
+        layers = [la["id"] for la in summary["images"][0]["layers"]]
+        rw_b = Path(b.mount.rw)
+        assert not any((rw_b / "overlay" / lid / "diff").exists() for lid in layers)
+        assert not any(p.name == "shared.txt" for p in rw_b.rglob("*"))
+        # publishing again finds everything in place
+        again = graftfs_cmd("publish", "--graph", a.mount.mnt, "--share", share, "--json", "localhost/app:1")
+        assert json.loads(again.stdout)["images"][0]["status"] == "already published"
+        # rmi on B hides the image for B only, while A runs a container from it
+        a.podman("run", "-d", "--name", "running", "localhost/app:1", "sleep", "300")
+        b.podman("rmi", "localhost/app:1")
+        assert "localhost/app:1" not in b.images()
+        assert "localhost/app:1" in a.images()
+        assert a.podman("exec", "running", "cat", "/shared.txt").stdout == "shared\n"
+        assert os.path.isdir(os.path.join(share, "overlay-images", summary["images"][0]["id"]))
+    finally:
+        os.killpg(service.pid, signal.SIGTERM)
+        try:
+            service.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(service.pid, signal.SIGKILL)
+            service.wait(timeout=10)
+
+
+def test_big_multi_layer_image_and_killed_publish(make_node: Callable[[str, str], Node], share: str,
+                                                  busybox_tar: str) -> None:
+    a, b = make_node("a", share), make_node("b", share)
+    a.podman("import", busybox_tar, "localhost/ml:0")
+    tag = "localhost/ml:0"
+    for i in range(1, 5):  # four small layers on the base
+        a.podman("run", "--name", f"l{i}", tag, "sh", "-c", f"mkdir -p /data && echo layer{i} > /data/{i}.txt")
+        tag = f"localhost/ml:{i}"
+        a.podman("commit", "-q", f"l{i}", tag)
+    a.podman("run", "--name", "big", tag, "sh", "-c",
+             "dd if=/dev/urandom of=/big bs=1M count=200 2>/dev/null && sha256sum /big > /big.sha")
+    a.podman("commit", "-q", "big", "localhost/ml:big")
+    want = a.podman("run", "--rm", "localhost/ml:big", "cat", "/big.sha").stdout
+    image_id = a.podman("image", "inspect", "--format", "{{.Id}}", "localhost/ml:big").stdout.strip()
+    # a publisher killed half-way through the big layer: nothing of the image shows anywhere
+    argv = [sys.executable, "-m", "graftfs", "publish", "--graph", a.mount.mnt, "--share", share, "localhost/ml:big"]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = Path(share, ".graftfs-staging")
+
+    def copying_big() -> bool:
+        return any(p.name == "big" for p in staging.rglob("big")) if staging.exists() else False
+
+    wait_for(copying_big, 60, "the publisher to start copying the big layer")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert not os.path.exists(os.path.join(share, "overlay-images", image_id))
+    time.sleep(1.5)  # several watcher polls
+    assert "localhost/ml:big" not in b.images()
+    # a re-run completes it; B reads the big file back intact
+    pub = graftfs_cmd("publish", "--graph", a.mount.mnt, "--share", share, "--json", "localhost/ml:big", timeout=300)
+    assert pub.returncode == 0, pub.stderr
+    layers = json.loads(pub.stdout)["images"][0]["layers"]
+    assert len(layers) >= 6 and max(la["bytes"] for la in layers) >= 200 * 1024 * 1024
+    wait_for(lambda: "localhost/ml:big" in b.images(), 5, "node B to list the big image")
+    got = b.podman("run", "--rm", "localhost/ml:big", "sh", "-c", "sha256sum /big; cat /data/1.txt /data/4.txt")
+    assert got.stdout == want + "layer1\nlayer4\n"
