@@ -183,6 +183,8 @@ def test_two_nodes_share_a_published_image(make_node: Callable[[str, str], Node]
         rw_b = Path(b.mount.rw)
         assert not any((rw_b / "overlay" / lid / "diff").exists() for lid in layers)
         assert not any(p.name == "shared.txt" for p in rw_b.rglob("*"))
+        own_layers = json.loads((rw_b / "overlay-layers" / "layers.json").read_text() or "[]")
+        assert not {r["id"] for r in own_layers} & set(layers)  # shared records are not duplicated either
         # publishing again finds everything in place
         again = graftfs_cmd("publish", "--graph", a.mount.mnt, "--share", share, "--json", "localhost/app:1")
         assert json.loads(again.stdout)["images"][0]["status"] == "already published"
@@ -238,3 +240,28 @@ def test_big_multi_layer_image_and_killed_publish(make_node: Callable[[str, str]
     wait_for(lambda: "localhost/ml:big" in b.images(), 5, "node B to list the big image")
     got = b.podman("run", "--rm", "localhost/ml:big", "sh", "-c", "sha256sum /big; cat /data/1.txt /data/4.txt")
     assert got.stdout == want + "layer1\nlayer4\n"
+
+
+def test_publish_from_a_plain_podman_graph(make_node: Callable[[str, str], Node], share: str, busybox_tar: str,
+                                           tmp_path: Path) -> None:
+    reader = make_node("reader", share)
+    plain = tmp_path / "plain-graph"
+    plain.mkdir()
+    writer = Node("plain", reader.mount, dict(reader.env))  # podman on an ordinary directory, no graftfs
+    conf = tmp_path / "plain.conf"
+    run = Path(reader.env["TMPDIR"]).parent / "plain-run"
+    conf.write_text(f'[storage]\ndriver = "overlay"\ngraphroot = "{plain}"\nrunroot = "{run}"\n')
+    writer.env["CONTAINERS_STORAGE_CONF"] = str(conf)
+    try:
+        writer.podman("import", busybox_tar, "localhost/plain:1")
+        pub = graftfs_cmd("publish", "--graph", str(plain), "--share", share, "plain:1")
+        assert pub.returncode == 0, pub.stderr
+        assert "published (1 of 1 layers copied)" in pub.stdout
+        wait_for(lambda: "localhost/plain:1" in reader.images(), 5, "the reader to list the image")
+        assert reader.podman("run", "--rm", "localhost/plain:1", "echo", "from a plain graph").stdout == (
+            "from a plain graph\n")
+        du = subprocess.run(["du", "-sb", reader.mount.rw], capture_output=True, text=True, timeout=60)
+        assert int(du.stdout.split()[0]) < 512 * 1024  # the reader keeps no copy of the ~2 MB layer
+    finally:
+        writer.podman("rm", "-af", "-t", "0", timeout=60, check=False)
+        _unmount_below(str(plain), keep=set())
