@@ -31,6 +31,10 @@ MARKER_TEXT = "graftfs share v1\n"
 
 Record = dict[str, object]
 Progress = Callable[[str], None]
+#: Called while a layer is copied with (bytes copied so far, bytes expected); for a progress bar.
+Meter = Callable[[int, int], None]
+#: How often a running copy is measured for the progress bar.
+METER_INTERVAL = 0.5
 
 
 class PublishError(Exception):
@@ -110,10 +114,12 @@ def _names(image: Record) -> list[str]:
 
 
 class Publisher:
-    def __init__(self, graph: Graph, share: str, progress: Progress | None = None) -> None:
+    def __init__(self, graph: Graph, share: str, progress: Progress | None = None, meter: Meter | None = None
+                 ) -> None:
         self.graph = graph
         self.share = share
         self.progress = progress or (lambda line: None)
+        self.meter = meter
         self.staging = os.path.join(share, STAGING_DIR, uuid.uuid4().hex)
 
     def publish(self, ref: str) -> ImageResult:
@@ -122,8 +128,8 @@ class Publisher:
         if not ID_RE.match(iid):
             raise PublishError(f"image id {iid[:70]!r} is not a 64-hex id")
         result = ImageResult(iid, _names(image))
+        layers = self.graph.chain(image)  # before touching the share: a broken graph changes nothing
         self._lay_out_share()
-        layers = self.graph.chain(image)
         try:
             for n, layer in enumerate(layers, 1):
                 result.layers.append(self._layer(layer))
@@ -153,6 +159,8 @@ class Publisher:
 
     def _layer(self, record: Record) -> LayerResult:
         lid = str(record["id"])
+        if not ID_RE.match(lid):
+            raise PublishError(f"layer id {lid[:70]!r} is not a 64-hex id")
         overlay_dst = os.path.join(self.share, OVERLAY, lid)
         record_dst = os.path.join(self.share, LAYERS, lid)
         if os.path.exists(os.path.join(overlay_dst, "link")) and os.path.exists(os.path.join(record_dst, "layer.json")):
@@ -160,7 +168,9 @@ class Publisher:
         src = os.path.join(self.graph.root, OVERLAY, lid)
         stage = os.path.join(self.staging, lid)
         os.makedirs(stage)
-        size = _copy_overlay_dir(src, os.path.join(stage, "overlay"))
+        expected = record.get("diff-size")
+        size = _copy_overlay_dir(src, os.path.join(stage, "overlay"), self.meter,
+                                 expected if isinstance(expected, int) else 0)
         rec_dir = os.path.join(stage, "record")
         os.mkdir(rec_dir)
         _write_json(os.path.join(rec_dir, "layer.json"), record)
@@ -188,9 +198,10 @@ class Publisher:
         return "published" if _place(stage, dst) else "already published"
 
 
-def _copy_overlay_dir(src: str, dst: str) -> int:
+def _copy_overlay_dir(src: str, dst: str, meter: Meter | None = None, expected: int = 0) -> int:
     """Copy a layer's overlay directory: diff (everything kept: owners, modes, xattrs, whiteout
-    devices, hard links), its link and lower files; an empty work/. Returns the bytes copied."""
+    devices, hard links), its link and lower files; an empty work/. Returns the bytes copied.
+    With a ``meter``, the copy's progress is measured every METER_INTERVAL seconds."""
     os.makedirs(dst)
     for name in ("link", "lower"):
         if os.path.exists(os.path.join(src, name)):
@@ -198,12 +209,34 @@ def _copy_overlay_dir(src: str, dst: str) -> int:
     if not os.path.exists(os.path.join(dst, "link")):
         raise PublishError(f"{src} has no link file: not a complete overlay layer")
     os.mkdir(os.path.join(dst, "work"))
-    res = subprocess.run(["cp", "-a", "--", os.path.join(src, "diff"), os.path.join(dst, "diff")],
-                         capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if res.returncode != 0:
-        raise PublishError(f"copying {src}/diff failed: {res.stderr.strip().splitlines()[-1:]}")
-    return sum(os.lstat(os.path.join(d, f)).st_size for d, _, files in os.walk(os.path.join(dst, "diff"))
-               for f in files)
+    with subprocess.Popen(["cp", "-a", "--", os.path.join(src, "diff"), os.path.join(dst, "diff")],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          stdin=subprocess.DEVNULL) as cp:
+        while meter is not None:
+            try:
+                cp.wait(METER_INTERVAL)
+                break
+            except subprocess.TimeoutExpired:
+                meter(_tree_bytes(os.path.join(dst, "diff")), expected)
+        err = cp.communicate()[1]
+    if cp.returncode != 0:
+        last = err.strip().splitlines()[-1] if err.strip() else f"exit status {cp.returncode}"
+        raise PublishError(f"copying {src}/diff failed: {last}")
+    size = _tree_bytes(os.path.join(dst, "diff"))
+    if meter is not None:
+        meter(size, max(size, expected))
+    return size
+
+
+def _tree_bytes(path: str) -> int:
+    total = 0
+    for d, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(d, f)).st_size
+            except OSError:
+                continue  # being written right now
+    return total
 
 
 def _write_json(path: str, record: Record) -> None:

@@ -31,11 +31,18 @@ def run(args: argparse.Namespace) -> int:
             return
         print(("\r\033[K" if tty else "") + line, end="" if tty else "\n", file=sys.stderr, flush=True)
 
+    def meter(done: int, expected: int) -> None:
+        width = 30
+        frac = min(1.0, done / expected) if expected else 0.0
+        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+        print(f"\r\033[K  [{bar}] {done / 2**20:8.1f} / {expected / 2**20:.1f} MiB", end="", file=sys.stderr,
+              flush=True)
+
     results = []
     try:
         graph = Graph.load(args.graph)
         for ref in args.images:
-            result = Publisher(graph, args.share, progress).publish(ref)
+            result = Publisher(graph, args.share, progress, meter if tty else None).publish(ref)
             results.append(result)
             if tty:
                 print(file=sys.stderr)
