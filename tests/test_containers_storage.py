@@ -41,7 +41,7 @@ def podman_node(tmp_path: Path, mount_factory: MountFactory) -> tuple[GraftMount
     local_layer, local_image = digest("layer:cs-local"), digest("image:cs-local")
     for d in ("overlay-layers", "overlay-images", "overlay/l"):
         (rw / d).mkdir(parents=True)
-    (rw / "overlay-layers" / "layers.json").write_text(json.dumps([{"id": local_layer, "parent": app[-1].id}]))
+    (rw / "overlay-layers" / "layers.json").write_text(json.dumps([{"id": local_layer, "parent": base[-1].id}]))
     (rw / "overlay-images" / "images.json").write_text(json.dumps([{"id": local_image, "layer": local_layer}]))
     (rw / "overlay-layers" / "layers.lock").write_bytes(b"\0" * 64)
     share_ro = str(tmp_path / "share-ro")
@@ -77,20 +77,29 @@ def test_index_files_merge_node_and_share(podman_node: tuple[GraftMount, Sample,
 def test_runtime_rewrite_is_split_back(podman_node: tuple[GraftMount, Sample, dict[str, str]]) -> None:
     g, sample, ids = podman_node
     index = g.path("overlay-layers", "layers.json")
-    current = list(records(index).values())
+    current = json.loads(Path(index).read_text())  # read by the process that rewrites it, as podman does
     new_layer = {"id": digest("layer:cs-new"), "parent": ids["local_layer"]}
-    written = [r for r in current if r["id"] != ids["base0"]] + [new_layer]  # podman deleted base0, added one
+    written = [r for r in current if r["id"] != ids["app"]] + [new_layer]  # podman deleted a leaf, added one
     tmp = g.path("overlay-layers", ".tmp-layers.json123")
     Path(tmp).write_text(json.dumps(written))
     os.rename(tmp, index)  # what containers/storage's atomic write does
-    assert set(records(index)) == {ids["base1"], ids["app"], ids["local_layer"], new_layer["id"]}
+    assert set(records(index)) == {ids["base0"], ids["base1"], ids["local_layer"], new_layer["id"]}
+    assert ids["image_b"] not in records(g.path("overlay-images", "images.json"))  # its top layer is gone here
     own = json.loads(Path(sample.rw, "overlay-layers", "layers.json").read_text())
     assert {r["id"] for r in own} == {ids["local_layer"], new_layer["id"]}  # shared records stay shared
     assert not os.path.exists(os.path.join(sample.rw, "overlay-layers", ".tmp-layers.json123"))
-    assert "overlay-layers/" + ids["base0"] in g.status()["hidden"]  # type: ignore[operator]
+    assert "overlay-layers/" + ids["app"] in g.status()["hidden"]  # type: ignore[operator]
     g.remount()
-    assert set(records(index)) == {ids["base1"], ids["app"], ids["local_layer"], new_layer["id"]}
-    assert os.path.isdir(os.path.join(sample.share, "overlay-layers", ids["base0"]))  # the share is untouched
+    assert set(records(index)) == {ids["base0"], ids["base1"], ids["local_layer"], new_layer["id"]}
+    assert os.path.isdir(os.path.join(sample.share, "overlay-layers", ids["app"]))  # the share is untouched
+    # a record published after this process read the file is not taken as deleted by its rewrite
+    late = publish_sample_image(sample.share, "cs/after-read:1", [SampleLayer(digest("layer:cs-after"), ids["base1"],
+                                                                             {})])
+    before = json.loads(Path(index).read_text())
+    wait_for(lambda: late in records(g.path("overlay-images", "images.json")), 2, "the late image")
+    Path(tmp).write_text(json.dumps([*before, {"id": digest("layer:cs-new2"), "parent": ids["local_layer"]}]))
+    os.rename(tmp, index)
+    assert digest("layer:cs-after") in records(index)
 
 
 def test_image_published_while_mounted_shows_in_images_json(

@@ -37,8 +37,8 @@ class Attr:
         return cls(stat.S_IFDIR | mode, 2, 0, 0, 4096, 0, 8, 4096, mtime_ns, mtime_ns, mtime_ns)
 
     @classmethod
-    def synthetic_file(cls, size: int, mtime_ns: int, mode: int = 0o600) -> Attr:
-        return cls(stat.S_IFREG | mode, 1, 0, 0, size, 0, (size + 511) // 512, 4096, mtime_ns, mtime_ns, mtime_ns)
+    def synthetic_file(cls, size: int, mtime_ns: int, mode: int = 0o600, uid: int = 0, gid: int = 0) -> Attr:
+        return cls(stat.S_IFREG | mode, 1, uid, gid, size, 0, (size + 511) // 512, 4096, mtime_ns, mtime_ns, mtime_ns)
 
     @classmethod
     def synthetic_symlink(cls, target: str, mtime_ns: int) -> Attr:

@@ -225,7 +225,7 @@ class GraftOperations(pyfuse3.Operations):
             return self._entry(node, Attr.from_stat(st))
         vpath = self._path(inode)
         res = await self.workers.run(self._setattr_path, vpath, attr, fields, fh)
-        return self._entry(node, res.attr)
+        return self._entry(node, res.attr, volatile=_volatile(res))
 
     def _setattr_path(
         self, vpath: VPath, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
@@ -307,6 +307,9 @@ class GraftOperations(pyfuse3.Operations):
         node = self.inodes.child(parent, sname)
         node.open_fds.add(fd)
         self._files[fd] = (node, True)
+        if vpath in LOCK_PATHS:  # a lock file created through the mount: its token is mixed too
+            self._token_fds.add(fd)
+            return pyfuse3.FileInfo(fh=fd, direct_io=True), entry
         return pyfuse3.FileInfo(fh=fd, keep_cache=self.keep_cache), entry
 
     @fuse_boundary
@@ -329,7 +332,7 @@ class GraftOperations(pyfuse3.Operations):
         old_parent, old_name, src = self._child_path(parent_inode_old, name_old)
         new_parent, new_name, dst = self._child_path(parent_inode_new, name_new)
         with self.inodes.busy((old_parent, old_name), (new_parent, new_name)):
-            await self.workers.run(self.ns.rename, src, dst, flags)
+            await self.workers.run(self.ns.rename, src, dst, flags, ctx.pid)
             if flags & RENAME_EXCHANGE:
                 self.inodes.exchange(old_parent, old_name, new_parent, new_name)
             else:
@@ -341,7 +344,7 @@ class GraftOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
         vpath = self._path(inode)
-        fd, in_rw = await self.workers.run(self.ns.open, vpath, flags)
+        fd, in_rw = await self.workers.run(self.ns.open, vpath, flags, ctx.pid)
         node.open_fds.add(fd)
         self._files[fd] = (node, in_rw)
         if in_rw and vpath in LOCK_PATHS:

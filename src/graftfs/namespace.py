@@ -57,7 +57,8 @@ class Layout(Protocol):
     def synthetic_names(self, vpath: VPath) -> list[str]: ...
     def missing(self, tree: int, vpath: VPath) -> Attr | None: ...
     def merged(self, vpath: VPath, hides: HideView) -> Synthetic | None: ...
-    def absorb(self, vpath: VPath, written: str, hides: HideView) -> None: ...
+    def absorb(self, vpath: VPath, written: str, hides: HideView, writer: int = 0) -> None: ...
+    def note_read(self, vpath: VPath, reader: int) -> None: ...
     def status(self) -> dict[str, object]: ...
 
 
@@ -306,6 +307,9 @@ class Namespace:
     def copy_up(self, vpath: VPath, with_data: bool = True) -> str:
         """Make ``vpath`` an RW entry (files get a full copy unless ``with_data`` is False)."""
         res = self.resolve(vpath)
+        if res.top.content is not None:
+            raise PermissionError(errno.EPERM, "a merged file is changed by renaming a new one over it",
+                                  "/".join(vpath))
         if res.top.is_rw:
             assert res.top.path is not None
             return res.top.path
@@ -412,16 +416,21 @@ class Namespace:
 
     # -- opening ----------------------------------------------------------------------------
 
-    def open(self, vpath: VPath, flags: int) -> tuple[int, bool]:
+    def open(self, vpath: VPath, flags: int, pid: int = 0) -> tuple[int, bool]:
         """Open a file; writers get an RW copy first. Returns (backing fd, fd is on RW).
         A merged file opens as an in-memory copy of its current content."""
         flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
         res = self.resolve(vpath)
+        if res.top.content is not None:
+            if writing:
+                # the runtime replaces index files by renaming a new file over them, which is split
+                # back into this node's records; an in-place write could not be told apart
+                raise PermissionError(errno.EPERM, "replace this file by renaming a new one over it", "/".join(vpath))
+            self.layout.note_read(vpath, pid)
+            return _memory_file(res.top.content), False
         if writing:
             return os.open(self.copy_up(vpath, with_data=not flags & os.O_TRUNC), flags), True
-        if res.top.content is not None:
-            return _memory_file(res.top.content), False
         if res.top.path is None:
             raise OSError(errno.ELOOP, "cannot open a symlink", "/".join(vpath))
         return os.open(res.top.path, flags), res.top.is_rw
@@ -463,12 +472,13 @@ class Namespace:
         if res.is_dir and res.ro_visible:
             raise OSError(errno.EXDEV, "directory with shared content cannot be renamed", "/".join(res.vpath))
 
-    def rename(self, src: VPath, dst: VPath, flags: int = 0) -> None:
-        """rename(2) over the view, honouring RENAME_NOREPLACE/EXCHANGE/WHITEOUT."""
+    def rename(self, src: VPath, dst: VPath, flags: int = 0, pid: int = 0) -> None:
+        """rename(2) over the view, honouring RENAME_NOREPLACE/EXCHANGE/WHITEOUT; ``pid`` is the
+        process asking (a merged file's split needs to know what that process read)."""
         with self._mutating:
-            self._rename(src, dst, flags)
+            self._rename(src, dst, flags, pid)
 
-    def _rename(self, src: VPath, dst: VPath, flags: int) -> None:
+    def _rename(self, src: VPath, dst: VPath, flags: int, pid: int = 0) -> None:
         if self.is_private(dst) or self.is_private(src):
             raise PermissionError(errno.EPERM, "name reserved for graftfs state", "/".join(dst))
         src_res = self.resolve(src)
@@ -479,7 +489,7 @@ class Namespace:
                 and stat.S_ISREG(src_res.attr.mode):
             # the runtime replaces a merged index file: keep its own records, hide what it dropped
             try:
-                self.layout.absorb(dst, self.rw_path(src), self.hides)
+                self.layout.absorb(dst, self.rw_path(src), self.hides, pid)
                 return
             except ValueError as e:
                 log.error("%s: kept as written, its records are this node's own", e)

@@ -14,9 +14,12 @@ plain or a graftfs mount.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import uuid
 from collections.abc import Callable
@@ -171,6 +174,7 @@ class Publisher:
         expected = record.get("diff-size")
         size = _copy_overlay_dir(src, os.path.join(stage, "overlay"), self.meter,
                                  expected if isinstance(expected, int) else 0)
+        self._write_lower(record, os.path.join(stage, "overlay"))
         rec_dir = os.path.join(stage, "record")
         os.mkdir(rec_dir)
         _write_json(os.path.join(rec_dir, "layer.json"), record)
@@ -181,6 +185,28 @@ class Publisher:
         _place(os.path.join(stage, "overlay"), overlay_dst)
         _place(rec_dir, record_dst)
         return LayerResult(lid, "published", size)
+
+    def _write_lower(self, record: Record, overlay: str) -> None:
+        """The layer's ``lower`` as the *share* names its parents: short names are chosen per
+        graph, and a parent published from another graph has its own. Parentless layers get
+        ``empty/`` instead, as containers/storage expects."""
+        parent = record.get("parent")
+        lower = os.path.join(overlay, "lower")
+        if not parent:
+            if os.path.exists(lower):
+                os.unlink(lower)
+            os.makedirs(os.path.join(overlay, "empty"), exist_ok=True)
+            return
+        pdir = os.path.join(self.share, OVERLAY, str(parent))
+        with open(os.path.join(pdir, "link")) as f:
+            chain = [f"l/{f.read().strip()}"]
+        try:
+            with open(os.path.join(pdir, "lower")) as f:
+                chain += [p for p in f.read().strip().split(":") if p]
+        except FileNotFoundError:
+            pass
+        with open(lower, "w") as f:
+            f.write(":".join(chain))
 
     def _image(self, record: Record) -> str:
         iid = str(record["id"])
@@ -209,9 +235,11 @@ def _copy_overlay_dir(src: str, dst: str, meter: Meter | None = None, expected: 
     if not os.path.exists(os.path.join(dst, "link")):
         raise PublishError(f"{src} has no link file: not a complete overlay layer")
     os.mkdir(os.path.join(dst, "work"))
-    with subprocess.Popen(["cp", "-a", "--", os.path.join(src, "diff"), os.path.join(dst, "diff")],
+    # --preserve=xattr named explicitly: a share that cannot store an xattr (an opaque-directory
+    # marker) is then an error, not a silently different layer; the copy dies with the publisher
+    with subprocess.Popen(["cp", "-a", "--preserve=xattr", "--", os.path.join(src, "diff"), os.path.join(dst, "diff")],
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          stdin=subprocess.DEVNULL) as cp:
+                          stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent) as cp:
         while meter is not None:
             try:
                 cp.wait(METER_INTERVAL)
@@ -226,6 +254,15 @@ def _copy_overlay_dir(src: str, dst: str, meter: Meter | None = None, expected: 
     if meter is not None:
         meter(size, max(size, expected))
     return size
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL when the publisher dies (a killed publish stops copying)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _tree_bytes(path: str) -> int:

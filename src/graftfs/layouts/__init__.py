@@ -100,8 +100,11 @@ class PlainLayout:
     def merged(self, vpath: VPath, hides: HideView) -> Synthetic | None:
         return None
 
-    def absorb(self, vpath: VPath, written: str, hides: HideView) -> None:
+    def absorb(self, vpath: VPath, written: str, hides: HideView, writer: int = 0) -> None:
         raise OSError(errno.EPERM, "not a merged file", "/".join(vpath))
+
+    def note_read(self, vpath: VPath, reader: int) -> None:
+        return None
 
     def status(self) -> dict[str, object]:
         return {"layout": self.name}

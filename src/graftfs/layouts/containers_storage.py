@@ -23,6 +23,7 @@ Overlay directories and ``overlay/l/<short>`` links are shown as in the iSulad l
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -31,10 +32,13 @@ from dataclasses import dataclass
 
 from graftfs.attrs import Attr
 from graftfs.layouts import HideView, Synthetic, ViewChange
-from graftfs.layouts.isulad import IsuladLayout
+from graftfs.layouts.isulad import Catalog, IsuladLayout
 from graftfs.layouts.share_tree import ID_RE, IMAGES, LAYERS, MAX_RECORD_BYTES
 
 log = logging.getLogger(__name__)
+
+#: Processes whose last read of a merged file is remembered (the oldest are forgotten first).
+MAX_READERS = 4096
 
 LAYERS_JSON = (LAYERS, "layers.json")
 IMAGES_JSON = (IMAGES, "images.json")
@@ -43,6 +47,7 @@ TAR_SPLIT_SUFFIX = ".tar-split.gz"
 
 @dataclass(frozen=True)
 class _Composed:
+    catalog: object  # compared by identity: the catalog the content was composed from
     key: tuple[object, ...]
     synthetic: Synthetic
 
@@ -79,6 +84,10 @@ class ContainersStorageLayout(IsuladLayout):
         super().__init__(trees, rw_root)
         self._composed: dict[tuple[str, ...], _Composed] = {}
         self._compose_lock = threading.Lock()
+        # commit sequence at which each shared id entered the catalog, and at which each process
+        # last read each merged file: a rewrite may only drop shared ids its writer had seen
+        self._appeared: dict[str, int] = {}
+        self._reads: dict[tuple[tuple[str, ...], int], int] = {}
 
     # -- the catalog's view of the RW tree ------------------------------------------------------
 
@@ -91,9 +100,21 @@ class ContainersStorageLayout(IsuladLayout):
 
     def commit(self) -> tuple[int, list[ViewChange]]:
         seq, changes = super().commit()
+        cat = self.catalog
+        with self._compose_lock:
+            for eid in [*cat.layers, *cat.images]:
+                self._appeared.setdefault(eid, seq)
         if changes:
             changes += [ViewChange((LAYERS,), LAYERS_JSON[1]), ViewChange((IMAGES,), IMAGES_JSON[1])]
         return seq, changes
+
+    def note_read(self, vpath: tuple[str, ...], reader: int) -> None:
+        """Process ``reader`` opened merged file ``vpath`` (to read what it will rewrite)."""
+        with self._compose_lock:
+            self._reads[(vpath, reader)] = self._commit_seq
+            if len(self._reads) > MAX_READERS:
+                for key in list(self._reads)[: len(self._reads) - MAX_READERS]:
+                    del self._reads[key]
 
     # -- merged index files ----------------------------------------------------------------------
 
@@ -107,38 +128,76 @@ class ContainersStorageLayout(IsuladLayout):
         except FileNotFoundError:
             rw_sig = ()
         cat = self.catalog
-        key = (id(cat), rw_sig, hides.generation)
+        key = (rw_sig, hides.generation)
         with self._compose_lock:
             cached = self._composed.get(vpath)
-            if cached is not None and cached.key == key:
+            if cached is not None and cached.catalog is cat and cached.key == key:
                 return cached.synthetic
-        content, mtime_ns = self._compose(vpath, rw_path, hides)
+        content, mtime_ns = self._compose(cat, vpath, rw_path, hides)
         mtime_ns = max(mtime_ns, st.st_mtime_ns if rw_sig else 0)
-        attr = Attr.synthetic_file(len(content), mtime_ns)
+        mode, uid, gid = (st.st_mode & 0o777, st.st_uid, st.st_gid) if rw_sig else (0o600, 0, 0)
+        attr = Attr.synthetic_file(len(content), mtime_ns, mode, uid, gid)
         synthetic = Synthetic("merged", attr, content=content)
         with self._compose_lock:
-            self._composed[vpath] = _Composed(key, synthetic)
+            self._composed[vpath] = _Composed(cat, key, synthetic)
         return synthetic
 
-    def _compose(self, vpath: tuple[str, ...], rw_path: str, hides: HideView) -> tuple[bytes, int]:
-        """The node's records, then the visible shared ones; and the newest record time."""
+    def _compose(self, cat: Catalog, vpath: tuple[str, ...], rw_path: str, hides: HideView) -> tuple[bytes, int]:
+        """The node's records, then the visible shared ones; and the newest record time.
+
+        The node's own file must parse: serving the shared records alone would make the runtime
+        drop its local layers at its next save, so an unreadable file answers EIO instead."""
         try:
             own = read_records(rw_path)
         except ValueError as e:
-            log.error("%s; serving the shared records only until the runtime rewrites it", e)
-            own = []
+            log.error("%s: answering EIO for it until it is repaired", e)
+            raise OSError(errno.EIO, f"{e}") from None
         own_ids = {r.get("id") for r in own}
         shared: list[dict[str, object]] = []
         newest = 0
-        entries = self.catalog.layers if vpath == LAYERS_JSON else self.catalog.images
-        for eid, (_, entry) in entries.items():
-            if eid in own_ids or entry.record is None or hides.covers((vpath[0], eid)):
-                continue
-            shared.append(entry.record)
-            newest = max(newest, getattr(entry, "mtime_ns", 0))
-        return json.dumps(own + shared).encode(), newest or self.catalog.shorts_mtime_ns
+        usable = self._usable_layers(cat, hides)
+        usable_set = set(usable)
+        if vpath == LAYERS_JSON:
+            for lid in usable:
+                entry = cat.layers[lid][1]
+                if lid not in own_ids and entry.record is not None:
+                    shared.append(entry.record)
+                    newest = max(newest, entry.mtime_ns)
+        else:
+            own_layers = self.local_layers()
+            for iid, (_, image) in cat.images.items():
+                if iid in own_ids or image.record is None or hides.covers((IMAGES, iid)):
+                    continue
+                top = image.top_layer
+                if top is not None and top not in usable_set and top not in own_layers:
+                    continue  # its layers were deleted on this node: the image cannot be used here
+                shared.append(image.record)
+        return json.dumps(own + shared).encode(), newest or cat.shorts_mtime_ns
 
-    def absorb(self, vpath: tuple[str, ...], written: str, hides: HideView) -> None:
+    @staticmethod
+    def _usable_layers(cat: Catalog, hides: HideView) -> list[str]:
+        """Shared layers this node can use, in catalog order: not hidden here, and no hidden
+        layer below them."""
+        usable: dict[str, bool] = {}
+        for lid in cat.layers:
+            chain: list[str] = []
+            cur: str | None = lid
+            ok = True
+            while cur is not None and cur in cat.layers:
+                if cur in usable:
+                    ok = usable[cur]
+                    break
+                if hides.covers((LAYERS, cur)):
+                    ok = False
+                    usable[cur] = False
+                    break
+                chain.append(cur)
+                cur = cat.layers[cur][1].parent
+            for c in chain:
+                usable[c] = ok
+        return [lid for lid in cat.layers if usable.get(lid)]
+
+    def absorb(self, vpath: tuple[str, ...], written: str, hides: HideView, writer: int = 0) -> None:
         """Split an index file the runtime wrote (at RW path ``written``) into this node's part.
 
         Records identical to a visible shared one stay in the share; a shared record missing
@@ -146,15 +205,19 @@ class ContainersStorageLayout(IsuladLayout):
         which replaces ``written`` atomically. A file that does not parse is kept as it is.
         """
         if vpath not in (LAYERS_JSON, IMAGES_JSON):
-            raise OSError(1, "not a merged file", "/".join(vpath))
+            raise OSError(errno.EPERM, "not a merged file", "/".join(vpath))
         records = read_records(written)  # ValueError: the caller keeps the file as written
         entries = self.catalog.layers if vpath == LAYERS_JSON else self.catalog.images
         shared = {eid: entry.record for eid, (_, entry) in entries.items()
                   if entry.record is not None and not hides.covers((vpath[0], eid))}
         own = [r for r in records if not (r.get("id") in shared and shared[str(r.get("id"))] == r)]
         kept = {r.get("id") for r in records}
+        with self._compose_lock:
+            read_at = self._reads.get((vpath, writer))
+            appeared = dict(self._appeared)
         for eid in shared:
-            if eid not in kept:
+            # only what the writer could have seen: an id published after its read is not a deletion
+            if eid not in kept and read_at is not None and appeared.get(eid, 0) <= read_at:
                 hides.add((vpath[0], eid))
         with open(written, "w", encoding="utf-8") as f:
             json.dump(own, f)

@@ -369,8 +369,11 @@ class IsuladLayout:
     def merged(self, vpath: tuple[str, ...], hides: HideView) -> Synthetic | None:
         return None  # iSulad keeps one record per entry: nothing to compose
 
-    def absorb(self, vpath: tuple[str, ...], written: str, hides: HideView) -> None:
+    def absorb(self, vpath: tuple[str, ...], written: str, hides: HideView, writer: int = 0) -> None:
         raise OSError(errno.EPERM, "not a merged file", "/".join(vpath))
+
+    def note_read(self, vpath: tuple[str, ...], reader: int) -> None:
+        return None
 
     def _entry_base(self, tree: int, top: str, name: str) -> str | None:
         cat = self.catalog
