@@ -153,9 +153,12 @@ def _service(node: Node, sock: str) -> subprocess.Popen[bytes]:
 
 
 def _service_images(sock: str) -> set[str]:
-    res = subprocess.run(["curl", "-s", "--max-time", "20", "--unix-socket", sock,
+    res = subprocess.run(["curl", "-sf", "--max-time", "20", "--unix-socket", sock,
                           "http://d/v4.0.0/libpod/images/json"], capture_output=True, text=True, timeout=30)
-    return {name for image in json.loads(res.stdout or "[]") for name in image.get("Names") or []}
+    assert res.returncode == 0, f"the API service did not answer: {res.stderr}"
+    images = json.loads(res.stdout)
+    assert isinstance(images, list), images
+    return {name for image in images for name in image.get("Names") or []}
 
 
 def test_two_nodes_share_a_published_image(make_node: Callable[[str, str], Node], share: str, busybox_tar: str,
@@ -230,6 +233,15 @@ def test_big_multi_layer_image_and_killed_publish(make_node: Callable[[str, str]
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
     assert not os.path.exists(os.path.join(share, "overlay-images", image_id))
+
+    def copier_alive() -> bool:
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, timeout=30).stdout
+        return any(line.startswith("cp -a") and str(staging) in line for line in ps.splitlines())
+
+    wait_for(lambda: not copier_alive(), 5, "the publisher's copy to stop with it")
+    debris = set(os.listdir(share)) - {".graftfs-share", ".graftfs-staging", "overlay", "overlay-layers",
+                                       "overlay-images"}
+    assert not debris, debris  # whatever the kill left is inside the private staging area
     time.sleep(1.5)  # several watcher polls
     assert "localhost/ml:big" not in b.images()
     # a re-run completes it; B reads the big file back intact
