@@ -137,3 +137,20 @@ def test_lock_token_changes_with_the_share(podman_node: tuple[GraftMount, Sample
     publish_sample_image(sample.share, "cs/token:1", [SampleLayer(digest("layer:cs-token"), ids["app"], {})])
     wait_for(lambda: read_token(lock) != own, 2, "the lock token to change with the share")
     assert Path(sample.rw, "overlay-layers", "layers.lock").read_bytes() == b"w" * 64  # RW keeps the real one
+
+
+def test_a_name_belongs_to_the_newest_image(podman_node: tuple[GraftMount, Sample, dict[str, str]]) -> None:
+    from graftfs.sample import write_image
+
+    g, sample, ids = podman_node
+    old, new = digest("image:dup-old"), digest("image:dup-new")
+    for iid, created in ((old, "2026-11-01T00:00:00Z"), (new, "2026-11-20T00:00:00Z")):
+        record = {"id": iid, "layer": ids["app"], "names": ["localhost/dup:1", f"localhost/{iid[:8]}:1"],
+                  "created": created}
+        write_image(sample.share, iid, ids["app"], [], record=json.dumps(record).encode())
+    wait_for(lambda: {old, new} <= set(records(g.path("overlay-images", "images.json"))), 2, "both images")
+    images = records(g.path("overlay-images", "images.json"))
+    assert images[new]["names"] == ["localhost/dup:1", f"localhost/{new[:8]}:1"]
+    assert images[old]["names"] == [f"localhost/{old[:8]}:1"]  # the re-published tag moved to the new image
+    stored = json.loads(Path(sample.share, "overlay-images", old, "images.json").read_text())
+    assert "localhost/dup:1" in stored["names"]  # on disk, nothing was rewritten

@@ -75,6 +75,32 @@ def read_records(path: str) -> list[dict[str, object]]:
     return [r for r in records if isinstance(r, dict)]
 
 
+def _one_image_per_name(images: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Give each name to one image only: the newest (then the node's own, listed first).
+
+    A tag re-published with a new image leaves the old record on the share with the same name;
+    containers/storage would resolve that by rewriting a shared record as this node's own, so
+    the merged view resolves it the same way first, without touching any record on disk.
+    """
+    owner: dict[str, int] = {}
+    for index, image in enumerate(images):
+        for name in _record_names(image):
+            best = owner.get(name)
+            if best is None or str(image.get("created", "")) > str(images[best].get("created", "")):
+                owner[name] = index
+    out = []
+    for index, image in enumerate(images):
+        names = _record_names(image)
+        kept = [n for n in names if owner.get(n) == index]
+        out.append(image if len(kept) == len(names) else {**image, "names": kept})
+    return out
+
+
+def _record_names(record: dict[str, object]) -> list[str]:
+    names = record.get("names")
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
 class ContainersStorageLayout(IsuladLayout):
     """The iSulad layout's catalog, presented with containers/storage's index files."""
 
@@ -172,7 +198,10 @@ class ContainersStorageLayout(IsuladLayout):
                 if top is not None and top not in usable_set and top not in own_layers:
                     continue  # its layers were deleted on this node: the image cannot be used here
                 shared.append(image.record)
-        return json.dumps(own + shared).encode(), newest or cat.shorts_mtime_ns
+        merged = own + shared
+        if vpath == IMAGES_JSON:
+            merged = _one_image_per_name(merged)
+        return json.dumps(merged).encode(), newest or cat.shorts_mtime_ns
 
     @staticmethod
     def _usable_layers(cat: Catalog, hides: HideView) -> list[str]:
