@@ -96,6 +96,14 @@ def _one_image_per_name(images: list[dict[str, object]]) -> list[dict[str, objec
     return out
 
 
+def _sig_of(path: str) -> tuple[int, ...]:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return ()
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def _record_names(record: dict[str, object]) -> list[str]:
     names = record.get("names")
     return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
@@ -154,7 +162,9 @@ class ContainersStorageLayout(IsuladLayout):
         except FileNotFoundError:
             rw_sig = ()
         cat = self.catalog
-        key = (rw_sig, hides.generation)
+        key: tuple[object, ...] = (rw_sig, hides.generation)
+        if vpath == IMAGES_JSON:  # which shared images show also depends on the node's own layers
+            key += (_sig_of(os.path.join(self.rw_root, *LAYERS_JSON)),)
         with self._compose_lock:
             cached = self._composed.get(vpath)
             if cached is not None and cached.catalog is cat and cached.key == key:
