@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from graftfs.layouts import MARKER_NAME
 from graftfs.layouts.containers_storage import read_records
-from graftfs.layouts.share_tree import ID_RE, IMAGES, LAYERS, MANAGED_DIRS, OVERLAY
+from graftfs.layouts.share_tree import ID_RE, IMAGES, LAYERS, MANAGED_DIRS, OVERLAY, record_names
 
 STAGING_DIR = ".graftfs-staging"
 MARKER_TEXT = "graftfs share v1\n"
@@ -84,12 +84,12 @@ class Graph:
 
     def find(self, ref: str) -> Record:
         """An image by full id, unique id prefix, or name (``bb:1`` also matches ``localhost/bb:1``)."""
-        exact = [i for i in self.images if i.get("id") == ref or ref in _names(i)]
+        exact = [i for i in self.images if i.get("id") == ref or ref in record_names(i)]
         if len(exact) == 1:
             return exact[0]
         loose = [i for i in self.images
                  if (len(ref) >= 4 and str(i.get("id", "")).startswith(ref))
-                 or any(n.endswith("/" + ref) or n.endswith("/" + ref + ":latest") for n in _names(i))]
+                 or any(n.endswith("/" + ref) or n.endswith("/" + ref + ":latest") for n in record_names(i))]
         if len(loose) == 1:
             return loose[0]
         if not loose:
@@ -111,11 +111,6 @@ class Graph:
         return list(reversed(out))
 
 
-def _names(image: Record) -> list[str]:
-    names = image.get("names")
-    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
-
-
 class Publisher:
     def __init__(self, graph: Graph, share: str, progress: Progress | None = None, meter: Meter | None = None
                  ) -> None:
@@ -130,7 +125,7 @@ class Publisher:
         iid = str(image.get("id"))
         if not ID_RE.match(iid):
             raise PublishError(f"image id {iid[:70]!r} is not a 64-hex id")
-        result = ImageResult(iid, _names(image))
+        result = ImageResult(iid, record_names(image))
         layers = self.graph.chain(image)  # before touching the share: a broken graph changes nothing
         self._lay_out_share()
         try:

@@ -35,7 +35,7 @@ from graftfs.inodes import InodeTable, Node
 from graftfs.inotify import IN_IGNORED, IN_ISDIR, Event, Inotify, is_local_fs
 from graftfs.kernel_cache import KernelCache
 from graftfs.layouts import ViewChange
-from graftfs.layouts.share_tree import PROBE_DIRS
+from graftfs.layouts.share_tree import probe_paths
 from graftfs.workers import Workers
 
 log = logging.getLogger(__name__)
@@ -194,9 +194,7 @@ class Watcher:
         """Watch a local shared tree's probe directories with inotify (they only wake the poller)."""
         if self.inotify is None:
             return
-        root = self.layout.trees[tree]
-        paths = [os.path.join(root, d) if d else root for d in PROBE_DIRS]
-        for path in paths:
+        for path in probe_paths(self.layout.trees[tree]):
             try:
                 wd = await self.workers.run(self.inotify.add, path)
             except OSError:
@@ -304,7 +302,7 @@ class Watcher:
         stack = [(node, vpath)]
         while stack:
             dnode, dpath = stack.pop()
-            path = self._rw_path(dpath)
+            path = self.kernel.ns.rw_path(dpath)
             if dnode.wd == 0:
                 self.watch_rw_dir(dnode, path)
             try:
@@ -318,9 +316,6 @@ class Watcher:
                         and stat.S_ISDIR(child.sig[0]):
                     stack.append((child, (*dpath, name)))
         return out
-
-    def _rw_path(self, vpath: tuple[str, ...]) -> str:
-        return os.path.join(self.kernel.ns.rw_root, *vpath)
 
     def _everything(self) -> list[ViewChange]:
         out: list[ViewChange] = []

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from graftfs.attrs import Attr
 from graftfs.layouts import HideView, Synthetic, ViewChange
 from graftfs.layouts.isulad import Catalog, IsuladLayout
-from graftfs.layouts.share_tree import ID_RE, IMAGES, LAYERS, MAX_RECORD_BYTES
+from graftfs.layouts.share_tree import ID_RE, IMAGES, LAYERS, MAX_RECORD_BYTES, parse_json, record_names
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,7 @@ def read_records(path: str) -> list[dict[str, object]]:
         raise ValueError(f"{path} is larger than {MAX_RECORD_BYTES * 16} bytes")
     if not data.strip():
         return []
-    try:
-        records = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} does not parse: {e}") from None
+    records = parse_json(data, path)
     if not isinstance(records, list):
         raise ValueError(f"{path} is not a JSON array")
     return [r for r in records if isinstance(r, dict)]
@@ -84,13 +81,13 @@ def _one_image_per_name(images: list[dict[str, object]]) -> list[dict[str, objec
     """
     owner: dict[str, int] = {}
     for index, image in enumerate(images):
-        for name in _record_names(image):
+        for name in record_names(image):
             best = owner.get(name)
             if best is None or str(image.get("created", "")) > str(images[best].get("created", "")):
                 owner[name] = index
     out = []
     for index, image in enumerate(images):
-        names = _record_names(image)
+        names = record_names(image)
         kept = [n for n in names if owner.get(n) == index]
         out.append(image if len(kept) == len(names) else {**image, "names": kept})
     return out
@@ -102,11 +99,6 @@ def _sig_of(path: str) -> tuple[int, ...]:
     except FileNotFoundError:
         return ()
     return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _record_names(record: dict[str, object]) -> list[str]:
-    names = record.get("names")
-    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
 
 
 class ContainersStorageLayout(IsuladLayout):

@@ -102,13 +102,29 @@ def _read_record(path: str) -> dict[str, object]:
         raise ValueError(f"{os.path.basename(path)} unreadable: {e.strerror}") from None
     if len(data) > MAX_RECORD_BYTES:
         raise ValueError(f"{os.path.basename(path)} larger than {MAX_RECORD_BYTES} bytes")
-    try:
-        obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{os.path.basename(path)} does not parse: {e}") from None
+    obj = parse_json(data, os.path.basename(path))
     if not isinstance(obj, dict):
         raise ValueError(f"{os.path.basename(path)} is not a JSON object")
     return obj
+
+
+def record_names(record: dict[str, object]) -> list[str]:
+    """The ``names`` of an image record (tags), ignoring anything that is not a string."""
+    names = record.get("names")
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
+def parse_json(data: bytes, label: str) -> object:
+    """JSON from bytes a runtime or publisher wrote; ValueError naming ``label`` when it is not."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{label} does not parse: {e}") from None
+
+
+def probe_paths(root: str) -> list[str]:
+    """The backing paths of PROBE_DIRS in tree ``root``."""
+    return [os.path.join(root, d) if d else root for d in PROBE_DIRS]
 
 
 def _lstat(path: str) -> os.stat_result | None:
@@ -191,9 +207,7 @@ def _check_image(iid: str, record_dir: str) -> ImageEntry:
     top = rec.get("layer") or None
     if top is not None and (not isinstance(top, str) or not ID_RE.match(top)):
         raise ValueError(f"images.json top layer {str(top)[:70]!r} is not a layer id")
-    raw_names = rec.get("names") or []
-    names = tuple(n for n in raw_names if isinstance(n, str)) if isinstance(raw_names, list) else ()
-    return ImageEntry(iid, top, names, record_dir, rec)
+    return ImageEntry(iid, top, tuple(record_names(rec)), record_dir, rec)
 
 
 # -- change detection ---------------------------------------------------------------------
@@ -474,7 +488,7 @@ class SharedTree:
         return change
 
     def _poll(self, full: bool) -> TreeChange | None:
-        probe = {d: _sig(fresh_stat(os.path.join(self.root, d) if d else self.root)) for d in PROBE_DIRS}
+        probe = {d: _sig(fresh_stat(path)) for d, path in zip(PROBE_DIRS, probe_paths(self.root), strict=True)}
         if probe[""] is None:
             self._set_unavailable("the directory is missing")
             return None
