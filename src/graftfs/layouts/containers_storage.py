@@ -93,12 +93,16 @@ def _one_image_per_name(images: list[dict[str, object]]) -> list[dict[str, objec
     return out
 
 
-def _sig_of(path: str) -> tuple[int, ...]:
+def _stat(path: str) -> os.stat_result | None:
     try:
-        st = os.stat(path)
+        return os.stat(path)
     except FileNotFoundError:
-        return ()
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
+        return None
+
+
+def _sig_of(st: os.stat_result | None) -> tuple[int, ...]:
+    """What changes when the node rewrites its index file (nothing when it has none)."""
+    return () if st is None else (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class ContainersStorageLayout(IsuladLayout):
@@ -148,22 +152,18 @@ class ContainersStorageLayout(IsuladLayout):
         if vpath not in (LAYERS_JSON, IMAGES_JSON):
             return None
         rw_path = os.path.join(self.rw_root, *vpath)
-        try:
-            st = os.stat(rw_path)
-            rw_sig: tuple[int, ...] = (st.st_ino, st.st_size, st.st_mtime_ns)
-        except FileNotFoundError:
-            rw_sig = ()
+        st = _stat(rw_path)
         cat = self.catalog
-        key: tuple[object, ...] = (rw_sig, hides.generation)
+        key: tuple[object, ...] = (_sig_of(st), hides.generation)
         if vpath == IMAGES_JSON:  # which shared images show also depends on the node's own layers
-            key += (_sig_of(os.path.join(self.rw_root, *LAYERS_JSON)),)
+            key += (_sig_of(_stat(os.path.join(self.rw_root, *LAYERS_JSON))),)
         with self._compose_lock:
             cached = self._composed.get(vpath)
             if cached is not None and cached.catalog is cat and cached.key == key:
                 return cached.synthetic
         content, mtime_ns = self._compose(cat, vpath, rw_path, hides)
-        mtime_ns = max(mtime_ns, st.st_mtime_ns if rw_sig else 0)
-        mode, uid, gid = (st.st_mode & 0o777, st.st_uid, st.st_gid) if rw_sig else (0o600, 0, 0)
+        mtime_ns = max(mtime_ns, st.st_mtime_ns if st else 0)
+        mode, uid, gid = (st.st_mode & 0o777, st.st_uid, st.st_gid) if st else (0o600, 0, 0)
         attr = Attr.synthetic_file(len(content), mtime_ns, mode, uid, gid)
         synthetic = Synthetic("merged", attr, content=content)
         with self._compose_lock:
