@@ -178,3 +178,31 @@ def test_overlapping_trees_are_refused(tmp_path: Path) -> None:
         cfg.check()
     ok = MountConfig(str(tmp_path / "mnt"), rw=str(tmp_path / "rw"), ro=[str(tmp_path / "other")])
     ok.check()
+
+
+def test_direct_layer_dirs_link_to_their_backing_directory(demo: tuple[Namespace, object, Path, Path]) -> None:
+    ns, ids, share, rw = demo
+    ns.layout.direct_layers = True  # type: ignore[attr-defined]
+    base, local = ids.base, ids.local  # type: ignore[attr-defined]
+    shared = ns.resolve(("overlay", base, "diff"))
+    assert shared.top.direct and ns.readlink(("overlay", base, "diff")) == str(share / "overlay" / base / "diff")
+    assert ns.readlink(("overlay", local, "diff")) == str(rw / "overlay" / local / "diff")
+    assert ns.resolve(("overlay", base, "diff"), direct=False).is_dir  # what mkdir answers
+    assert ns.resolve(("overlay", base, "link")).top.link_target is None  # only diff/ and work/
+    # the node's own copy of a shared layer wins: same id, same content
+    os.makedirs(rw / "overlay" / base / "diff")
+    assert ns.readlink(("overlay", base, "diff")) == str(rw / "overlay" / base / "diff")
+    os.rmdir(rw / "overlay" / base / "diff")
+    # a shared layer dir with something hidden below it is no longer the share's: merged, no link
+    ns.hides.add(("overlay", ids.app, "diff", "app"))  # type: ignore[attr-defined]
+    assert ns.resolve(("overlay", ids.app, "diff")).is_dir  # type: ignore[attr-defined]
+    # unlinking the link: a shared layer is hidden, the node's own is deleted (moved aside first)
+    ns.unlink(("overlay", base, "diff"))
+    assert ns.hides.covers(("overlay", base, "diff")) and (share / "overlay" / base / "diff").is_dir()
+    ns.unlink(("overlay", local, "diff"))
+    assert not (rw / "overlay" / local / "diff").exists()
+    with pytest.raises(FileNotFoundError):
+        ns.resolve(("overlay", local, "diff"))
+    # a shared layer dir is never changed through its link
+    with pytest.raises(PermissionError):
+        ns.copy_up(("overlay", ids.web, "diff"))  # type: ignore[attr-defined]

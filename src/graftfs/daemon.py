@@ -49,6 +49,8 @@ def make_layout(name: str, cfg: MountConfig) -> Layout:
     assert cfg.rw is not None
     if name in ("isulad", "containers-storage"):
         layout = IsuladLayout(cfg.ro, cfg.rw) if name == "isulad" else ContainersStorageLayout(cfg.ro, cfg.rw)
+        if cfg.direct_layers is not None:
+            layout.direct_layers = cfg.direct_layers
         for root in layout.load(cfg.timeout):
             log.error("shared tree %s did not answer within %g s: mounting with it empty; its images show "
                       "once it answers", root, cfg.timeout)
@@ -72,7 +74,9 @@ def build_namespace(cfg: MountConfig) -> Namespace:
     state_dir = os.path.join(cfg.rw, STATE_DIR)
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     layout = make_layout(detect_layout(cfg), cfg)
-    return Namespace(cfg.rw, layout, HideStore(state_dir))
+    ns = Namespace(cfg.rw, layout, HideStore(state_dir))
+    ns.sweep_tmp()
+    return ns
 
 
 def setup_logging(log_file: str | None, verbose: bool = False) -> None:

@@ -8,6 +8,7 @@ BaseException and passes through untouched, so shutting the mount down still wor
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import logging
@@ -17,6 +18,10 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 
 log = logging.getLogger(__name__)
+
+#: FUSE requests served per handler since the mount started (shown by `graftfs status`): what
+#: a workload costs in round trips through Python, the first thing to look at when it is slow.
+REQUESTS: collections.Counter[str] = collections.Counter()
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -44,8 +49,11 @@ def to_fuse_error(exc: BaseException, where: str) -> pyfuse3.FUSEError:
 def fuse_boundary(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     """Decorate an async FUSE handler so that only FUSEError can leave it."""
 
+    name = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        REQUESTS[name] += 1
         try:
             return await fn(*args, **kwargs)
         except Exception as exc:

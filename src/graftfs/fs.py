@@ -27,7 +27,7 @@ from typing import Any
 import pyfuse3
 
 from graftfs.attrs import Attr
-from graftfs.errors import fuse_boundary
+from graftfs.errors import REQUESTS, fuse_boundary
 from graftfs.inodes import InodeTable, Node
 from graftfs.namespace import RENAME_EXCHANGE, Namespace, Resolved
 from graftfs.workers import Workers
@@ -100,6 +100,7 @@ class GraftOperations(pyfuse3.Operations):
         self._token_salt = os.urandom(16)
         self._token_cache: tuple[int, bytes] = (-1, b"")
         self._next_dir_fh = 1
+        self.bytes_read = self.bytes_written = 0  # data through FUSE (status: what bypasses us)
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -270,7 +271,14 @@ class GraftOperations(pyfuse3.Operations):
         parent, sname, vpath = self._child_path(parent_inode, name)
         with self.inodes.busy((parent, sname)):
             res = await self.workers.run(self.ns.mkdir, vpath, mode, ctx.uid, ctx.gid)
-            return self._new_entry(parent, sname, res)
+            if not self.ns.is_direct(vpath):
+                return self._new_entry(parent, sname, res)
+            # A layer directory: the kernel wants the directory it asked for, but the view shows
+            # a link to it. Answer uncached and under a number the link will not reuse, so the
+            # next path walk looks it up again and follows the link to the backing directory.
+            entry = self._new_entry(parent, sname, res, generation=-1)
+            self.inodes.detach(parent, sname)
+            return entry
 
     @fuse_boundary
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
@@ -358,6 +366,7 @@ class GraftOperations(pyfuse3.Operations):
     @fuse_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
         data = await self.workers.run_fd(os.pread, fh, size, off)
+        self.bytes_read += len(data)
         if fh in self._token_fds and off < TOKEN_BYTES and data:
             data = _mix_token(data, off, self._token_key())
         return data
@@ -371,7 +380,9 @@ class GraftOperations(pyfuse3.Operations):
 
     @fuse_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await self.workers.run_fd(os.pwrite, fh, buf, off)
+        written = await self.workers.run_fd(os.pwrite, fh, buf, off)
+        self.bytes_written += written
+        return written
 
     @fuse_boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -496,6 +507,8 @@ class GraftOperations(pyfuse3.Operations):
         info.update(await self.workers.run(self.ns.status))
         info["inodes"] = len(self.inodes)
         info["open_files"] = len(self._files)
+        info["requests"] = dict(REQUESTS)
+        info["bytes_read"], info["bytes_written"] = self.bytes_read, self.bytes_written
         info["time"] = time.time()
         data = json.dumps(info, sort_keys=True).encode()
         while len(data) > STATUS_MAX_BYTES:

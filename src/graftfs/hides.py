@@ -62,6 +62,7 @@ class HideStore:
         self._lock = threading.Lock()
         self.generation = 0  # bumped by every add: lets layouts cache what depends on the hides
         self._paths: set[VPath] = compact(set(self._load()))
+        self._ancestors: set[VPath] = {p[:i] for p in self._paths for i in range(1, len(p))}
         self._rewrite()
         self._file = open(self._path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for appends
 
@@ -96,6 +97,11 @@ class HideStore:
             return False
         return any(vpath[:i] in paths for i in range(1, len(vpath) + 1))
 
+    def hides_below(self, vpath: VPath) -> bool:
+        """True when something strictly below ``vpath`` is hidden (its shared content is then
+        not what the shared tree holds, so it must be merged, not linked to)."""
+        return vpath in self._ancestors
+
     def add(self, vpath: VPath) -> None:
         """Hide ``vpath`` (and everything under it) from the shared trees."""
         if not vpath:
@@ -106,6 +112,7 @@ class HideStore:
             self._file.write(_encode(vpath))
             self._file.flush()
             self._paths.add(vpath)
+            self._ancestors.update(vpath[:i] for i in range(1, len(vpath)))
             self.generation += 1
 
     def sync(self) -> None:

@@ -17,6 +17,7 @@ first, and deleting or renaming away an RO entry records a hide. The RO trees ar
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -40,6 +41,8 @@ VPath = tuple[str, ...]
 
 #: The private state directory at the top of the RW tree; never part of the view.
 STATE_DIR = ".graftfs"
+#: Prefix of layer directories being deleted in the private tmp dir.
+TRASH_PREFIX = "trash-"
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
@@ -57,6 +60,7 @@ class Layout(Protocol):
     def synthetic_names(self, vpath: VPath) -> list[str]: ...
     def missing(self, tree: int, vpath: VPath) -> Attr | None: ...
     def merged(self, vpath: VPath, hides: HideView) -> Synthetic | None: ...
+    def direct_dir(self, vpath: VPath) -> bool: ...
     def absorb(self, vpath: VPath, written: str, hides: HideView, writer: int = 0) -> None: ...
     def note_read(self, vpath: VPath, reader: int) -> None: ...
     def status(self) -> dict[str, object]: ...
@@ -72,6 +76,7 @@ class Source:
     tree: int | None = None  # index of the RO tree; None for RW and synthesized entries
     link_target: str | None = None  # synthesized symlinks only
     content: bytes | None = None  # merged files composed by the layout (e.g. layers.json)
+    direct: bool = False  # a layer directory shown as a link to its backing path (link_target)
 
     @property
     def is_rw(self) -> bool:
@@ -138,6 +143,13 @@ def _memory_file(content: bytes) -> int:
         raise
 
 
+def _delete_in_background(path: str) -> None:
+    """rmtree in a daemon thread: a layer may hold gigabytes; what an exit interrupts is left in
+    the tmp dir, which the next mount sweeps (Namespace.sweep_tmp)."""
+    threading.Thread(target=shutil.rmtree, args=(path,), kwargs={"ignore_errors": True},
+                     name="graftfs-rmtree", daemon=True).start()
+
+
 def _enoent(vpath: VPath) -> OSError:
     return FileNotFoundError(errno.ENOENT, "no such entry in the view", "/".join(vpath))
 
@@ -183,8 +195,15 @@ class Namespace:
             found.append(Source(synth.origin, synth.attr, link_target=synth.link_target))
         return found
 
-    def resolve(self, vpath: VPath) -> Resolved:
-        """Resolve a view path; raise FileNotFoundError when nothing shows there."""
+    def is_direct(self, vpath: VPath) -> bool:
+        """True where a directory is shown as a link to its backing directory (see _direct)."""
+        return self.layout.direct_dir(vpath)
+
+    def resolve(self, vpath: VPath, direct: bool = True) -> Resolved:
+        """Resolve a view path; raise FileNotFoundError when nothing shows there.
+
+        With ``direct`` False a layer directory is resolved as the directory it is (mkdir must
+        answer with a directory), not as the link the view shows (see _direct)."""
         if self.is_private(vpath):
             raise _enoent(vpath)
         merged = self.layout.merged(vpath, self.hides) if len(vpath) == 2 else None
@@ -213,7 +232,30 @@ class Namespace:
                 break  # a non-directory below a directory ends the merge, as in overlayfs
         if not sources:
             raise _enoent(vpath)
-        return Resolved(vpath, tuple(sources), bool(ro))
+        res = Resolved(vpath, tuple(sources), bool(ro))
+        if direct and sources[0].attr.is_dir and self.layout.direct_dir(vpath):
+            return self._direct(res)
+        return res
+
+    def _direct(self, res: Resolved) -> Resolved:
+        """A layer directory shown as a symlink to the one backing directory that holds it.
+
+        The kernel resolves an overlay mount's lowerdir/upperdir/workdir with symlinks followed,
+        so linking each layer's diff/ and work/ to its backing directory puts every read and
+        write of a container on the backing filesystem itself, with no FUSE request and no
+        Python (DESIGN.md section 4); the runtime's own metadata still goes through graftfs.
+        The node's own copy wins over the share's: a layer id names one content, so a layer this
+        node published is the share's too. A shared directory with hides below it is no longer
+        the share's content and stays a merged directory.
+        """
+        top = res.top
+        if top.path is None or (not top.is_rw and self.hides.hides_below(res.vpath)):
+            return res
+        a = top.attr
+        size = len(os.fsencode(top.path))
+        link = Attr(stat.S_IFLNK | 0o777, 1, a.uid, a.gid, size, 0, 0, a.blksize, a.atime_ns, a.mtime_ns, a.ctime_ns)
+        source = Source(top.origin, link, None, top.tree, link_target=top.path, direct=True)
+        return Resolved(res.vpath, (source,), res.ro_visible)
 
     def _names_of(self, res: Resolved) -> list[str]:
         """Names in a merged directory, in first-seen order, without duplicates."""
@@ -310,6 +352,10 @@ class Namespace:
         if res.top.content is not None:
             raise PermissionError(errno.EPERM, "a merged file is changed by renaming a new one over it",
                                   "/".join(vpath))
+        if res.top.direct:
+            if res.top.is_rw:
+                return self.rw_path(vpath)  # the link stands for the node's own directory
+            raise PermissionError(errno.EPERM, "a shared layer directory is never changed", "/".join(vpath))
         if res.top.is_rw:
             assert res.top.path is not None
             return res.top.path
@@ -381,7 +427,7 @@ class Namespace:
         path = self._prepare_new(vpath)
         os.mkdir(path, stat.S_IMODE(mode))
         os.chown(path, uid, gid)
-        return self.resolve(vpath)
+        return self.resolve(vpath, direct=False)
 
     def mknod(self, vpath: VPath, mode: int, rdev: int, uid: int, gid: int) -> Resolved:
         path = self._prepare_new(vpath)
@@ -444,8 +490,32 @@ class Namespace:
                 raise IsADirectoryError(errno.EISDIR, "is a directory", "/".join(vpath))
             if res.ro_visible:
                 self.hides.add(vpath)  # first: a crash between the steps must not revive the RO entry
-            if res.top.is_rw:
+            if res.top.is_rw and res.top.direct:
+                self._discard_rw_dir(self.rw_path(vpath))
+            elif res.top.is_rw:
                 os.unlink(self.rw_path(vpath))
+
+    def _discard_rw_dir(self, path: str) -> None:
+        """Remove a layer directory the view showed as a link (the runtime unlinks the link):
+        moved aside at once, so the request returns quickly, and deleted in the background."""
+        os.makedirs(self.tmp_dir, exist_ok=True)
+        trash = os.path.join(self.tmp_dir, f"{TRASH_PREFIX}{uuid.uuid4().hex}")
+        os.rename(path, trash)
+        _delete_in_background(trash)
+
+    def sweep_tmp(self) -> None:
+        """Delete what a killed daemon left in the private tmp dir (copy-ups, discarded layers)."""
+        try:
+            names = os.listdir(self.tmp_dir)
+        except FileNotFoundError:
+            return
+        for name in names:
+            path = os.path.join(self.tmp_dir, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                _delete_in_background(path)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
 
     def rmdir(self, vpath: VPath) -> None:
         with self._mutating:
@@ -469,7 +539,7 @@ class Namespace:
     def _refuse_ro_dir_move(res: Resolved) -> None:
         # Moving a directory that has shared content would need a deep copy; like overlayfs
         # without redirect_dir, answer EXDEV so that mv and friends copy and delete instead.
-        if res.is_dir and res.ro_visible:
+        if (res.is_dir or res.top.direct) and res.ro_visible:
             raise OSError(errno.EXDEV, "directory with shared content cannot be renamed", "/".join(res.vpath))
 
     def rename(self, src: VPath, dst: VPath, flags: int = 0, pid: int = 0) -> None:

@@ -232,7 +232,9 @@ def _copy_overlay_dir(src: str, dst: str, meter: Meter | None = None, expected: 
     os.mkdir(os.path.join(dst, "work"))
     # --preserve=xattr named explicitly: a share that cannot store an xattr (an opaque-directory
     # marker) is then an error, not a silently different layer; the copy dies with the publisher
-    with subprocess.Popen(["cp", "-a", "--preserve=xattr", "--", os.path.join(src, "diff"), os.path.join(dst, "diff")],
+    # a graftfs graph shows diff as a link to the backing directory: copy what it points to
+    diff = os.path.realpath(os.path.join(src, "diff"))
+    with subprocess.Popen(["cp", "-a", "--preserve=xattr", "--", diff, os.path.join(dst, "diff")],
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                           stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent) as cp:
         while meter is not None:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 from dataclasses import dataclass
 
 from graftfs.layouts.isulad import IMAGES, LAYERS, OVERLAY, REMOTE_RO_DIR, SHORT_DIR
@@ -176,3 +177,24 @@ def chain(tag: str, count: int, parent: str | None = None, size: int = 16) -> li
         out.append(SampleLayer(lid, parent, {f"{tag}/{i}.txt": (f"{tag} {i}\n" * size).encode()}))
         parent = lid
     return out
+
+
+#: Where Debian's busybox-static puts the binary the sample container images are made of.
+BUSYBOX = "/bin/busybox"
+BUSYBOX_APPLETS = ("sh", "echo", "cat", "ls", "rm", "touch", "dd", "sha256sum", "sleep", "mkdir", "head",
+                   "seq", "xargs", "time", "sync")
+
+
+def busybox_image_tar(workdir: str) -> str:
+    """A tiny container image without a registry: a busybox-static rootfs tarred for
+    ``podman import`` (DESIGN.md section 5). Returns the tar's path inside ``workdir``."""
+    root = os.path.join(workdir, "rootfs")
+    os.makedirs(os.path.join(root, "bin"))
+    shutil.copy(BUSYBOX, os.path.join(root, "bin", "busybox"))
+    for applet in BUSYBOX_APPLETS:
+        os.symlink("busybox", os.path.join(root, "bin", applet))
+    for d in ("etc", "proc", "sys", "dev", "tmp"):
+        os.mkdir(os.path.join(root, d))
+    tar = os.path.join(workdir, "busybox.tar")
+    subprocess.run(["tar", "-C", root, "-cf", tar, "."], check=True, timeout=60)
+    return tar

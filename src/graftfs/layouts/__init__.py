@@ -30,6 +30,7 @@ class HideView(Protocol):
     generation: int
 
     def covers(self, vpath: VPath) -> bool: ...
+    def hides_below(self, vpath: VPath) -> bool: ...
     def add(self, vpath: VPath) -> None: ...
 
 #: Names at the top of a shared tree that belong to graftfs itself (marker, staging, leases).
@@ -99,6 +100,9 @@ class PlainLayout:
 
     def merged(self, vpath: VPath, hides: HideView) -> Synthetic | None:
         return None
+
+    def direct_dir(self, vpath: VPath) -> bool:
+        return False
 
     def absorb(self, vpath: VPath, written: str, hides: HideView, writer: int = 0) -> None:
         raise OSError(errno.EPERM, "not a merged file", "/".join(vpath))

@@ -109,6 +109,7 @@ class ContainersStorageLayout(IsuladLayout):
     """The iSulad layout's catalog, presented with containers/storage's index files."""
 
     name = "containers-storage"
+    direct_layers = True  # measured with podman 4.3: runs, commits and removes layers through links
 
     def __init__(self, trees: list[str], rw_root: str) -> None:
         super().__init__(trees, rw_root)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from graftfs.attrs import Attr
 from graftfs.layouts import SHARE_PRIVATE_PREFIX, HideView, Synthetic, ViewChange
 from graftfs.layouts.share_tree import (
+    ID_RE,
     IMAGES,
     LAYERS,
     MANAGED_DIRS,
@@ -259,6 +260,10 @@ def local_layer_ids(rw_root: str) -> set[str]:
     return set(_entry_dirs(rw_root, LAYERS))
 
 
+#: The directories of a layer that the kernel's overlay mount uses as lower, upper and work.
+DIRECT_NAMES = frozenset({"diff", "work"})
+
+
 class IsuladLayout:
     """Presents RO trees in the legacy iSulad layout, showing complete entries only.
 
@@ -268,6 +273,10 @@ class IsuladLayout:
 
     name = "isulad"
     watchable = True
+    #: Show each layer's diff/ and work/ as a link to the backing directory, so the kernel's
+    #: overlay mounts (and everything the container does) bypass graftfs: see
+    #: Namespace.resolve. Off for iSulad until its driver is tested with it.
+    direct_layers = False
 
     def __init__(self, trees: list[str], rw_root: str) -> None:
         self.trees = trees
@@ -368,6 +377,11 @@ class IsuladLayout:
 
     def merged(self, vpath: tuple[str, ...], hides: HideView) -> Synthetic | None:
         return None  # iSulad keeps one record per entry: nothing to compose
+
+    def direct_dir(self, vpath: tuple[str, ...]) -> bool:
+        """True for ``overlay/<id>/diff`` and ``overlay/<id>/work`` when direct_layers is on."""
+        return (self.direct_layers and len(vpath) == 3 and vpath[0] == OVERLAY and vpath[2] in DIRECT_NAMES
+                and ID_RE.match(vpath[1]) is not None)
 
     def absorb(self, vpath: tuple[str, ...], written: str, hides: HideView, writer: int = 0) -> None:
         raise OSError(errno.EPERM, "not a merged file", "/".join(vpath))
