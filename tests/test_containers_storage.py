@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -120,23 +123,45 @@ def read_token(path: str) -> bytes:
 
 
 def test_lock_token_changes_with_the_share(podman_node: tuple[GraftMount, Sample, dict[str, str]]) -> None:
+    """Long-running clients reload the index files when the token in a lock file changes: graftfs
+    writes a new one when the share changes, under the lock, as a writer would."""
     g, sample, ids = podman_node
     lock = g.path("overlay-layers", "layers.lock")
+    backing = Path(sample.rw, "overlay-layers", "layers.lock")
+    # a lock file is the RW file itself, behind a link; the mount gave it a token (it held zeros)
+    assert read_token(lock) == backing.read_bytes() and len(backing.read_bytes()) == 64
+    assert backing.read_bytes() != b"\0" * 64 and os.readlink(lock) == str(backing)
+    # one created through the mount (as containers/storage does, O_CREAT) has a token at once
+    created = g.path("overlay-images", "images.lock")
+    os.close(os.open(created, os.O_RDWR | os.O_CREAT, 0o644))
+    assert len(Path(sample.rw, "overlay-images", "images.lock").read_bytes()) == 64
+    assert os.readlink(created) == str(Path(sample.rw, "overlay-images", "images.lock"))
     first = read_token(lock)
-    assert len(first) == 64 and read_token(lock) == first  # stable while nothing changes
-    # this node's own write (a runtime's "last writer" token) changes what everyone reads
-    fd = os.open(lock, os.O_RDWR)
+    assert read_token(lock) == first  # stable while nothing changes
+    # the share changes while a client holds the lock: the new token waits for the lock
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(backing)], stdout=subprocess.PIPE,
+                              stdin=subprocess.PIPE)
     try:
-        os.pwrite(fd, b"w" * 64, 0)
-        assert os.pread(fd, 64, 0) != first  # read back through the same open file, not a stale page
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        layer = digest("layer:cs-token")
+        publish_sample_image(sample.share, "cs/token:1", [SampleLayer(layer, ids["app"], {})])
+        wait_for(lambda: layer in records(g.path("overlay-layers", "layers.json")), 2, "the layer in layers.json")
+        time.sleep(0.3)
+        assert read_token(lock) == first  # not written beside the lock holder
     finally:
-        os.close(fd)
-    own = read_token(lock)
-    assert own != first and Path(sample.rw, "overlay-layers", "layers.lock").read_bytes() == b"w" * 64
-    # the share changes: the token seen through the mount changes too, without any local write
-    publish_sample_image(sample.share, "cs/token:1", [SampleLayer(digest("layer:cs-token"), ids["app"], {})])
-    wait_for(lambda: read_token(lock) != own, 2, "the lock token to change with the share")
-    assert Path(sample.rw, "overlay-layers", "layers.lock").read_bytes() == b"w" * 64  # RW keeps the real one
+        holder.communicate(b"\n", timeout=10)
+    wait_for(lambda: read_token(lock) != first, 2, "the lock token to change after the lock was released")
+    assert len(read_token(lock)) == 64 and read_token(lock) == backing.read_bytes()
+
+
+#: A client holding a lock file's write lock until told to let go (as containers/storage locks).
+HOLD_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.readline()
+"""
 
 
 def test_a_name_belongs_to_the_newest_image(podman_node: tuple[GraftMount, Sample, dict[str, str]]) -> None:

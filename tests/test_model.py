@@ -182,7 +182,7 @@ def test_overlapping_trees_are_refused(tmp_path: Path) -> None:
 
 def test_direct_layer_dirs_link_to_their_backing_directory(demo: tuple[Namespace, object, Path, Path]) -> None:
     ns, ids, share, rw = demo
-    ns.layout.direct_layers = True  # type: ignore[attr-defined]
+    ns.layout.direct = True  # type: ignore[attr-defined]
     base, local = ids.base, ids.local  # type: ignore[attr-defined]
     shared = ns.resolve(("overlay", base, "diff"))
     assert shared.top.direct and ns.readlink(("overlay", base, "diff")) == str(share / "overlay" / base / "diff")

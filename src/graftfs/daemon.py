@@ -21,6 +21,7 @@ import trio
 from graftfs import __version__
 from graftfs.fs import GraftOperations
 from graftfs.hides import HideStore
+from graftfs.inotify import is_local_fs
 from graftfs.kernel_cache import KernelCache
 from graftfs.layouts import PlainLayout
 from graftfs.layouts.containers_storage import ContainersStorageLayout
@@ -49,8 +50,8 @@ def make_layout(name: str, cfg: MountConfig) -> Layout:
     assert cfg.rw is not None
     if name in ("isulad", "containers-storage"):
         layout = IsuladLayout(cfg.ro, cfg.rw) if name == "isulad" else ContainersStorageLayout(cfg.ro, cfg.rw)
-        if cfg.direct_layers is not None:
-            layout.direct_layers = cfg.direct_layers
+        if cfg.direct is not None:
+            layout.direct = cfg.direct
         for root in layout.load(cfg.timeout):
             log.error("shared tree %s did not answer within %g s: mounting with it empty; its images show "
                       "once it answers", root, cfg.timeout)
@@ -76,6 +77,8 @@ def build_namespace(cfg: MountConfig) -> Namespace:
     layout = make_layout(detect_layout(cfg), cfg)
     ns = Namespace(cfg.rw, layout, HideStore(state_dir))
     ns.sweep_tmp()
+    if isinstance(layout, IsuladLayout):
+        layout.announce_at_start()
     return ns
 
 
@@ -128,14 +131,16 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
         return 1
     started = time.time()
 
-    workers = Workers(cfg.timeout)
+    # quick backing calls run in the trio thread only when no tree can hang (graftfs.workers)
+    local = all(is_local_fs(tree) for tree in [cfg.rw, *cfg.ro] if tree is not None)
+    workers = Workers(cfg.timeout, inline=local)
     watched = bool(getattr(ns.layout, "watchable", False)) and cfg.poll > 0
     watcher: Watcher | None = None
 
     def info() -> dict[str, Any]:
         out = {"version": __version__, "pid": os.getpid(), "mountpoint": cfg.mountpoint,
                "started": started, "timeout": cfg.timeout, "fuse_options": sorted(cfg.fuse_option_set()),
-               "cache_timeout": ops.cache_timeout}
+               "cache_timeout": ops.cache_timeout, "inline_io": workers.inline}
         out["watcher"] = watcher.status() if watcher is not None else {"enabled": False}
         return out
 

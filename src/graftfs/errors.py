@@ -12,6 +12,7 @@ import collections
 import errno
 import functools
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 #: FUSE requests served per handler since the mount started (shown by `graftfs status`): what
 #: a workload costs in round trips through Python, the first thing to look at when it is slow.
 REQUESTS: collections.Counter[str] = collections.Counter()
+#: Seconds spent in each handler (wall clock, including waits for worker threads).
+REQUEST_SECONDS: dict[str, float] = collections.defaultdict(float)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -54,9 +57,12 @@ def fuse_boundary(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Corout
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         REQUESTS[name] += 1
+        started = time.perf_counter()
         try:
             return await fn(*args, **kwargs)
         except Exception as exc:
             raise to_fuse_error(exc, fn.__name__) from None
+        finally:
+            REQUEST_SECONDS[name] += time.perf_counter() - started
 
     return wrapper

@@ -14,7 +14,6 @@ JSON that ``graftfs status`` prints.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -27,9 +26,10 @@ from typing import Any
 import pyfuse3
 
 from graftfs.attrs import Attr
-from graftfs.errors import REQUESTS, fuse_boundary
+from graftfs.errors import REQUEST_SECONDS, REQUESTS, fuse_boundary
 from graftfs.inodes import InodeTable, Node
-from graftfs.namespace import RENAME_EXCHANGE, Namespace, Resolved
+from graftfs.lock_tokens import TOKEN_LOCKS, write_token_fd
+from graftfs.namespace import RENAME_EXCHANGE, Namespace, NeedsCopyUp, Resolved
 from graftfs.workers import Workers
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,8 @@ STATUS_MAX_BYTES = 60_000
 #: The index files a layout may compose in memory (graftfs.layouts.containers_storage).
 MERGED_PATHS = frozenset({("overlay-layers", "layers.json"), ("overlay-images", "images.json")})
 #: containers/storage lock files whose first bytes are a "last writer" token that readers compare
-#: to decide whether to reload the index: as seen through the mount, the token also changes with
-#: the share (see _token_key), so long-running clients (CRI-O, podman system service) reload.
-LOCK_PATHS = frozenset({("overlay-layers", "layers.lock"), ("overlay-images", "images.lock")})
-TOKEN_BYTES = 64
+#: to decide whether to reload an index (graftfs.lock_tokens): served uncached when not linked.
+LOCK_PATHS = frozenset(TOKEN_LOCKS)
 
 #: With the watcher telling the kernel exactly what changed (graftfs.watcher), the kernel may
 #: keep entries, attributes and file pages for long, so warm lookups never reach Python.
@@ -96,9 +94,6 @@ class GraftOperations(pyfuse3.Operations):
         self.on_dir_forgotten: Callable[[Node], None] = lambda node: None
         self._files: dict[int, tuple[Node, bool]] = {}  # fd -> (node, fd is on the RW tree)
         self._dirs: dict[int, DirHandle] = {}
-        self._token_fds: set[int] = set()
-        self._token_salt = os.urandom(16)
-        self._token_cache: tuple[int, bytes] = (-1, b"")
         self._next_dir_fh = 1
         self.bytes_read = self.bytes_written = 0  # data through FUSE (status: what bypasses us)
 
@@ -222,10 +217,10 @@ class GraftOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             if fh not in self._files or not self._files[fh][1]:
                 raise pyfuse3.FUSEError(errno.EROFS)  # never change a shared file through its fd
-            st = await self.workers.run(_setattr_fd, fh, attr, fields)
+            st = await self.workers.run_thread(_setattr_fd, fh, attr, fields)
             return self._entry(node, Attr.from_stat(st))
         vpath = self._path(inode)
-        res = await self.workers.run(self._setattr_path, vpath, attr, fields, fh)
+        res = await self.workers.run_thread(self._setattr_path, vpath, attr, fields, fh)
         return self._entry(node, res.attr, volatile=_volatile(res))
 
     def _setattr_path(
@@ -271,14 +266,18 @@ class GraftOperations(pyfuse3.Operations):
         parent, sname, vpath = self._child_path(parent_inode, name)
         with self.inodes.busy((parent, sname)):
             res = await self.workers.run(self.ns.mkdir, vpath, mode, ctx.uid, ctx.gid)
-            if not self.ns.is_direct(vpath):
-                return self._new_entry(parent, sname, res)
-            # A layer directory: the kernel wants the directory it asked for, but the view shows
-            # a link to it. Answer uncached and under a number the link will not reuse, so the
-            # next path walk looks it up again and follows the link to the backing directory.
-            entry = self._new_entry(parent, sname, res, generation=-1)
-            self.inodes.detach(parent, sname)
-            return entry
+            return self._created_entry(parent, sname, vpath, res)
+
+    def _created_entry(self, parent: Node, name: str, vpath: VPath, res: Resolved) -> pyfuse3.EntryAttributes:
+        """The reply to mkdir or create. Where the view shows a link instead (Namespace._direct),
+        the kernel still wants the directory or file it asked for: answer it uncached and under a
+        number the link will not reuse, so the next path walk looks the name up again and
+        follows the link to the backing entry."""
+        if not self.ns.is_direct(vpath):
+            return self._new_entry(parent, name, res)
+        entry = self._new_entry(parent, name, res, generation=-1)
+        self.inodes.detach(parent, name)
+        return entry
 
     @fuse_boundary
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
@@ -286,7 +285,7 @@ class GraftOperations(pyfuse3.Operations):
         parent, sname, vpath = self._child_path(parent_inode, name)
         with self.inodes.busy((parent, sname)):
             res = await self.workers.run(self.ns.mknod, vpath, mode, rdev, ctx.uid, ctx.gid)
-            return self._new_entry(parent, sname, res)
+            return self._created_entry(parent, sname, vpath, res)
 
     @fuse_boundary
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
@@ -302,7 +301,7 @@ class GraftOperations(pyfuse3.Operations):
         src = self._path(inode)
         parent, sname, vpath = self._child_path(new_parent_inode, new_name)
         with self.inodes.busy((parent, sname)):
-            res = await self.workers.run(self.ns.link, src, vpath)
+            res = await self.workers.run_thread(self.ns.link, src, vpath)
             return self._new_entry(parent, sname, res)
 
     @fuse_boundary
@@ -311,12 +310,12 @@ class GraftOperations(pyfuse3.Operations):
         parent, sname, vpath = self._child_path(parent_inode, name)
         with self.inodes.busy((parent, sname)):
             fd, res = await self.workers.run(self.ns.create, vpath, mode, flags, ctx.uid, ctx.gid)
-            entry = self._new_entry(parent, sname, res)
-        node = self.inodes.child(parent, sname)
+            node = self.inodes.child(parent, sname)
+            entry = self._created_entry(parent, sname, vpath, res)
         node.open_fds.add(fd)
         self._files[fd] = (node, True)
-        if vpath in LOCK_PATHS:  # a lock file created through the mount: its token is mixed too
-            self._token_fds.add(fd)
+        if vpath in LOCK_PATHS:
+            await self.workers.run(write_token_fd, fd)  # never shorter than a token (graftfs.lock_tokens)
             return pyfuse3.FileInfo(fh=fd, direct_io=True), entry
         return pyfuse3.FileInfo(fh=fd, keep_cache=self.keep_cache), entry
 
@@ -340,7 +339,7 @@ class GraftOperations(pyfuse3.Operations):
         old_parent, old_name, src = self._child_path(parent_inode_old, name_old)
         new_parent, new_name, dst = self._child_path(parent_inode_new, name_new)
         with self.inodes.busy((old_parent, old_name), (new_parent, new_name)):
-            await self.workers.run(self.ns.rename, src, dst, flags, ctx.pid)
+            await self.workers.run_thread(self.ns.rename, src, dst, flags, ctx.pid)
             if flags & RENAME_EXCHANGE:
                 self.inodes.exchange(old_parent, old_name, new_parent, new_name)
             else:
@@ -352,12 +351,14 @@ class GraftOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
         vpath = self._path(inode)
-        fd, in_rw = await self.workers.run(self.ns.open, vpath, flags, ctx.pid)
+        try:
+            fd, in_rw = await self.workers.run(self.ns.open, vpath, flags, ctx.pid, copy_up=False)
+        except NeedsCopyUp:
+            fd, in_rw = await self.workers.run_thread(self.ns.open, vpath, flags, ctx.pid)
         node.open_fds.add(fd)
         self._files[fd] = (node, in_rw)
         if in_rw and vpath in LOCK_PATHS:
-            self._token_fds.add(fd)
-            return pyfuse3.FileInfo(fh=fd, direct_io=True)  # every token read must reach us
+            return pyfuse3.FileInfo(fh=fd, direct_io=True)  # every token read must see the file
         if not in_rw and vpath in MERGED_PATHS:
             # composed in memory per open: never serve another open's pages
             return pyfuse3.FileInfo(fh=fd, direct_io=True)
@@ -367,16 +368,7 @@ class GraftOperations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         data = await self.workers.run_fd(os.pread, fh, size, off)
         self.bytes_read += len(data)
-        if fh in self._token_fds and off < TOKEN_BYTES and data:
-            data = _mix_token(data, off, self._token_key())
         return data
-
-    def _token_key(self) -> bytes:
-        """64 bytes that change whenever the shared part of the view changes (and per mount)."""
-        generation = int(getattr(self.ns.layout, "share_generation", 0))
-        if self._token_cache[0] != generation:
-            self._token_cache = (generation, hashlib.sha512(self._token_salt + str(generation).encode()).digest())
-        return self._token_cache[1]
 
     @fuse_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -386,12 +378,11 @@ class GraftOperations(pyfuse3.Operations):
 
     @fuse_boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self.workers.run_fd(os.fdatasync if datasync else os.fsync, fh)
+        await self.workers.run_thread(os.fdatasync if datasync else os.fsync, fh)
 
     @fuse_boundary
     async def release(self, fh: int) -> None:
         entry = self._files.pop(fh, None)
-        self._token_fds.discard(fh)
         if entry is not None:
             self.inodes.close_fd(entry[0], fh)
         await self.workers.run_fd(os.close, fh)
@@ -432,7 +423,7 @@ class GraftOperations(pyfuse3.Operations):
     @fuse_boundary
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         handle = self._dirs[fh]
-        await self.workers.run(self._fsyncdir, self._path(handle.node.ino))
+        await self.workers.run_thread(self._fsyncdir, self._path(handle.node.ino))
 
     def _fsyncdir(self, vpath: VPath) -> None:
         self.ns.hides.sync()
@@ -481,7 +472,7 @@ class GraftOperations(pyfuse3.Operations):
         sname = os.fsdecode(name)
         if sname.startswith(OWN_XATTR_PREFIXES):
             raise pyfuse3.FUSEError(errno.EPERM)
-        await self.workers.run(self._setxattr, self._path(inode), sname, value)
+        await self.workers.run_thread(self._setxattr, self._path(inode), sname, value)
 
     def _setxattr(self, vpath: VPath, name: str, value: bytes) -> None:
         os.setxattr(self.ns.copy_up(vpath), name, value, follow_symlinks=False)
@@ -491,7 +482,7 @@ class GraftOperations(pyfuse3.Operations):
         sname = os.fsdecode(name)
         if sname.startswith(OWN_XATTR_PREFIXES):
             raise pyfuse3.FUSEError(errno.EPERM)
-        await self.workers.run(self._removexattr, self._path(inode), sname)
+        await self.workers.run_thread(self._removexattr, self._path(inode), sname)
 
     def _removexattr(self, vpath: VPath, name: str) -> None:
         res = self.ns.resolve(vpath)
@@ -504,10 +495,10 @@ class GraftOperations(pyfuse3.Operations):
 
     async def _status_json(self) -> bytes:
         info = dict(self.info())
-        info.update(await self.workers.run(self.ns.status))
+        info.update(await self.workers.run_thread(self.ns.status))
         info["inodes"] = len(self.inodes)
         info["open_files"] = len(self._files)
-        info["requests"] = dict(REQUESTS)
+        info["requests"] = {op: {"count": n, "seconds": round(REQUEST_SECONDS[op], 3)} for op, n in REQUESTS.items()}
         info["bytes_read"], info["bytes_written"] = self.bytes_read, self.bytes_written
         info["time"] = time.time()
         data = json.dumps(info, sort_keys=True).encode()
@@ -520,14 +511,6 @@ class GraftOperations(pyfuse3.Operations):
                 info[key] = info[key][: len(info[key]) // 2]
             data = json.dumps(info, sort_keys=True).encode()
         return data
-
-
-def _mix_token(data: bytes, off: int, key: bytes) -> bytes:
-    """XOR the token bytes within ``data`` (read at ``off``) with ``key``: a stable function of
-    the node's own token and the share's state, so it changes when either does."""
-    end = min(TOKEN_BYTES, off + len(data))
-    mixed = bytes(b ^ k for b, k in zip(data[: end - off], key[off:end], strict=True))
-    return mixed + data[end - off :]
 
 
 def _volatile(res: Resolved) -> bool:

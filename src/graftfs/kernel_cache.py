@@ -73,7 +73,7 @@ class KernelCache:
         if not items:
             return 0
         try:
-            now = await self.workers.run(self._resolve_all, [(*ch.parent, ch.name) for _, ch, _ in items])
+            now = await self.workers.run_thread(self._resolve_all, [(*ch.parent, ch.name) for _, ch, _ in items])
         except BackingTimeout as e:
             # a backing tree hangs: notify without knowing, where that is harmless (see _decide)
             log.warning("re-resolving %d changed names: %s; dropping their cached entries unseen", len(items),

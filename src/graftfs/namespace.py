@@ -60,7 +60,7 @@ class Layout(Protocol):
     def synthetic_names(self, vpath: VPath) -> list[str]: ...
     def missing(self, tree: int, vpath: VPath) -> Attr | None: ...
     def merged(self, vpath: VPath, hides: HideView) -> Synthetic | None: ...
-    def direct_dir(self, vpath: VPath) -> bool: ...
+    def direct_path(self, vpath: VPath) -> bool: ...
     def absorb(self, vpath: VPath, written: str, hides: HideView, writer: int = 0) -> None: ...
     def note_read(self, vpath: VPath, reader: int) -> None: ...
     def status(self) -> dict[str, object]: ...
@@ -143,6 +143,10 @@ def _memory_file(content: bytes) -> int:
         raise
 
 
+class NeedsCopyUp(Exception):
+    """Opening this file for writing copies it to RW first (see Namespace.open)."""
+
+
 def _delete_in_background(path: str) -> None:
     """rmtree in a daemon thread: a layer may hold gigabytes; what an exit interrupts is left in
     the tmp dir, which the next mount sweeps (Namespace.sweep_tmp)."""
@@ -197,7 +201,7 @@ class Namespace:
 
     def is_direct(self, vpath: VPath) -> bool:
         """True where a directory is shown as a link to its backing directory (see _direct)."""
-        return self.layout.direct_dir(vpath)
+        return self.layout.direct_path(vpath)
 
     def resolve(self, vpath: VPath, direct: bool = True) -> Resolved:
         """Resolve a view path; raise FileNotFoundError when nothing shows there.
@@ -233,17 +237,19 @@ class Namespace:
         if not sources:
             raise _enoent(vpath)
         res = Resolved(vpath, tuple(sources), bool(ro))
-        if direct and sources[0].attr.is_dir and self.layout.direct_dir(vpath):
+        if direct and (sources[0].attr.is_dir or stat.S_ISREG(sources[0].attr.mode)) and self.layout.direct_path(vpath):
             return self._direct(res)
         return res
 
     def _direct(self, res: Resolved) -> Resolved:
-        """A layer directory shown as a symlink to the one backing directory that holds it.
+        """An entry shown as a symlink to the one backing entry that holds it (where the
+        layout says so: layer directories, lock files, the runtime's node-local directories).
 
         The kernel resolves an overlay mount's lowerdir/upperdir/workdir with symlinks followed,
         so linking each layer's diff/ and work/ to its backing directory puts every read and
         write of a container on the backing filesystem itself, with no FUSE request and no
-        Python (DESIGN.md section 4); the runtime's own metadata still goes through graftfs.
+        Python (DESIGN.md section 4); what must be merged (index files) still goes through
+        graftfs. A path walk through a link costs one readlink request, not open/read/release.
         The node's own copy wins over the share's: a layer id names one content, so a layer this
         node published is the share's too. A shared directory with hides below it is no longer
         the share's content and stays a merged directory.
@@ -433,7 +439,7 @@ class Namespace:
         path = self._prepare_new(vpath)
         os.mknod(path, mode, rdev)
         os.chown(path, uid, gid, follow_symlinks=False)
-        return self.resolve(vpath)
+        return self.resolve(vpath, direct=False)
 
     def symlink(self, vpath: VPath, target: str, uid: int, gid: int) -> Resolved:
         path = self._prepare_new(vpath)
@@ -447,7 +453,7 @@ class Namespace:
         fd = os.open(path, (flags | os.O_CREAT | os.O_EXCL) & ~os.O_APPEND, stat.S_IMODE(mode))
         try:
             os.fchown(fd, uid, gid)
-            return fd, self.resolve(vpath)
+            return fd, self.resolve(vpath, direct=False)
         except BaseException:
             os.close(fd)
             raise
@@ -462,12 +468,19 @@ class Namespace:
 
     # -- opening ----------------------------------------------------------------------------
 
-    def open(self, vpath: VPath, flags: int, pid: int = 0) -> tuple[int, bool]:
+    def open(self, vpath: VPath, flags: int, pid: int = 0, copy_up: bool = True) -> tuple[int, bool]:
         """Open a file; writers get an RW copy first. Returns (backing fd, fd is on RW).
-        A merged file opens as an in-memory copy of its current content."""
+        A merged file opens as an in-memory copy of its current content. With ``copy_up``
+        False, a writer of a shared file gets NeedsCopyUp instead (the caller is on a thread
+        that must not copy a file)."""
         flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
         res = self.resolve(vpath)
+        if res.top.direct and res.top.link_target is not None:
+            # the kernel still knows this entry as the file it was created as (see fs.create)
+            if writing and not res.top.is_rw:
+                raise OSError(errno.EROFS, "a shared entry is never changed", "/".join(vpath))
+            return os.open(res.top.link_target, flags), res.top.is_rw
         if res.top.content is not None:
             if writing:
                 # the runtime replaces index files by renaming a new file over them, which is split
@@ -476,6 +489,8 @@ class Namespace:
             self.layout.note_read(vpath, pid)
             return _memory_file(res.top.content), False
         if writing:
+            if not copy_up and not res.top.is_rw:
+                raise NeedsCopyUp(vpath)
             return os.open(self.copy_up(vpath, with_data=not flags & os.O_TRUNC), flags), True
         if res.top.path is None:
             raise OSError(errno.ELOOP, "cannot open a symlink", "/".join(vpath))

@@ -42,7 +42,7 @@ class MountConfig:
     timeout: float = 10.0
     poll: float = 0.5  # seconds between polls of each shared tree; 0 turns the watcher off
     share_inotify: bool = True  # let inotify wake the poller of shared trees on local filesystems
-    direct_layers: bool | None = None  # link layer dirs to the backing trees; None: the layout's default
+    direct: bool | None = None  # show layer dirs, lock files... as links to RW/RO; None: the layout's default
     fuse_options: list[str] = field(default_factory=list)
 
     def add_options(self, text: str) -> None:
@@ -91,10 +91,10 @@ class MountConfig:
             if value not in ("0", "1"):
                 raise ConfigError("share_inotify= must be 0 (poll only) or 1")
             self.share_inotify = value == "1"
-        elif key == "direct_layers":
+        elif key == "direct":
             if value not in ("0", "1", "auto"):
-                raise ConfigError("direct_layers= must be 0 (serve layers through graftfs), 1 or auto")
-            self.direct_layers = None if value == "auto" else value == "1"
+                raise ConfigError("direct= must be 0 (serve everything through graftfs), 1 or auto")
+            self.direct = None if value == "auto" else value == "1"
         elif key in FUSE_KEYS:
             self.fuse_options.append(f"{key}={value}")
         elif key.startswith(("x-", "comment")):
@@ -151,7 +151,7 @@ class MountConfig:
             argv += ["--ro", r]
         opts = [*self.fuse_options, f"timeout={self.timeout:g}", f"poll={self.poll:g}",
                 f"share_inotify={int(self.share_inotify)}",
-                "direct_layers=" + ("auto" if self.direct_layers is None else str(int(self.direct_layers)))]
+                "direct=" + ("auto" if self.direct is None else str(int(self.direct)))]
         argv += ["-o", ",".join(opts)]
         if self.log_file:
             argv += ["--log-file", self.log_file]

@@ -182,7 +182,7 @@ def chain(tag: str, count: int, parent: str | None = None, size: int = 16) -> li
 #: Where Debian's busybox-static puts the binary the sample container images are made of.
 BUSYBOX = "/bin/busybox"
 BUSYBOX_APPLETS = ("sh", "echo", "cat", "ls", "rm", "touch", "dd", "sha256sum", "sleep", "mkdir", "head",
-                   "seq", "xargs", "time", "sync")
+                   "seq", "xargs", "time", "sync", "true")
 
 
 def busybox_image_tar(workdir: str) -> str:

@@ -36,6 +36,7 @@ from graftfs.inotify import IN_IGNORED, IN_ISDIR, Event, Inotify, is_local_fs
 from graftfs.kernel_cache import KernelCache
 from graftfs.layouts import ViewChange
 from graftfs.layouts.share_tree import probe_paths
+from graftfs.lock_tokens import LOCK_WAIT_SECONDS
 from graftfs.workers import Workers
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class WatchedLayout(Protocol):
     def poll_tree(self, tree: int) -> bool: ...
     def commit(self) -> tuple[int, list[ViewChange]]: ...
     def ack(self, seq: int) -> None: ...
+    def announce(self) -> None: ...
 
 
 class Generation(Protocol):
@@ -167,7 +169,7 @@ class Watcher:
     async def _tree_loop(self, tree: int) -> None:
         root = self.layout.trees[tree]
         try:
-            if self.share_inotify and await self.workers.run(is_local_fs, root):
+            if self.share_inotify and await self.workers.run_thread(is_local_fs, root):
                 self._local_trees.add(tree)
                 await self._watch_tree(tree)
         except OSError as e:
@@ -180,7 +182,7 @@ class Watcher:
             self._kicks[tree] = trio.Event()
             started = time.monotonic()
             try:
-                found = await self.workers.run(self.layout.poll_tree, tree)
+                found = await self.workers.run_thread(self.layout.poll_tree, tree)
             except BackingTimeout as e:
                 log.warning("polling %s: %s", root, e.strerror)
                 continue
@@ -196,7 +198,7 @@ class Watcher:
             return
         for path in probe_paths(self.layout.trees[tree]):
             try:
-                wd = await self.workers.run(self.inotify.add, path)
+                wd = await self.workers.run_thread(self.inotify.add, path)
             except OSError:
                 continue  # not there (yet): the poll finds it and this runs again
             self._ro_dirs[wd] = tree
@@ -212,7 +214,7 @@ class Watcher:
             since, self._pending_since = self._pending_since or time.monotonic(), None
             self.bump()  # lookups racing with the catalog swap get short cache times
             try:
-                seq, changes = await self.workers.run(self.layout.commit)
+                seq, changes = await self.workers.run_thread(self.layout.commit)
             except Exception as e:
                 # nothing is lost: an unacknowledged commit's changes are reported again
                 log.error("rebuilding the catalog failed (%s); retrying in %g s", e, RESTART_DELAY)
@@ -222,6 +224,16 @@ class Watcher:
             self.bump()
             if await self._apply("share", changes, since):
                 self.layout.ack(seq)
+                if changes:
+                    await self._announce()
+
+    async def _announce(self) -> None:
+        """Let the runtime's long-running clients know (lock tokens: graftfs.lock_tokens)."""
+        try:
+            with trio.move_on_after(LOCK_WAIT_SECONDS * 2):
+                await trio.to_thread.run_sync(self.layout.announce, abandon_on_cancel=True)
+        except Exception as e:
+            log.error("writing new lock tokens failed: %s", e)
 
     async def _apply(self, source: str, changes: list[ViewChange], since: float) -> bool:
         """Tell the kernel; False when that failed even after retries."""

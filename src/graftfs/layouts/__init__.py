@@ -101,7 +101,7 @@ class PlainLayout:
     def merged(self, vpath: VPath, hides: HideView) -> Synthetic | None:
         return None
 
-    def direct_dir(self, vpath: VPath) -> bool:
+    def direct_path(self, vpath: VPath) -> bool:
         return False
 
     def absorb(self, vpath: VPath, written: str, hides: HideView, writer: int = 0) -> None:

@@ -30,6 +30,7 @@ import os
 import threading
 from dataclasses import dataclass
 
+from graftfs import lock_tokens
 from graftfs.attrs import Attr
 from graftfs.layouts import HideView, Synthetic, ViewChange
 from graftfs.layouts.isulad import Catalog, IsuladLayout
@@ -43,6 +44,8 @@ MAX_READERS = 4096
 LAYERS_JSON = (LAYERS, "layers.json")
 IMAGES_JSON = (IMAGES, "images.json")
 TAR_SPLIT_SUFFIX = ".tar-split.gz"
+#: Top-level directories of a containers/storage graph that only the node itself uses.
+NODE_LOCAL_DIRS = frozenset({"libpod", "overlay-containers", "volumes"})
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,28 @@ class ContainersStorageLayout(IsuladLayout):
     """The iSulad layout's catalog, presented with containers/storage's index files."""
 
     name = "containers-storage"
-    direct_layers = True  # measured with podman 4.3: runs, commits and removes layers through links
+    direct = True  # measured with podman 4.3: runs, commits and removes layers through links
+
+    def announce(self) -> None:
+        """New lock tokens, so that long-running clients reload the merged index files."""
+        lock_tokens.announce(self.rw_root)
+
+    def announce_at_start(self) -> None:
+        # briefly: a client holding a lock now gets the token beside it (it reloads once more)
+        lock_tokens.announce(self.rw_root, wait=1.0)
+
+    def direct_path(self, vpath: tuple[str, ...]) -> bool:
+        """Besides the layer dirs: the lock files, which the runtime opens, reads and closes on
+        every lock (most of a `podman run`'s requests), and the node-local directories of the
+        runtime (its database, containers' run data), which never hold shared content and
+        whose files are never renamed into the managed directories."""
+        if not self.direct:
+            return False
+        if len(vpath) == 1:
+            return vpath[0] in NODE_LOCAL_DIRS or vpath[0].endswith(".lock")
+        if len(vpath) == 2 and vpath[0] in (LAYERS, IMAGES):
+            return vpath[1].endswith(".lock")
+        return super().direct_path(vpath)
 
     def __init__(self, trees: list[str], rw_root: str) -> None:
         super().__init__(trees, rw_root)

@@ -275,8 +275,8 @@ class IsuladLayout:
     watchable = True
     #: Show each layer's diff/ and work/ as a link to the backing directory, so the kernel's
     #: overlay mounts (and everything the container does) bypass graftfs: see
-    #: Namespace.resolve. Off for iSulad until its driver is tested with it.
-    direct_layers = False
+    #: Namespace._direct. Off for iSulad until its driver is tested with it.
+    direct = False
 
     def __init__(self, trees: list[str], rw_root: str) -> None:
         self.trees = trees
@@ -378,9 +378,16 @@ class IsuladLayout:
     def merged(self, vpath: tuple[str, ...], hides: HideView) -> Synthetic | None:
         return None  # iSulad keeps one record per entry: nothing to compose
 
-    def direct_dir(self, vpath: tuple[str, ...]) -> bool:
-        """True for ``overlay/<id>/diff`` and ``overlay/<id>/work`` when direct_layers is on."""
-        return (self.direct_layers and len(vpath) == 3 and vpath[0] == OVERLAY and vpath[2] in DIRECT_NAMES
+    def announce(self) -> None:
+        """After a change of the share's part of the view: nothing to tell iSulad (it rescans)."""
+
+    def announce_at_start(self) -> None:
+        """The share may have changed while nothing was mounted: announce it once."""
+
+    def direct_path(self, vpath: tuple[str, ...]) -> bool:
+        """True for ``overlay/<id>/diff`` and ``overlay/<id>/work`` when direct is on (layers only:
+        containers/storage's own overlay checks make other directories there)."""
+        return (self.direct and len(vpath) == 3 and vpath[0] == OVERLAY and vpath[2] in DIRECT_NAMES
                 and ID_RE.match(vpath[1]) is not None)
 
     def absorb(self, vpath: tuple[str, ...], written: str, hides: HideView, writer: int = 0) -> None:

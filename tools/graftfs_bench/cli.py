@@ -1,0 +1,61 @@
+"""The command line of tools/bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from graftfs_bench import propagation, runtime, trees
+
+USAGE = """tools/bench [all|runtime|trees|propagation] [options]
+
+graftfs measured side by side with native ext4 (the runtime on a plain local disk) and mergerfs,
+in one run on the same backing data: several repetitions each, min and median, ratios. Prints
+tables and writes WORK/bench.json. Needs root, /dev/fuse, podman, mergerfs (tools/install --bench).
+
+  runtime      podman run, in-container 512 MiB read/write, 20,000 small files (native vs graftfs)
+  trees        ls -lR / find over a 2,000-layer graph and a 512 MiB read, cold and warm
+               (native vs graftfs vs mergerfs)
+  propagation  share change -> visible through the mount (p50/p99), idle CPU, mount time, RSS
+               with 10,000 layers / 1,000 images
+  all          all of the above (default)
+"""
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="tools/bench", usage=USAGE)
+    p.add_argument("what", nargs="?", default="all", choices=["all", "runtime", "trees", "propagation"])
+    p.add_argument("--reps", type=int, default=3, help="repetitions of each measure (podman run: 3x this)")
+    p.add_argument("--work", default="/var/tmp/graftfs-bench", help="where the test data lives (kept for reuse)")
+    p.add_argument("--tree-layers", type=int, default=2000)
+    p.add_argument("--tree-files", type=int, default=10, help="files per layer in the tree walks")
+    p.add_argument("--layers", type=int, default=10_000, help="layers of the propagation share")
+    p.add_argument("--images", type=int, default=1_000, help="images of the propagation share")
+    p.add_argument("--samples", type=int, default=100, help="propagation samples")
+    p.add_argument("--idle", type=float, default=30.0, help="seconds of idle CPU measurement")
+    p.add_argument("--json", default=None, help="write results here (default WORK/bench.json)")
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        print("tools/bench: needs root (FUSE mounts, dropping the page cache)", file=sys.stderr)
+        return 1
+    if args.reps < 1:
+        print("tools/bench: --reps must be at least 1", file=sys.stderr)
+        return 2
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict[str, object] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "reps": args.reps,
+                                  "cpus": os.cpu_count(), "kernel": os.uname().release}
+    if args.what in ("all", "runtime"):
+        results["runtime"] = runtime.run(work, args.reps)
+    if args.what in ("all", "trees"):
+        results["trees"] = trees.run(work, args.tree_layers, args.tree_files, args.reps)
+    if args.what in ("all", "propagation"):
+        results["propagation"] = propagation.run(work, args.layers, args.images, args.samples, args.idle)
+    out = Path(args.json or work / "bench.json")
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\n(JSON in {out})")
+    return 0

@@ -1,0 +1,154 @@
+"""podman on graftfs against podman on native ext4, side by side in one run.
+
+The native graph holds a test image (busybox plus a layer with a 512 MiB file); it is published
+to a share with `graftfs publish`, and a second graph is a graftfs mount of an empty RW tree
+over that share, as a node of the cluster would have it. Measured on both: `podman run --rm IMG
+true`, and inside a container (timed in the container by busybox `time`): reading the image's
+512 MiB file cold and warm, writing 512 MiB (fsync'ed) and creating 20,000 small files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from graftfs.sample import busybox_image_tar
+from graftfs_bench.common import (
+    VENV_PY,
+    FuseMount,
+    Timing,
+    drop_caches,
+    fresh_dir,
+    graftfs_mount,
+    print_section,
+    say,
+    section_json,
+)
+
+IMAGE = "localhost/bench:1"
+IN_CONTAINER = {
+    "read 512 MiB image file (cold)": ("dd if=/data/big of=/dev/null bs=1M 2>/dev/null", True),
+    "read 512 MiB image file (warm)": ("dd if=/data/big of=/dev/null bs=1M 2>/dev/null", False),
+    "write 512 MiB + fsync": ("dd if=/dev/zero of=/w bs=1M count=512 conv=fsync 2>/dev/null", False),
+    "create 20,000 small files": ("mkdir /s && cd /s && seq 20000 | xargs touch && sync", False),
+}
+
+
+class Podman:
+    """podman with a private graph, run root, and configuration (never the machine's)."""
+
+    def __init__(self, base: Path, graph: Path) -> None:
+        short = Path(tempfile.mkdtemp(prefix="gfs-bench-", dir="/tmp"))  # conmon's socket paths stay short
+        run = short / "run"
+        run.mkdir()
+        (base / "storage.conf").write_text(f'[storage]\ndriver = "overlay"\ngraphroot = "{graph}"\nrunroot = "{run}"\n')
+        (base / "containers.conf").write_text(
+            '[containers]\nnetns = "none"\ndefault_ulimits = ["nofile=10000:10000", "nproc=32768:32768"]\n'
+            '[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
+            f'tmp_dir = "{run}/libpod-tmp"\n')
+        self.short = short
+        self.graph = graph
+        self.env = {**os.environ, "CONTAINERS_STORAGE_CONF": str(base / "storage.conf"),
+                    "CONTAINERS_CONF": str(base / "containers.conf"), "TMPDIR": str(short)}
+
+    def __call__(self, *args: str, timeout: float = 600) -> str:
+        """Run podman; returns stdout + stderr (files, not pipes: podman 4.3 waits for conmon on a pipe)."""
+        with tempfile.TemporaryFile("w+") as out:
+            code = subprocess.run(["podman", *args], stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                  timeout=timeout, stdin=subprocess.DEVNULL).returncode
+            out.seek(0)
+            text = out.read()
+        if code != 0:
+            raise SystemExit(f"podman {' '.join(args)} failed: {text[-2000:]}")
+        return text
+
+    def reset(self) -> None:
+        subprocess.run(["podman", "rm", "-af", "-t", "0"], env=self.env, capture_output=True, check=False, timeout=120)
+        subprocess.run(["podman", "unmount", "-a"], env=self.env, capture_output=True, check=False, timeout=120)
+
+    def timed_run(self, reps: int) -> Timing:
+        self("run", "--rm", IMAGE, "true")
+        out = Timing()
+        for _ in range(reps):
+            started = time.perf_counter()
+            self("run", "--rm", IMAGE, "true")
+            out.values.append(time.perf_counter() - started)
+        return out
+
+    def in_container(self, script: str, cold: bool, reps: int) -> Timing:
+        out = Timing()
+        for _ in range(reps):
+            if cold:
+                drop_caches()
+            text = self("run", "--rm", IMAGE, "time", "-p", "sh", "-c", script)
+            found = re.search(r"^real\s+([0-9.]+)", text, re.M)
+            if found is None:
+                raise SystemExit(f"no timing in the container's output: {text[-500:]}")
+            out.values.append(float(found.group(1)))
+        return out
+
+
+def build_image(native: Podman, work: Path) -> None:
+    if IMAGE in native("images", "--format", "{{.Repository}}:{{.Tag}}"):
+        return
+    say("runtime: building the test image (busybox + a 512 MiB layer) in the native graph ...")
+    tar = busybox_image_tar(str(fresh_dir(work / "image")))
+    native("import", tar, "localhost/bench:base")
+    native("run", "--name", "mk", "localhost/bench:base", "sh", "-c",
+           "mkdir /data && dd if=/dev/urandom of=/data/big bs=1M count=512 2>/dev/null")
+    native("commit", "-q", "mk", IMAGE)
+    native("rm", "mk")
+
+
+def run(work: Path, reps: int) -> dict[str, object]:
+    base_native = work / "podman-native"
+    base_native.mkdir(parents=True, exist_ok=True)
+    native = Podman(base_native, base_native / "graph")
+    native.reset()
+    build_image(native, work)
+    share = fresh_dir(work / "podman-share")
+    subprocess.run([str(VENV_PY), "-m", "graftfs", "publish", "--graph", str(native.graph), "--share", str(share),
+                    IMAGE], check=True, stdout=subprocess.DEVNULL, timeout=600)
+    base_graft = fresh_dir(work / "podman-graftfs")
+    rw = fresh_dir(base_graft / "rw")
+    mount: FuseMount | None = None
+    graft: Podman | None = None
+    rows: dict[str, dict[str, Timing]] = {}
+    try:
+        mount = graftfs_mount(base_graft / "graph", rw, [share], base_graft / "graftfs.log")
+        graft = Podman(base_graft, mount.mnt)
+        if IMAGE not in graft("images", "--format", "{{.Repository}}:{{.Tag}}"):
+            raise SystemExit("the published image does not show on the graftfs graph")
+        variants = {"native": native, "graftfs": graft}
+        rows["podman run --rm IMG true"] = {}
+        for name, podman in variants.items():
+            say(f"  podman run: {name}")
+            rows["podman run --rm IMG true"][name] = podman.timed_run(reps * 3)
+        for measure, (script, cold) in IN_CONTAINER.items():
+            rows[measure] = {}
+            for name, podman in variants.items():
+                say(f"  {measure}: {name}")
+                rows[measure][name] = podman.in_container(script, cold, reps)
+        requests = _requests(mount)
+    finally:
+        for p in (native, graft):
+            if p is not None:
+                p.reset()
+        if mount is not None:
+            mount.close()
+    print_section("podman: graph on native ext4 vs on graftfs (empty RW + the image on a share)", rows)
+    print(f"  graftfs FUSE requests during the runs: {requests}")
+    return {"rows": section_json(rows), "graftfs_requests": requests}
+
+
+def _requests(mount: FuseMount) -> dict[str, object]:
+    out = subprocess.run([str(VENV_PY), "-m", "graftfs", "status", "--json", str(mount.mnt)],
+                         capture_output=True, text=True, check=True, timeout=30).stdout
+    st = json.loads(out)
+    return {"requests": st.get("requests", {}), "bytes_read": st.get("bytes_read"),
+            "bytes_written": st.get("bytes_written")}
