@@ -99,17 +99,24 @@ class GraftOperations(pyfuse3.Operations):
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _entry(self, node: Node, attr: Attr, generation: int | None = None, volatile: bool = False
-               ) -> pyfuse3.EntryAttributes:
+    def _reply(self, node: Node, res: Resolved, generation: int | None = None) -> pyfuse3.EntryAttributes:
+        """Attributes of a resolved entry for the kernel; a link graftfs made up (a layer's
+        diff, an ``l/`` link) keeps its target on the node, so readlink is answered from memory
+        (the kernel asks on every path walk through it: pyfuse3 cannot let it cache links)."""
+        node.link = os.fsencode(res.top.link_target) if res.top.link_target is not None else None
+        return self._entry(node, res.attr, generation)
+
+    def _entry(self, node: Node, attr: Attr, generation: int | None = None) -> pyfuse3.EntryAttributes:
         """Attributes for the kernel; ``generation`` is the view generation the answer was
-        computed in (None: not subject to watcher races). ``volatile`` attributes (a merged
-        index file, whose size follows the share) are not cached at all."""
+        computed in (None: not subject to watcher races). Merged index files are cached like the
+        rest: the watcher tells the kernel when the share changes them, and a rename over one
+        (the runtime saving it) makes the kernel fetch them again."""
         e = pyfuse3.EntryAttributes()
         e.st_ino = node.ino
         e.generation = 0
         timeout = self.cache_timeout if generation in (None, self.generation) else RACED_CACHE_TIMEOUT
         e.entry_timeout = timeout
-        e.attr_timeout = 0.0 if volatile else timeout
+        e.attr_timeout = timeout
         node.sig = attr.sig
         e.st_mode = attr.mode
         e.st_nlink = attr.nlink
@@ -146,7 +153,7 @@ class GraftOperations(pyfuse3.Operations):
         node = self.inodes.child(parent, name)
         node.lookups += 1
         self._seen(node, res)
-        return self._entry(node, res.attr, generation, _volatile(res))
+        return self._reply(node, res, generation)
 
     def _seen(self, node: Node, res: Resolved) -> None:
         """Note a directory the kernel now knows, so changes behind the mount reach it."""
@@ -176,7 +183,7 @@ class GraftOperations(pyfuse3.Operations):
         if node is not None:
             res = await self.workers.run(self.ns.resolve, self._path(node.ino))
             node.lookups += 1
-            return self._entry(node, res.attr, volatile=_volatile(res))
+            return self._reply(node, res)
         parent, sname, vpath = self._child_path(parent_inode, name)
         generation = self.generation
         try:
@@ -204,7 +211,7 @@ class GraftOperations(pyfuse3.Operations):
             st = await self.workers.run(os.fstat, next(iter(node.open_fds)))
             return self._entry(node, Attr.from_stat(st))
         res = await self.workers.run(self.ns.resolve, self._path(inode))
-        return self._entry(node, res.attr, volatile=_volatile(res))
+        return self._reply(node, res)
 
     @fuse_boundary
     async def setattr(
@@ -221,7 +228,7 @@ class GraftOperations(pyfuse3.Operations):
             return self._entry(node, Attr.from_stat(st))
         vpath = self._path(inode)
         res = await self.workers.run_thread(self._setattr_path, vpath, attr, fields, fh)
-        return self._entry(node, res.attr, volatile=_volatile(res))
+        return self._reply(node, res)
 
     def _setattr_path(
         self, vpath: VPath, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
@@ -246,6 +253,9 @@ class GraftOperations(pyfuse3.Operations):
 
     @fuse_boundary
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(inode)
+        if node.link is not None:
+            return node.link
         target = await self.workers.run(self.ns.readlink, self._path(inode))
         return os.fsencode(target)
 
@@ -410,7 +420,7 @@ class GraftOperations(pyfuse3.Operations):
             if handle.node.detached:
                 break
             node = self.inodes.child(handle.node, name)
-            entry = self._entry(node, res.attr, handle.generation, _volatile(res))
+            entry = self._reply(node, res, handle.generation)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), entry, index + 1):
                 break
             node.lookups += 1
@@ -511,10 +521,6 @@ class GraftOperations(pyfuse3.Operations):
                 info[key] = info[key][: len(info[key]) // 2]
             data = json.dumps(info, sort_keys=True).encode()
         return data
-
-
-def _volatile(res: Resolved) -> bool:
-    return res.top.content is not None
 
 
 def _utime(path_or_fd: str | int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,

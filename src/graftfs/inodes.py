@@ -32,6 +32,7 @@ class Node:
     open_fds: set[int] = field(default_factory=set)
     sig: tuple[int, int, int, int] | None = None  # Attr.sig last told to the kernel
     wd: int = 0  # inotify watch on the directory's RW part (graftfs.watcher), 0 when none
+    link: bytes | None = None  # target of a link graftfs made up, as last told (readlink answers it)
 
 
 class InodeTable:

@@ -120,6 +120,7 @@ class KernelCache:
         if node is None or node.detached:
             # the kernel holds no positive entry; a negative one is stale only if the name exists now
             return [Notice(parent.ino, ch.name)] if now is not None else []
+        node.link = None  # resolved afresh by the next readlink or lookup
         if now is None or node.sig is None or stat.S_IFMT(now.mode) != stat.S_IFMT(node.sig[0]):
             self.inodes.detach(parent, ch.name)
             return [Notice(parent.ino, ch.name)]
