@@ -34,7 +34,15 @@ from graftfs import lock_tokens
 from graftfs.attrs import Attr
 from graftfs.layouts import HideView, Synthetic, ViewChange
 from graftfs.layouts.isulad import Catalog, IsuladLayout
-from graftfs.layouts.share_tree import ID_RE, IMAGES, LAYERS, MAX_RECORD_BYTES, parse_json, record_names
+from graftfs.layouts.share_tree import (
+    ID_RE,
+    IMAGES,
+    LAYERS,
+    MAX_RECORD_BYTES,
+    parse_json,
+    read_limited,
+    record_names,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +69,7 @@ def read_records(path: str) -> list[dict[str, object]]:
     A file that does not parse raises ValueError: the caller decides (never silently dropped).
     """
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_RECORD_BYTES * 16 + 1)
+        data = read_limited(path, MAX_RECORD_BYTES * 16)
     except FileNotFoundError:
         return []
     if len(data) > MAX_RECORD_BYTES * 16:
@@ -153,8 +160,8 @@ class ContainersStorageLayout(IsuladLayout):
         except ValueError:
             return set()
 
-    def commit(self) -> tuple[int, list[ViewChange]]:
-        seq, changes = super().commit()
+    def commit(self, quiet: bool = False) -> tuple[int, list[ViewChange]]:
+        seq, changes = super().commit(quiet)
         cat = self.catalog
         with self._compose_lock:
             for eid in [*cat.layers, *cat.images]:

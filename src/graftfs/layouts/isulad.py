@@ -308,16 +308,17 @@ class IsuladLayout:
         deadline = time.monotonic() + timeout
         for th in threads:
             th.join(max(0.0, deadline - time.monotonic()))
-        self.ack(self.commit()[0])
+        self.ack(self.commit(quiet=True)[0])
         return [t.root for t, th in zip(self.shared, threads, strict=True) if th.is_alive()]
 
     def poll_tree(self, tree: int) -> bool:
         """Look for changes in one tree; True when there are some to commit (see SharedTree.poll)."""
         return self.shared[tree].poll()
 
-    def commit(self) -> tuple[int, list[ViewChange]]:
+    def commit(self, quiet: bool = False) -> tuple[int, list[ViewChange]]:
         """Rebuild the catalog from every tree's current scan and return (sequence number, the
-        view names that changed since the last *acknowledged* commit).
+        view names that changed since the last *acknowledged* commit; none when ``quiet``: the
+        first commit, before the kernel has seen anything).
 
         The caller acknowledges (``ack``) once the kernel has been told. A commit whose caller
         gave up waiting (a worker time limit) is not acknowledged, so the next one reports its
@@ -330,10 +331,12 @@ class IsuladLayout:
                     self._unacked[ti] = change.merged(self._unacked.get(ti))
             new = build_catalog([t.scan for t in self.shared], self.local_layers(), self.catalog)
             self.catalog = new
-            touched = {(ti, key) for ti, ch in self._unacked.items() for key in ch.touched}
-            out = diff_catalogs(self._acked, new, touched)
-            for ch in self._unacked.values():
-                out.extend(ViewChange((), name) for name in sorted(ch.top_names | ch.managed))
+            out: list[ViewChange] = []
+            if not quiet:
+                touched = {(ti, key) for ti, ch in self._unacked.items() for key in ch.touched}
+                out = diff_catalogs(self._acked, new, touched)
+                for ch in self._unacked.values():
+                    out.extend(ViewChange((), name) for name in sorted(ch.top_names | ch.managed))
             self._commit_seq += 1
             if out:
                 self.share_generation += 1
