@@ -205,6 +205,25 @@ def test_xattrs_on_rw_and_ro_entries(graft: GraftMount, sample: Sample) -> None:
     assert tree_snapshot(sample.share) == before
 
 
+def test_labels_and_acls_absent_answer_not_supported(graft: GraftMount, sample: Sample) -> None:
+    """ls -l asks every file for its SELinux label and ACLs: where an entry has none, graftfs
+    answers EOPNOTSUPP (ls then stops asking the mount), while values that exist are served."""
+    shared = graft.path("overlay", sample.ids.base, "diff", "etc", "os-release")
+    rw_file = graft.path("overlay", sample.ids.local, "diff", "tmp", "container-output.log")
+    names = ["system.posix_acl_access"] + ([] if os.path.exists("/sys/fs/selinux/enforce") else ["security.selinux"])
+    for path in (shared, rw_file, graft.path("overlay-layers"), graft.mnt):
+        for name in names:
+            with pytest.raises(OSError) as exc:
+                os.getxattr(path, name, follow_symlinks=False)
+            assert exc.value.errno == errno.EOPNOTSUPP, (path, name)
+        with pytest.raises(OSError) as exc:
+            os.getxattr(path, "user.absent")
+        assert exc.value.errno == errno.ENODATA  # any other name: the usual answer
+    backing = os.path.join(sample.rw, "overlay", sample.ids.local, "diff", "tmp", "container-output.log")
+    os.setxattr(backing, "security.selinux", b"system_u:object_r:container_file_t:s0\0")
+    assert os.getxattr(rw_file, "security.selinux").startswith(b"system_u:")
+
+
 def test_origin_xattr_answers_for_every_entry(graft: GraftMount, sample: Sample) -> None:
     ro = f"ro:{sample.share_ro}"
     assert os.getxattr(graft.path("overlay-layers", sample.ids.base), "user.graftfs.origin") == ro.encode()

@@ -96,6 +96,7 @@ class GraftOperations(pyfuse3.Operations):
         self._dirs: dict[int, DirHandle] = {}
         self._next_dir_fh = 1
         self.bytes_read = self.bytes_written = 0  # data through FUSE (status: what bypasses us)
+        self.unsupported_xattrs = unsupported_xattrs()
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -462,9 +463,14 @@ class GraftOperations(pyfuse3.Operations):
         res = await self.workers.run(self.ns.resolve, self._path(inode))
         if sname in ORIGIN_XATTRS:
             return res.origin.encode()
-        if res.top.path is None:
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        return await self.workers.run(os.getxattr, res.top.path, sname, follow_symlinks=False)
+        try:
+            if res.top.path is None:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            return await self.workers.run(os.getxattr, res.top.path, sname, follow_symlinks=False)
+        except (pyfuse3.FUSEError, OSError) as e:
+            if getattr(e, "errno", None) == pyfuse3.ENOATTR and sname in self.unsupported_xattrs:
+                raise pyfuse3.FUSEError(errno.EOPNOTSUPP) from None
+            raise
 
     @fuse_boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
@@ -521,6 +527,26 @@ class GraftOperations(pyfuse3.Operations):
                 info[key] = info[key][: len(info[key]) // 2]
             data = json.dumps(info, sort_keys=True).encode()
         return data
+
+
+#: POSIX ACLs: graftfs does not ask the kernel to enforce them (pyfuse3's enable_acl is off).
+ACL_XATTRS = frozenset({"system.posix_acl_access", "system.posix_acl_default"})
+SELINUX_XATTR = "security.selinux"
+
+
+def unsupported_xattrs() -> frozenset[str]:
+    """Names answered "not supported" (instead of "no such attribute") where an entry lacks them.
+
+    `ls -l` asks for the SELinux label and both ACLs of every file, each a FUSE request (the
+    kernel caches neither for a FUSE mount without POSIX ACL support): four requests per entry
+    doubled `ls -lR`'s time. coreutils, like libselinux and libacl users, stops asking for a
+    filesystem that answers EOPNOTSUPP. ACLs are not enforced through graftfs anyway, and an
+    SELinux label only means something on a host with SELinux enabled. A value that exists on
+    the backing entry is always returned."""
+    names = set(ACL_XATTRS)
+    if not os.path.exists("/sys/fs/selinux/enforce"):
+        names.add(SELINUX_XATTR)
+    return frozenset(names)
 
 
 def _utime(path_or_fd: str | int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,

@@ -17,6 +17,8 @@ from graftfs.mounts import find_mount
 
 REPO = Path(__file__).resolve().parent.parent.parent
 VENV_PY = REPO / ".venv" / "bin" / "python"
+#: graftfs processes the bench starts run this checkout's code (not whatever the venv installed)
+GRAFTFS_ENV = {**os.environ, "PYTHONPATH": str(REPO / "src")}
 
 #: mergerfs as its documentation recommends it (page cache on, newest-free-space creation).
 MERGERFS_OPTIONS = "allow_other,use_ino,cache.files=partial,dropcacheonclose=true,category.create=mfs"
@@ -88,7 +90,7 @@ class FuseMount:
         mnt.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=GRAFTFS_ENV)
         while find_mount(str(mnt)) is None:
             if self.proc.poll() is not None or time.monotonic() - started > 300:
                 self.close()

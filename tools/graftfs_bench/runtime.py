@@ -19,6 +19,7 @@ from pathlib import Path
 
 from graftfs.sample import busybox_image_tar
 from graftfs_bench.common import (
+    GRAFTFS_ENV,
     VENV_PY,
     FuseMount,
     Timing,
@@ -113,7 +114,7 @@ def run(work: Path, reps: int) -> dict[str, object]:
     build_image(native, work)
     share = fresh_dir(work / "podman-share")
     subprocess.run([str(VENV_PY), "-m", "graftfs", "publish", "--graph", str(native.graph), "--share", str(share),
-                    IMAGE], check=True, stdout=subprocess.DEVNULL, timeout=600)
+                    IMAGE], check=True, stdout=subprocess.DEVNULL, timeout=600, env=GRAFTFS_ENV)
     base_graft = fresh_dir(work / "podman-graftfs")
     rw = fresh_dir(base_graft / "rw")
     mount: FuseMount | None = None
@@ -148,7 +149,7 @@ def run(work: Path, reps: int) -> dict[str, object]:
 
 def _requests(mount: FuseMount) -> dict[str, object]:
     out = subprocess.run([str(VENV_PY), "-m", "graftfs", "status", "--json", str(mount.mnt)],
-                         capture_output=True, text=True, check=True, timeout=30).stdout
+                         capture_output=True, text=True, check=True, timeout=30, env=GRAFTFS_ENV).stdout
     st = json.loads(out)
     return {"requests": st.get("requests", {}), "bytes_read": st.get("bytes_read"),
             "bytes_written": st.get("bytes_written")}
