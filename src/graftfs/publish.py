@@ -211,7 +211,8 @@ class Publisher:
         stage = os.path.join(self.staging, iid)
         src = os.path.join(self.graph.root, IMAGES, iid)
         if os.path.isdir(src):
-            shutil.copytree(src, stage, symlinks=True)  # manifest, config and other big-data files
+            # manifest, config and other big-data files, links followed (no graftfs link is data)
+            shutil.copytree(src, stage, symlinks=False)
         else:
             os.makedirs(stage)
         _write_json(os.path.join(stage, "images.json"), record)

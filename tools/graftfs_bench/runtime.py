@@ -43,7 +43,7 @@ IN_CONTAINER = {
 class Podman:
     """podman with a private graph, run root, and configuration (never the machine's)."""
 
-    def __init__(self, base: Path, graph: Path) -> None:
+    def __init__(self, base: Path, graph: Path, trash: Path | None = None) -> None:
         short = Path(tempfile.mkdtemp(prefix="gfs-bench-", dir="/tmp"))  # conmon's socket paths stay short
         run = short / "run"
         run.mkdir()
@@ -54,6 +54,7 @@ class Podman:
             f'tmp_dir = "{run}/libpod-tmp"\n')
         self.short = short
         self.graph = graph
+        self.trash = trash  # graftfs deletes removed layers in the background, here
         self.env = {**os.environ, "CONTAINERS_STORAGE_CONF": str(base / "storage.conf"),
                     "CONTAINERS_CONF": str(base / "containers.conf"), "TMPDIR": str(short)}
 
@@ -81,9 +82,20 @@ class Podman:
             out.values.append(time.perf_counter() - started)
         return out
 
+    def settle(self) -> None:
+        """Wait until the last removed container's layer is deleted: native podman deletes it
+        before `podman run --rm` returns, graftfs after (in the background), and that deletion
+        must not run during the next measurement."""
+        deadline = time.monotonic() + 120
+        while self.trash is not None and self.trash.exists() and any(self.trash.iterdir()):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{self.trash} still holds deleted layers after 120 s")
+            time.sleep(0.05)
+
     def in_container(self, script: str, cold: bool, reps: int) -> Timing:
         out = Timing()
         for _ in range(reps):
+            self.settle()
             if cold:
                 drop_caches()
             text = self("run", "--rm", IMAGE, "time", "-p", "sh", "-c", script)
@@ -122,7 +134,7 @@ def run(work: Path, reps: int) -> dict[str, object]:
     rows: dict[str, dict[str, Timing]] = {}
     try:
         mount = graftfs_mount(base_graft / "graph", rw, [share], base_graft / "graftfs.log")
-        graft = Podman(base_graft, mount.mnt)
+        graft = Podman(base_graft, mount.mnt, rw / ".graftfs" / "tmp")
         if IMAGE not in graft("images", "--format", "{{.Repository}}:{{.Tag}}"):
             raise SystemExit("the published image does not show on the graftfs graph")
         variants = {"native": native, "graftfs": graft}
