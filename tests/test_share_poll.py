@@ -313,3 +313,44 @@ def test_unavailable_share_keeps_rw_files_reachable(demo: tuple[IsuladLayout, st
         ns.resolve(("overlay", ids.app, "diff", "app", "data.txt"))  # type: ignore[attr-defined]
     assert exc.value.errno == 5  # EIO: out of reach, not "deleted"
     assert {n for n, _ in ns.listdir(("overlay-images",))} >= {ids.image_app}  # type: ignore[attr-defined]
+
+
+def test_saved_scan_starts_the_next_mount_with_only_what_changed(demo: tuple[IsuladLayout, str, object],
+                                                                 tmp_path: Path) -> None:
+    """A mount saves its scans; the next one starts from them and checks only new or moved
+    entries, so it shows exactly what a full scan shows, also after changes made meanwhile."""
+    import graftfs.layouts.share_tree as st
+
+    layout, share, ids = demo
+    rw = layout.rw_root
+    os.makedirs(os.path.join(rw, ".graftfs"), exist_ok=True)
+    layout.save_scans()
+    # meanwhile: one image published, one removed
+    new = chain("saved-scan", 2, parent=ids.base)  # type: ignore[attr-defined]
+    new_image = publish_sample_image(share, "saved/scan:1", new)
+    shutil.rmtree(os.path.join(share, "overlay-images", ids.image_web))  # type: ignore[attr-defined]
+    checked: list[str] = []
+    real_check = st._check_layer
+
+    def counting(tree: str, lid: str, overlay_dir: str, record_dir: str) -> st.LayerEntry:
+        checked.append(lid)
+        return real_check(tree, lid, overlay_dir, record_dir)
+
+    st._check_layer = counting  # type: ignore[assignment]
+    try:
+        resumed = IsuladLayout([share], rw)
+        assert resumed.load(10) == []
+    finally:
+        st._check_layer = real_check  # type: ignore[assignment]
+    assert sorted(checked) == sorted(layer.id for layer in new)  # the known layers were not read again
+    full = IsuladLayout([share], rw)
+    full.refresh()
+    assert resumed.catalog.layers.keys() == full.catalog.layers.keys()
+    assert resumed.catalog.images.keys() == full.catalog.images.keys()
+    assert new_image in resumed.catalog.images and ids.image_web not in resumed.catalog.images  # type: ignore[attr-defined]
+    assert resumed.catalog.shorts.keys() == full.catalog.shorts.keys()
+    # a damaged snapshot is ignored: a full scan, same result
+    Path(rw, ".graftfs", "scan-cache.json").write_text('{"version": 1, "trees": {"' + share + '": {"layers": 5}}}')
+    again = IsuladLayout([share], rw)
+    again.load(10)
+    assert again.catalog.images.keys() == full.catalog.images.keys()

@@ -108,6 +108,15 @@ async def _serve(watcher: Watcher | None) -> None:
         nursery.cancel_scope.cancel()
 
 
+def _save_scans(layout: Layout) -> None:
+    """Keep the shares' scans for a quick next mount; losing them only costs a full scan."""
+    if isinstance(layout, IsuladLayout):
+        try:
+            layout.save_scans()
+        except OSError as e:
+            log.warning("could not save the shares' scans for the next mount: %s", e)
+
+
 def _tell(ready_fd: int | None, line: str) -> None:
     if ready_fd is None:
         return
@@ -179,6 +188,7 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
         if watcher is not None:
             watcher.close()
         ns.hides.close()
+        _save_scans(ns.layout)
         remove_runtime(cfg.mountpoint, os.getpid())
         log.info("unmounted %s", cfg.mountpoint)
     return 0

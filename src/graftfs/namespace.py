@@ -33,14 +33,14 @@ from typing import Protocol
 
 from graftfs.attrs import Attr
 from graftfs.hides import HideStore
-from graftfs.layouts import HideView, Synthetic
+from graftfs.layouts import STATE_DIR_NAME, HideView, Synthetic
 
 log = logging.getLogger(__name__)
 
 VPath = tuple[str, ...]
 
 #: The private state directory at the top of the RW tree; never part of the view.
-STATE_DIR = ".graftfs"
+STATE_DIR = STATE_DIR_NAME
 #: Prefix of layer directories being deleted in the private tmp dir.
 TRASH_PREFIX = "trash-"
 RENAME_NOREPLACE = 1

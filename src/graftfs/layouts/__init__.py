@@ -33,6 +33,8 @@ class HideView(Protocol):
     def hides_below(self, vpath: VPath) -> bool: ...
     def add(self, vpath: VPath) -> None: ...
 
+#: The node's private state directory at the top of its RW tree (hides, saved scans).
+STATE_DIR_NAME = ".graftfs"
 #: Names at the top of a shared tree that belong to graftfs itself (marker, staging, leases).
 SHARE_PRIVATE_PREFIX = ".graftfs"
 #: The file at the top of a share that says "this is a share": without it, an empty directory

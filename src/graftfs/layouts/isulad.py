@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from graftfs.attrs import Attr
-from graftfs.layouts import SHARE_PRIVATE_PREFIX, HideView, Synthetic, ViewChange
+from graftfs.layouts import SHARE_PRIVATE_PREFIX, STATE_DIR_NAME, HideView, Synthetic, ViewChange, scan_cache
 from graftfs.layouts.share_tree import (
     ID_RE,
     IMAGES,
@@ -302,7 +302,12 @@ class IsuladLayout:
         """The first scan, each tree in its own thread: a tree that does not answer within
         ``timeout`` (a hung share) starts out empty instead of holding up the mount; its scan,
         once it completes, is committed by the watcher. Returns the roots of such trees."""
-        threads = [threading.Thread(target=t.poll, kwargs={"full": True}, daemon=True) for t in self.shared]
+        saved = scan_cache.load(os.path.join(self.rw_root, STATE_DIR_NAME), self.trees)
+        for tree in self.shared:
+            if tree.root in saved:
+                tree.scan = saved[tree.root]  # then only what changed since is checked
+        threads = [threading.Thread(target=t.poll, kwargs={"full": t.root not in saved}, daemon=True)
+                   for t in self.shared]
         for th in threads:
             th.start()
         deadline = time.monotonic() + timeout
@@ -310,6 +315,10 @@ class IsuladLayout:
             th.join(max(0.0, deadline - time.monotonic()))
         self.ack(self.commit(quiet=True)[0])
         return [t.root for t, th in zip(self.shared, threads, strict=True) if th.is_alive()]
+
+    def save_scans(self) -> None:
+        """Keep the shares' last scans for the next mount (graftfs.layouts.scan_cache)."""
+        scan_cache.save(os.path.join(self.rw_root, STATE_DIR_NAME), [t.scan for t in self.shared if t.available])
 
     def poll_tree(self, tree: int) -> bool:
         """Look for changes in one tree; True when there are some to commit (see SharedTree.poll)."""
