@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import GraftMount, Sample, bind_ro, force_unmount, needs_mount, sh, wait_for
+from graftfs.mounts import find_mount
 from graftfs.sample import SampleLayer, chain, digest, publish_sample_image
 
 pytestmark = needs_mount
@@ -128,14 +129,13 @@ def test_lock_token_changes_with_the_share(podman_node: tuple[GraftMount, Sample
     g, sample, ids = podman_node
     lock = g.path("overlay-layers", "layers.lock")
     backing = Path(sample.rw, "overlay-layers", "layers.lock")
-    # a lock file is the RW file itself, behind a link; the mount gave it a token (it held zeros)
+    # the lock files are the RW files themselves, bind-mounted over the view (graftfs.binds), each
+    # with a token from the start (layers.lock held zeros, images.lock did not exist)
+    images_lock = g.path("overlay-images", "images.lock")
+    wait_for(lambda: find_mount(lock) is not None and find_mount(images_lock) is not None, 5, "the binds")
+    assert os.stat(lock).st_ino == backing.stat().st_ino
     assert read_token(lock) == backing.read_bytes() and len(backing.read_bytes()) == 64
-    assert backing.read_bytes() != b"\0" * 64 and os.readlink(lock) == str(backing)
-    # one created through the mount (as containers/storage does, O_CREAT) has a token at once
-    created = g.path("overlay-images", "images.lock")
-    os.close(os.open(created, os.O_RDWR | os.O_CREAT, 0o644))
-    assert len(Path(sample.rw, "overlay-images", "images.lock").read_bytes()) == 64
-    assert os.readlink(created) == str(Path(sample.rw, "overlay-images", "images.lock"))
+    assert backing.read_bytes() != b"\0" * 64 and len(read_token(images_lock)) == 64
     first = read_token(lock)
     assert read_token(lock) == first  # stable while nothing changes
     # the share changes while a client holds the lock: the new token waits for the lock
@@ -152,6 +152,21 @@ def test_lock_token_changes_with_the_share(podman_node: tuple[GraftMount, Sample
         holder.communicate(b"\n", timeout=10)
     wait_for(lambda: read_token(lock) != first, 2, "the lock token to change after the lock was released")
     assert len(read_token(lock)) == 64 and read_token(lock) == backing.read_bytes()
+
+
+def test_lock_file_created_through_the_mount_has_a_token(tmp_path: Path, mount_factory: MountFactory) -> None:
+    """Without binds (direct=0), a lock file the runtime creates gets a token at once:
+    containers/storage 1.43 reloads on every lock while a lock file is shorter than a token."""
+    share, rw = tmp_path / "share", tmp_path / "rw"
+    share.mkdir()
+    (share / ".graftfs-share").write_text("graftfs share v1\n")
+    (rw / "overlay-layers").mkdir(parents=True)
+    (rw / "overlay-layers" / "layers.json").write_text("[]")
+    g = mount_factory(str(rw), [str(share)], "-o", "direct=0")
+    lock = g.path("overlay-layers", "layers.lock")
+    os.close(os.open(lock, os.O_RDWR | os.O_CREAT, 0o644))
+    assert len(read_token(lock)) == 64 and find_mount(lock) is None
+    assert read_token(lock) == (rw / "overlay-layers" / "layers.lock").read_bytes()
 
 
 #: A client holding a lock file's write lock until told to let go (as containers/storage locks).

@@ -13,12 +13,13 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyfuse3
 import trio
 
-from graftfs import __version__
+from graftfs import __version__, binds
 from graftfs.fs import GraftOperations
 from graftfs.hides import HideStore
 from graftfs.inotify import is_local_fs
@@ -91,17 +92,47 @@ def setup_logging(log_file: str | None, verbose: bool = False) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-async def _serve(watcher: Watcher | None) -> None:
+@dataclass
+class BindState:
+    """The daemon's bind mounts over its own view (graftfs.binds)."""
+
+    wanted: bool
+    rw_root: str
+    mountpoint: str
+    runtime: dict[str, object]
+    targets: list[str] = field(default_factory=list)
+
+    async def make(self) -> None:
+        if not self.wanted:
+            return
+        self.targets = await trio.to_thread.run_sync(binds.bind_all, self.rw_root, self.mountpoint)
+        try:
+            write_runtime(self.mountpoint, {**self.runtime, "binds": self.targets})  # for graftfs umount
+        except OSError as e:
+            log.warning("cannot record the binds: %s", e)
+
+    async def remove(self) -> None:
+        if self.targets:
+            with trio.move_on_after(BIND_REMOVE_SECONDS):
+                await trio.to_thread.run_sync(binds.unbind_all, self.targets, abandon_on_cancel=True)
+
+
+BIND_REMOVE_SECONDS = 10.0
+
+
+async def _serve(watcher: Watcher | None, bound: BindState) -> None:
     async with trio.open_nursery() as nursery:
 
         async def stop_on_signal() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async for signum in signals:
                     log.info("signal %d: unmounting", signum)
+                    await bound.remove()  # they would keep the mount busy
                     pyfuse3.terminate()
                     return
 
         nursery.start_soon(stop_on_signal)
+        nursery.start_soon(bound.make)
         if watcher is not None:
             nursery.start_soon(watcher.run)
         await pyfuse3.main(min_tasks=4, max_tasks=64)
@@ -166,8 +197,10 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
         log.error("cannot mount %s: %s", cfg.mountpoint, e)
         _tell(ready_fd, f"ERROR the kernel refused the mount of {cfg.mountpoint}: {e}")
         return 1
+    runtime: dict[str, object] = {"pid": os.getpid(), "rw": cfg.rw, "ro": cfg.ro, "log": cfg.log_file}
+    bound = BindState(bool(getattr(ns.layout, "binds_wanted", lambda: False)()), ns.rw_root, cfg.mountpoint, runtime)
     try:
-        write_runtime(cfg.mountpoint, {"pid": os.getpid(), "rw": cfg.rw, "ro": cfg.ro, "log": cfg.log_file})
+        write_runtime(cfg.mountpoint, runtime)
     except OSError as e:
         log.error("cannot record the daemon in %s: %s", cfg.mountpoint, e)
         pyfuse3.close(unmount=True)
@@ -179,7 +212,7 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
     try:
         if watcher is not None:
             watcher.watch_rw_dir(ops.inodes.root, ns.rw_root)
-        trio.run(_serve, watcher)
+        trio.run(_serve, watcher, bound)
     except BaseException:
         log.exception("the FUSE loop failed")
         raise

@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 
+from graftfs.binds import unbind_all
 from graftfs.mounts import (
     DEAD_MOUNT_ERRNOS,
     FSTYPE,
@@ -17,6 +18,7 @@ from graftfs.mounts import (
     canonical,
     find_mount,
     is_graftfs_daemon,
+    mount_table,
     pid_alive,
     read_runtime,
     remove_runtime,
@@ -65,6 +67,15 @@ def run(args: argparse.Namespace) -> int:
     raw_pid = info.get("pid")
     pid = raw_pid if isinstance(raw_pid, int) and is_graftfs_daemon(raw_pid) else None
     dead = _is_dead(mp)
+    raw_binds = info.get("binds")
+    own = [b for b in raw_binds if isinstance(b, str) and b.startswith(mp + "/")] if isinstance(raw_binds, list) else []
+    if own and not dead and not args.lazy:
+        foreign = [e.mountpoint for e in mount_table() if e.mountpoint.startswith(mp + "/") and e.mountpoint not in own]
+        if foreign:
+            print(f"graftfs umount: {mp} is in use ({len(foreign)} mounts below it, e.g. {foreign[0]}); "
+                  "use --lazy to detach anyway", file=sys.stderr)
+            return 1
+        unbind_all(own)  # graftfs' own binds over the view (graftfs.binds) would keep it busy
     try:
         umount(mp, MNT_DETACH if args.lazy else 0)
     except OSError as e:

@@ -52,8 +52,6 @@ MAX_READERS = 4096
 LAYERS_JSON = (LAYERS, "layers.json")
 IMAGES_JSON = (IMAGES, "images.json")
 TAR_SPLIT_SUFFIX = ".tar-split.gz"
-#: Top-level directories of a containers/storage graph that only the node itself uses.
-NODE_LOCAL_DIRS = frozenset({"libpod", "overlay-containers", "volumes"})
 
 
 @dataclass(frozen=True)
@@ -129,18 +127,9 @@ class ContainersStorageLayout(IsuladLayout):
         # briefly: a client holding a lock now gets the token beside it (it reloads once more)
         lock_tokens.announce(self.rw_root, wait=1.0)
 
-    def direct_path(self, vpath: tuple[str, ...]) -> bool:
-        """Besides the layer dirs: the lock files, which the runtime opens, reads and closes on
-        every lock (most of a `podman run`'s requests), and the node-local directories of the
-        runtime (its database, containers' run data), which never hold shared content and
-        whose files are never renamed into the managed directories."""
-        if not self.direct:
-            return False
-        if len(vpath) == 1:
-            return vpath[0] in NODE_LOCAL_DIRS or vpath[0].endswith(".lock")
-        if len(vpath) == 2 and vpath[0] in (LAYERS, IMAGES):
-            return vpath[1].endswith(".lock")
-        return super().direct_path(vpath)
+    def binds_wanted(self) -> bool:
+        """The runtime's lock files and node-local directories get bind mounts (graftfs.binds)."""
+        return self.direct
 
     def __init__(self, trees: list[str], rw_root: str) -> None:
         super().__init__(trees, rw_root)
