@@ -9,12 +9,14 @@ true`, and inside a container (timed in the container by busybox `time`): readin
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from graftfs.sample import busybox_image_tar
@@ -36,7 +38,7 @@ IN_CONTAINER = {
     "read 512 MiB image file (cold)": ("dd if=/data/big of=/dev/null bs=1M 2>/dev/null", True),
     "read 512 MiB image file (warm)": ("dd if=/data/big of=/dev/null bs=1M 2>/dev/null", False),
     "write 512 MiB + fsync": ("dd if=/dev/zero of=/w bs=1M count=512 conv=fsync 2>/dev/null", False),
-    "create 20,000 small files": ("mkdir /s && cd /s && seq 20000 | xargs touch && sync", False),
+    "create 20,000 small files": ("mkdir /s && cd /s && seq 20000 | xargs touch", False),
 }
 
 
@@ -73,14 +75,10 @@ class Podman:
         subprocess.run(["podman", "rm", "-af", "-t", "0"], env=self.env, capture_output=True, check=False, timeout=120)
         subprocess.run(["podman", "unmount", "-a"], env=self.env, capture_output=True, check=False, timeout=120)
 
-    def timed_run(self, reps: int) -> Timing:
+    def timed_run(self) -> float:
+        started = time.perf_counter()
         self("run", "--rm", IMAGE, "true")
-        out = Timing()
-        for _ in range(reps):
-            started = time.perf_counter()
-            self("run", "--rm", IMAGE, "true")
-            out.values.append(time.perf_counter() - started)
-        return out
+        return time.perf_counter() - started
 
     def settle(self) -> None:
         """Wait until the last removed container's layer is deleted: native podman deletes it
@@ -92,18 +90,29 @@ class Podman:
                 raise SystemExit(f"{self.trash} still holds deleted layers after 120 s")
             time.sleep(0.05)
 
-    def in_container(self, script: str, cold: bool, reps: int) -> Timing:
-        out = Timing()
-        for _ in range(reps):
-            self.settle()
-            if cold:
-                drop_caches()
-            text = self("run", "--rm", IMAGE, "time", "-p", "sh", "-c", script)
-            found = re.search(r"^real\s+([0-9.]+)", text, re.M)
-            if found is None:
-                raise SystemExit(f"no timing in the container's output: {text[-500:]}")
-            out.values.append(float(found.group(1)))
-        return out
+    def in_container(self, script: str, cold: bool) -> float:
+        """Seconds ``script`` takes in a fresh container, timed inside it."""
+        self.settle()
+        if cold:
+            drop_caches()
+        text = self("run", "--rm", IMAGE, "time", "-p", "sh", "-c", script)
+        found = re.search(r"^real\s+([0-9.]+)", text, re.M)
+        if found is None:
+            raise SystemExit(f"no timing in the container's output: {text[-500:]}")
+        return float(found.group(1))
+
+
+def interleaved(variants: dict[str, Podman], reps: int, measure: Callable[[Podman], float]) -> dict[str, Timing]:
+    """Each repetition measures every variant in turn (after one unmeasured round): this
+    machine's speed drifts by tens of percent over minutes, which would otherwise land on one
+    variant's runs only."""
+    for podman in variants.values():
+        measure(podman)
+    out = {name: Timing() for name in variants}
+    for _ in range(reps):
+        for name, podman in variants.items():
+            out[name].values.append(measure(podman))
+    return out
 
 
 def build_image(native: Podman, work: Path) -> None:
@@ -138,15 +147,12 @@ def run(work: Path, reps: int) -> dict[str, object]:
         if IMAGE not in graft("images", "--format", "{{.Repository}}:{{.Tag}}"):
             raise SystemExit("the published image does not show on the graftfs graph")
         variants = {"native": native, "graftfs": graft}
-        rows["podman run --rm IMG true"] = {}
-        for name, podman in variants.items():
-            say(f"  podman run: {name}")
-            rows["podman run --rm IMG true"][name] = podman.timed_run(reps * 3)
+        say("  podman run --rm IMG true")
+        rows["podman run --rm IMG true"] = interleaved(variants, reps * 5, Podman.timed_run)
         for measure, (script, cold) in IN_CONTAINER.items():
-            rows[measure] = {}
-            for name, podman in variants.items():
-                say(f"  {measure}: {name}")
-                rows[measure][name] = podman.in_container(script, cold, reps)
+            say(f"  {measure}")
+            rows[measure] = interleaved(variants, reps, functools.partial(Podman.in_container, script=script,
+                                                                            cold=cold))
         requests = _requests(mount)
     finally:
         for p in (native, graft):
