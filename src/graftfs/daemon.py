@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,27 +101,36 @@ class BindState:
     rw_root: str
     mountpoint: str
     runtime: dict[str, object]
+    ready: Callable[[], None]  # tells `graftfs mount` the mount is ready: only once bound, so that
+    # no client opens a lock file through FUSE (a different inode, whose locks would not exclude
+    # those taken on the RW file under the bind)
     targets: list[str] = field(default_factory=list)
+    made: trio.Event = field(default_factory=trio.Event)
 
     async def make(self) -> None:
-        if not self.wanted:
-            return
-        self.targets = await trio.to_thread.run_sync(binds.bind_all, self.rw_root, self.mountpoint)
         try:
-            write_runtime(self.mountpoint, {**self.runtime, "binds": self.targets})  # for graftfs umount
+            if self.wanted:
+                self.targets = await trio.to_thread.run_sync(binds.bind_all, self.rw_root, self.mountpoint)
+                write_runtime(self.mountpoint, {**self.runtime, "binds": self.targets})  # for graftfs umount
         except OSError as e:
             log.warning("cannot record the binds: %s", e)
+        finally:
+            self.made.set()
+            self.ready()
 
     async def remove(self) -> None:
-        if self.targets:
-            with trio.move_on_after(BIND_REMOVE_SECONDS):
+        """Remove the binds (waiting for them to be made first: a bind made after this would
+        keep the mount busy forever)."""
+        with trio.move_on_after(BIND_REMOVE_SECONDS):
+            await self.made.wait()
+            if self.targets:
                 await trio.to_thread.run_sync(binds.unbind_all, self.targets, abandon_on_cancel=True)
 
 
 BIND_REMOVE_SECONDS = 10.0
 
 
-async def _serve(watcher: Watcher | None, bound: BindState) -> None:
+async def _serve(watcher: Watcher | None, bound: BindState, workers: Workers, trees: list[str]) -> None:
     async with trio.open_nursery() as nursery:
 
         async def stop_on_signal() -> None:
@@ -133,6 +143,7 @@ async def _serve(watcher: Watcher | None, bound: BindState) -> None:
 
         nursery.start_soon(stop_on_signal)
         nursery.start_soon(bound.make)
+        nursery.start_soon(workers.follow_locality, trees, is_local_fs)
         if watcher is not None:
             nursery.start_soon(watcher.run)
         await pyfuse3.main(min_tasks=4, max_tasks=64)
@@ -191,6 +202,7 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
         watcher.open()
         ops.on_rw_dir = watcher.watch_rw_dir
         ops.on_dir_forgotten = watcher.forget_rw_dir
+        ops.on_stale_entry = watcher.stale_entry
     try:
         pyfuse3.init(ops, cfg.mountpoint, cfg.fuse_option_set())
     except RuntimeError as e:
@@ -198,7 +210,8 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
         _tell(ready_fd, f"ERROR the kernel refused the mount of {cfg.mountpoint}: {e}")
         return 1
     runtime: dict[str, object] = {"pid": os.getpid(), "rw": cfg.rw, "ro": cfg.ro, "log": cfg.log_file}
-    bound = BindState(bool(getattr(ns.layout, "binds_wanted", lambda: False)()), ns.rw_root, cfg.mountpoint, runtime)
+    wanted = bool(getattr(ns.layout, "binds_wanted", lambda: False)())
+    bound = BindState(wanted, ns.rw_root, cfg.mountpoint, runtime, lambda: _tell(ready_fd, "READY"))
     try:
         write_runtime(cfg.mountpoint, runtime)
     except OSError as e:
@@ -208,11 +221,10 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
         return 1
     log.info("graftfs %s mounted %s (rw=%s ro=%s layout=%s)", __version__, cfg.mountpoint, cfg.rw,
              ",".join(cfg.ro), ns.layout.name)
-    _tell(ready_fd, "READY")
     try:
         if watcher is not None:
             watcher.watch_rw_dir(ops.inodes.root, ns.rw_root)
-        trio.run(_serve, watcher, bound)
+        trio.run(_serve, watcher, bound, workers, [ns.rw_root, *cfg.ro])
     except BaseException:
         log.exception("the FUSE loop failed")
         raise

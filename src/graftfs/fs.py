@@ -44,8 +44,8 @@ STATUS_MAX_BYTES = 60_000
 #: The index files a layout may compose in memory (graftfs.layouts.containers_storage).
 MERGED_PATHS = frozenset({("overlay-layers", "layers.json"), ("overlay-images", "images.json")})
 #: containers/storage lock files whose first bytes are a "last writer" token that readers compare
-#: to decide whether to reload an index (graftfs.lock_tokens): served uncached when not linked.
-LOCK_PATHS = frozenset(TOKEN_LOCKS)
+#: to decide whether to reload (graftfs.lock_tokens): served uncached where no bind covers them.
+LOCK_PATHS = frozenset({*TOKEN_LOCKS, ("storage.lock",), ("userns.lock",)})
 
 #: With the watcher telling the kernel exactly what changed (graftfs.watcher), the kernel may
 #: keep entries, attributes and file pages for long, so warm lookups never reach Python.
@@ -92,6 +92,9 @@ class GraftOperations(pyfuse3.Operations):
         self.on_rw_dir: Callable[[Node, str], None] = lambda node, path: None
         #: Called for a watched directory the kernel forgot (nothing below it is cached any more).
         self.on_dir_forgotten: Callable[[Node], None] = lambda node: None
+        #: Called with (parent view path, name) for an entry the kernel may hold with a wrong type
+        #: or link target; the watcher re-checks it after the request (kernel_cache decides).
+        self.on_stale_entry: Callable[[VPath, str], None] = lambda parent, name: None
         self._files: dict[int, tuple[Node, bool]] = {}  # fd -> (node, fd is on the RW tree)
         self._dirs: dict[int, DirHandle] = {}
         self._next_dir_fh = 1
@@ -321,12 +324,17 @@ class GraftOperations(pyfuse3.Operations):
         parent, sname, vpath = self._child_path(parent_inode, name)
         with self.inodes.busy((parent, sname)):
             fd, res = await self.workers.run(self.ns.create, vpath, mode, flags, ctx.uid, ctx.gid)
-            node = self.inodes.child(parent, sname)
-            entry = self._created_entry(parent, sname, vpath, res)
+            try:
+                if vpath in TOKEN_LOCKS:
+                    await self.workers.run(write_token_fd, fd)  # never shorter than a token (lock_tokens)
+                node = self.inodes.child(parent, sname)
+                entry = self._created_entry(parent, sname, vpath, res)
+            except BaseException:
+                os.close(fd)
+                raise
         node.open_fds.add(fd)
         self._files[fd] = (node, True)
         if vpath in LOCK_PATHS:
-            await self.workers.run(write_token_fd, fd)  # never shorter than a token (graftfs.lock_tokens)
             return pyfuse3.FileInfo(fh=fd, direct_io=True), entry
         return pyfuse3.FileInfo(fh=fd, keep_cache=self.keep_cache), entry
 
@@ -334,14 +342,14 @@ class GraftOperations(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent, sname, vpath = self._child_path(parent_inode, name)
         with self.inodes.busy((parent, sname)):
-            await self.workers.run(self.ns.unlink, vpath)
+            await self.workers.run_thread(self.ns.unlink, vpath)  # takes the mutation lock
             self.inodes.detach(parent, sname)
 
     @fuse_boundary
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent, sname, vpath = self._child_path(parent_inode, name)
         with self.inodes.busy((parent, sname)):
-            await self.workers.run(self.ns.rmdir, vpath)
+            await self.workers.run_thread(self.ns.rmdir, vpath)  # takes the mutation lock
             self.inodes.detach(parent, sname)
 
     @fuse_boundary
@@ -355,6 +363,21 @@ class GraftOperations(pyfuse3.Operations):
                 self.inodes.exchange(old_parent, old_name, new_parent, new_name)
             else:
                 self.inodes.move(old_parent, old_name, new_parent, new_name)
+        self._recheck_links(src, dst, new_parent.children.get(new_name))
+
+    def _recheck_links(self, src: VPath, dst: VPath, moved: Node | None) -> None:
+        """A rename can turn a directory into a link the view shows instead (or back), under
+        the number the kernel holds (e.g. a staged layer renamed to ``<id>/diff``), and moves
+        links whose targets were derived from their old path: have the kernel look them up
+        again once this request is over (never from here: see DESIGN.md, invalidate_entry)."""
+        if moved is None:
+            return
+        if self.ns.is_direct(src) or self.ns.is_direct(dst):
+            self.on_stale_entry(dst[:-1], dst[-1])
+        for name, child in moved.children.items():
+            if child.link is not None:
+                child.link = None
+                self.on_stale_entry(dst, name)
 
     # -- files ------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ import ctypes.util
 import errno
 import logging
 import os
+import queue
 import shutil
 import stat
 import threading
@@ -147,11 +148,26 @@ class NeedsCopyUp(Exception):
     """Opening this file for writing copies it to RW first (see Namespace.open)."""
 
 
+_trash: queue.SimpleQueue[str] = queue.SimpleQueue()
+_deleter_lock = threading.Lock()
+_deleter: threading.Thread | None = None
+
+
 def _delete_in_background(path: str) -> None:
-    """rmtree in a daemon thread: a layer may hold gigabytes; what an exit interrupts is left in
-    the tmp dir, which the next mount sweeps (Namespace.sweep_tmp)."""
-    threading.Thread(target=shutil.rmtree, args=(path,), kwargs={"ignore_errors": True},
-                     name="graftfs-rmtree", daemon=True).start()
+    """rmtree in one daemon thread, one tree after the other (a prune of hundreds of layers must
+    not start hundreds of threads): a layer may hold gigabytes; what an exit interrupts is left
+    in the tmp dir, which the next mount sweeps (Namespace.sweep_tmp)."""
+    global _deleter
+    _trash.put(path)
+    with _deleter_lock:
+        if _deleter is None:
+            _deleter = threading.Thread(target=_delete_loop, name="graftfs-rmtree", daemon=True)
+            _deleter.start()
+
+
+def _delete_loop() -> None:
+    while True:
+        shutil.rmtree(_trash.get(), ignore_errors=True)
 
 
 def _enoent(vpath: VPath) -> OSError:
@@ -250,12 +266,13 @@ class Namespace:
         write of a container on the backing filesystem itself, with no FUSE request and no
         Python (DESIGN.md section 4); what must be merged (index files) still goes through
         graftfs. A path walk through a link costs one readlink request, not open/read/release.
-        The node's own copy wins over the share's: a layer id names one content, so a layer this
-        node published is the share's too. A shared directory with hides below it is no longer
-        the share's content and stays a merged directory.
+        Only a directory that one tree alone holds is linked: where the node's RW tree and a
+        share both hold part of it (a copy-up into a shared layer, a layer this node published),
+        or something below it is hidden, it stays a merged directory served by graftfs, since a
+        link could show only one of the parts.
         """
         top = res.top
-        if top.path is None or (not top.is_rw and self.hides.hides_below(res.vpath)):
+        if top.path is None or len(res.sources) > 1 or (not top.is_rw and self.hides.hides_below(res.vpath)):
             return res
         a = top.attr
         size = len(os.fsencode(top.path))

@@ -96,6 +96,9 @@ class Watcher:
         self.last_change: ChangeRecord | None = None
         self._pending_since: float | None = None  # monotonic time of the first poll that found a change
         self._commit_wanted = trio.Event()
+        self._stale: list[ViewChange] = []
+        self._stale_wanted = trio.Event()
+        self._announce_wanted = trio.Event()
         self._kicks = [trio.Event() for _ in layout.trees]
         self._rw_dirs: dict[int, Node] = {}  # inotify wd -> directory node
         self._ro_dirs: dict[int, int] = {}  # inotify wd -> index of the shared tree
@@ -141,6 +144,8 @@ class Watcher:
         nursery it shares with the FUSE loop (that would unmount)."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._guarded, "commit", self._commit_loop)
+            nursery.start_soon(self._guarded, "stale entries", self._stale_loop)
+            nursery.start_soon(self._guarded, "lock tokens", self._announce_loop)
             if self.inotify is not None:
                 nursery.start_soon(self._guarded, "inotify", self._inotify_loop)
             for tree in range(len(self.layout.trees)):
@@ -155,6 +160,21 @@ class Watcher:
                 log.exception("watcher task %s failed; restarting it in %g s", what, RESTART_DELAY)
                 self.failures += 1
                 await trio.sleep(RESTART_DELAY)
+
+    def stale_entry(self, parent: tuple[str, ...], name: str) -> None:
+        """A request changed what a name is behind the kernel's back (see fs._recheck_links):
+        re-check it once the request is over (trio thread)."""
+        self._stale.append(ViewChange(parent, name))
+        self._stale_wanted.set()
+
+    async def _stale_loop(self) -> None:
+        while True:
+            await self._stale_wanted.wait()
+            self._stale_wanted = trio.Event()
+            await trio.sleep(0)  # let the request that asked reply first (its names are busy)
+            changes, self._stale = self._stale, []
+            self.bump()
+            await self._apply("rw", changes, time.monotonic())
 
     def close(self) -> None:
         if self.inotify is not None:
@@ -225,15 +245,20 @@ class Watcher:
             if await self._apply("share", changes, since):
                 self.layout.ack(seq)
                 if changes:
-                    await self._announce()
+                    self._announce_wanted.set()
 
-    async def _announce(self) -> None:
-        """Let the runtime's long-running clients know (lock tokens: graftfs.lock_tokens)."""
-        try:
-            with trio.move_on_after(LOCK_WAIT_SECONDS * 2):
-                await trio.to_thread.run_sync(self.layout.announce, abandon_on_cancel=True)
-        except Exception as e:
-            log.error("writing new lock tokens failed: %s", e)
+    async def _announce_loop(self) -> None:
+        """Let the runtime's long-running clients know (lock tokens: graftfs.lock_tokens), in a
+        task of its own: a client may hold a lock file for seconds (a pull), and commits must
+        not wait for that. Changes arriving meanwhile are announced once, afterwards."""
+        while True:
+            await self._announce_wanted.wait()
+            self._announce_wanted = trio.Event()
+            try:
+                with trio.move_on_after(LOCK_WAIT_SECONDS * 2):
+                    await trio.to_thread.run_sync(self.layout.announce, abandon_on_cancel=True)
+            except Exception as e:
+                log.error("writing new lock tokens failed: %s", e)
 
     async def _apply(self, source: str, changes: list[ViewChange], since: float) -> bool:
         """Tell the kernel; False when that failed even after retries."""

@@ -15,6 +15,7 @@ a file up, fsync).
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
@@ -26,6 +27,10 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 DEFAULT_TIMEOUT = 10.0
+#: How often the backing trees' filesystems are checked again (see Workers.follow_locality).
+LOCALITY_CHECK_SECONDS = 2.0
+
+log = logging.getLogger(__name__)
 
 
 class Workers:
@@ -55,6 +60,20 @@ class Workers:
         """Run ``fn(*args)`` in a worker thread, always: for calls that take long even on a
         local disk (copy-up, fsync, composing status)."""
         return await self._run(self.limiter, functools.partial(fn, *args, **kwargs))
+
+    async def follow_locality(self, roots: list[str], is_local: Callable[[str], bool]) -> None:
+        """Keep ``inline`` true only while every tree is local: a share's directory may be
+        empty and local at mount time and have NFS mounted on it later (runs until cancelled)."""
+        while True:
+            await trio.sleep(LOCALITY_CHECK_SECONDS)
+            try:
+                local = await self.run_thread(lambda: all(is_local(r) for r in roots))
+            except OSError:
+                local = False  # statfs itself hung or failed: certainly not a quick local tree
+            if local != self.inline:
+                log.info("backing trees are %s: quick calls now run %s", "all local" if local else "not all local",
+                         "in the trio thread" if local else "in worker threads")
+                self.inline = local
 
     async def _run(self, limiter: trio.CapacityLimiter, call: functools.partial[R]) -> R:
         with trio.move_on_after(self.timeout):

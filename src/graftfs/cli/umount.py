@@ -28,6 +28,7 @@ from graftfs.mounts import (
 NAME = "umount"
 HELP = "unmount a graftfs mount and wait for its daemon to exit"
 DAEMON_EXIT_TIMEOUT = 20.0
+BIND_REMOVE_TIMEOUT = 10.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,7 +76,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"graftfs umount: {mp} is in use ({len(foreign)} mounts below it, e.g. {foreign[0]}); "
                   "use --lazy to detach anyway", file=sys.stderr)
             return 1
-        unbind_all(own)  # graftfs' own binds over the view (graftfs.binds) would keep it busy
+        try:  # graftfs' own binds over the view (graftfs.binds) would keep it busy
+            call_with_timeout(lambda: unbind_all(own), BIND_REMOVE_TIMEOUT, "removing graftfs' binds")
+        except OSError as e:
+            print(f"graftfs umount: {mp}: {e.strerror or e}; use --lazy to detach anyway", file=sys.stderr)
+            return 1
     try:
         umount(mp, MNT_DETACH if args.lazy else 0)
     except OSError as e:

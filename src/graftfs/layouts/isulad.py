@@ -313,6 +313,9 @@ class IsuladLayout:
         deadline = time.monotonic() + timeout
         for th in threads:
             th.join(max(0.0, deadline - time.monotonic()))
+        for tree, th in zip(self.shared, threads, strict=True):
+            if th.is_alive() and tree.root in saved:
+                tree.scan = TreeScan(tree.root)  # not confirmed by the share: shown once its poll returns
         self.ack(self.commit(quiet=True)[0])
         return [t.root for t, th in zip(self.shared, threads, strict=True) if th.is_alive()]
 

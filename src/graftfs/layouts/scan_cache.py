@@ -15,7 +15,7 @@ import logging
 import os
 from typing import Any
 
-from graftfs.layouts.share_tree import ID_RE, ImageEntry, LayerEntry, Problem, Sig, TreeScan
+from graftfs.layouts.share_tree import ID_RE, MANAGED_DIRS, ImageEntry, LayerEntry, Problem, Sig, TreeScan
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,10 @@ def scan_to_json(scan: TreeScan) -> dict[str, Any]:
 
 
 def _within(root: str, path: object) -> str:
-    """A backing path from the snapshot, which must lie inside its tree."""
-    if not isinstance(path, str) or not path.startswith(root + "/") or "/../" in path:
-        raise ValueError(f"path {str(path)[:80]!r} is outside {root}")
+    """A backing path from the snapshot: inside its tree, below a managed directory."""
+    if not isinstance(path, str) or os.path.normpath(path) != path or not path.startswith(root + "/") \
+            or path[len(root) + 1:].split("/")[0] not in MANAGED_DIRS:
+        raise ValueError(f"path {str(path)[:80]!r} is not an entry of {root}")
     return path
 
 
