@@ -81,14 +81,15 @@ class Podman:
         return time.perf_counter() - started
 
     def settle(self) -> None:
-        """Wait until the last removed container's layer is deleted: native podman deletes it
-        before `podman run --rm` returns, graftfs after (in the background), and that deletion
-        must not run during the next measurement."""
+        """Wait until the last removed container's layer is deleted and written out: native podman
+        deletes it before `podman run --rm` returns, graftfs after (in the background), and
+        neither deletion nor its journal writes may run during the next measurement."""
         deadline = time.monotonic() + 120
         while self.trash is not None and self.trash.exists() and any(self.trash.iterdir()):
             if time.monotonic() > deadline:
                 raise SystemExit(f"{self.trash} still holds deleted layers after 120 s")
             time.sleep(0.05)
+        os.sync()
 
     def in_container(self, script: str, cold: bool) -> float:
         """Seconds ``script`` takes in a fresh container, timed inside it."""
