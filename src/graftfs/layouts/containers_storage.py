@@ -271,10 +271,12 @@ class ContainersStorageLayout(IsuladLayout):
             # only what the writer could have seen: an id published after its read is not a deletion
             if eid not in kept and read_at is not None and appeared.get(eid, 0) <= read_at:
                 hides.add((vpath[0], eid))
-        with open(written, "w", encoding="utf-8") as f:
-            json.dump(own, f)
-            f.flush()
-            os.fsync(f.fileno())
+        if len(own) < len(records):  # shared records were left out: write the node's part
+            with open(written, "w", encoding="utf-8") as f:
+                f.write(json.dumps(own))  # one write: json.dump writes a piece per token
+                f.flush()
+                os.fsync(f.fileno())
+        # else the file is the node's part already, as durable as the runtime made it
         os.rename(written, os.path.join(self.rw_root, *vpath))
 
     # -- where shared files show ---------------------------------------------------------------
