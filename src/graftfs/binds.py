@@ -16,26 +16,20 @@ daemon on SIGTERM and by `graftfs umount`; a lazy unmount takes them along.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 import stat
 
-from graftfs.lock_tokens import TOKEN_BYTES, write_token_fd
-from graftfs.mounts import MNT_DETACH, find_mount, umount
+from graftfs.lock_tokens import LOCK_FILES, TOKEN_BYTES, write_token_fd
+from graftfs.mounts import MNT_DETACH, bind_mount, find_mount, umount
 
 log = logging.getLogger(__name__)
 
 VPath = tuple[str, ...]
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-MS_BIND = 4096
-
-#: The runtime's node-local directories and lock files (containers/storage, podman).
+#: The runtime's node-local directories (containers/storage, podman); its lock files are
+#: graftfs.lock_tokens.LOCK_FILES.
 BIND_DIRS: tuple[VPath, ...] = (("libpod",), ("overlay-containers",))
-BIND_FILES: tuple[VPath, ...] = (("storage.lock",), ("userns.lock",), ("overlay-layers", "layers.lock"),
-                                 ("overlay-images", "images.lock"))
 
 
 def _prepare(rw_root: str, vpath: VPath, is_dir: bool) -> str:
@@ -54,18 +48,12 @@ def _prepare(rw_root: str, vpath: VPath, is_dir: bool) -> str:
     return path
 
 
-def _bind(source: str, target: str) -> None:
-    if _libc.mount(os.fsencode(source), os.fsencode(target), None, ctypes.c_ulong(MS_BIND), None) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), target)
-
-
 def bind_all(rw_root: str, mountpoint: str) -> list[str]:
     """Bind each hot entry's RW file or directory over its name in the view; returns the
     targets bound. Runs in a worker thread while the mount serves (the targets are looked up
     through it). A failure is logged and leaves that entry served by graftfs."""
     done = []
-    for vpaths, is_dir in ((BIND_DIRS, True), (BIND_FILES, False)):
+    for vpaths, is_dir in ((BIND_DIRS, True), (LOCK_FILES, False)):
         for vpath in vpaths:
             target = os.path.join(mountpoint, *vpath)
             try:
@@ -73,7 +61,7 @@ def bind_all(rw_root: str, mountpoint: str) -> list[str]:
                 st = os.lstat(target)  # through the mount: the view shows the RW entry
                 if stat.S_ISDIR(st.st_mode) != is_dir:
                     raise OSError(f"{target} is not a {'directory' if is_dir else 'file'} in the view")
-                _bind(source, target)
+                bind_mount(source, target)
                 done.append(target)
             except OSError as e:
                 log.warning("cannot bind %s over the view (%s): it is served through graftfs", "/".join(vpath), e)

@@ -32,7 +32,7 @@ from graftfs.mounts import find_mount, remove_runtime, write_runtime
 from graftfs.namespace import STATE_DIR, Layout, Namespace
 from graftfs.options import ConfigError, MountConfig
 from graftfs.watcher import Watcher
-from graftfs.workers import Workers
+from graftfs.workers import Workers, all_local
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +183,8 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
     started = time.time()
 
     # quick backing calls run in the trio thread only when no tree can hang (graftfs.workers)
-    local = all(is_local_fs(tree) for tree in [cfg.rw, *cfg.ro] if tree is not None)
-    workers = Workers(cfg.timeout, inline=local)
+    trees = [ns.rw_root, *cfg.ro]
+    workers = Workers(cfg.timeout, inline=all_local(trees, is_local_fs))
     watched = bool(getattr(ns.layout, "watchable", False)) and cfg.poll > 0
     watcher: Watcher | None = None
 
@@ -224,7 +224,7 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
     try:
         if watcher is not None:
             watcher.watch_rw_dir(ops.inodes.root, ns.rw_root)
-        trio.run(_serve, watcher, bound, workers, [ns.rw_root, *cfg.ro])
+        trio.run(_serve, watcher, bound, workers, trees)
     except BaseException:
         log.exception("the FUSE loop failed")
         raise

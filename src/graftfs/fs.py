@@ -28,7 +28,7 @@ import pyfuse3
 from graftfs.attrs import Attr
 from graftfs.errors import REQUEST_SECONDS, REQUESTS, fuse_boundary
 from graftfs.inodes import InodeTable, Node
-from graftfs.lock_tokens import TOKEN_LOCKS, write_token_fd
+from graftfs.lock_tokens import LOCK_FILES, TOKEN_LOCKS, write_token_fd
 from graftfs.namespace import RENAME_EXCHANGE, Namespace, NeedsCopyUp, Resolved
 from graftfs.workers import Workers
 
@@ -45,7 +45,7 @@ STATUS_MAX_BYTES = 60_000
 MERGED_PATHS = frozenset({("overlay-layers", "layers.json"), ("overlay-images", "images.json")})
 #: containers/storage lock files whose first bytes are a "last writer" token that readers compare
 #: to decide whether to reload (graftfs.lock_tokens): served uncached where no bind covers them.
-LOCK_PATHS = frozenset({*TOKEN_LOCKS, ("storage.lock",), ("userns.lock",)})
+LOCK_PATHS = frozenset(LOCK_FILES)
 
 #: With the watcher telling the kernel exactly what changed (graftfs.watcher), the kernel may
 #: keep entries, attributes and file pages for long, so warm lookups never reach Python.

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 #: The lock files whose tokens guard the merged index files.
 TOKEN_LOCKS = ((LAYERS, "layers.lock"), (IMAGES, "images.lock"))
+#: All the lock files containers/storage keeps in a graph (each opened, read, closed per lock).
+LOCK_FILES = (("storage.lock",), ("userns.lock",), *TOKEN_LOCKS)
 TOKEN_BYTES = 64
 #: How long to wait for a client holding the lock before writing the token anyway.
 LOCK_WAIT_SECONDS = 30.0

@@ -26,6 +26,7 @@ DEAD_MOUNT_ERRNOS = frozenset({errno.ENOTCONN, errno.ECONNABORTED})
 
 MNT_FORCE = 1
 MNT_DETACH = 2
+MS_BIND = 4096
 RUN_DIR = "/run/graftfs"
 FSTYPE = "fuse.graftfs"
 
@@ -82,6 +83,13 @@ def canonical(path: str) -> str:
     path = os.path.abspath(path)
     parent, name = os.path.split(path)
     return os.path.join(os.path.realpath(parent), name)
+
+
+def bind_mount(source: str, target: str) -> None:
+    """mount(2) with MS_BIND: ``source`` shows at ``target``; raises OSError."""
+    if _libc.mount(os.fsencode(source), os.fsencode(target), None, ctypes.c_ulong(MS_BIND), None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), target)
 
 
 def umount(mountpoint: str, flags: int = 0) -> None:

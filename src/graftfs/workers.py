@@ -33,6 +33,11 @@ LOCALITY_CHECK_SECONDS = 2.0
 log = logging.getLogger(__name__)
 
 
+def all_local(roots: list[str], is_local: Callable[[str], bool]) -> bool:
+    """Are all backing trees on local filesystems (quick calls may then run inline)?"""
+    return all(is_local(r) for r in roots)
+
+
 class Workers:
     def __init__(self, timeout: float = DEFAULT_TIMEOUT, threads: int = 32, inline: bool = False) -> None:
         self.timeout = timeout
@@ -67,7 +72,7 @@ class Workers:
         while True:
             await trio.sleep(LOCALITY_CHECK_SECONDS)
             try:
-                local = await self.run_thread(lambda: all(is_local(r) for r in roots))
+                local = await self.run_thread(all_local, roots, is_local)
             except OSError:
                 local = False  # statfs itself hung or failed: certainly not a quick local tree
             if local != self.inline:

@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -70,6 +71,11 @@ class Podman:
         if code != 0:
             raise SystemExit(f"podman {' '.join(args)} failed: {text[-2000:]}")
         return text
+
+    def close(self) -> None:
+        """Remove the containers and this podman's short-lived run directory."""
+        self.reset()
+        shutil.rmtree(self.short, ignore_errors=True)
 
     def reset(self) -> None:
         subprocess.run(["podman", "rm", "-af", "-t", "0"], env=self.env, capture_output=True, check=False, timeout=120)
@@ -158,7 +164,7 @@ def run(work: Path, reps: int) -> dict[str, object]:
     finally:
         for p in (native, graft):
             if p is not None:
-                p.reset()
+                p.close()
         if mount is not None:
             mount.close()
     print_section("podman: graph on native ext4 vs on graftfs (empty RW + the image on a share)", rows)
