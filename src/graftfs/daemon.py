@@ -80,7 +80,9 @@ def build_namespace(cfg: MountConfig) -> Namespace:
     ns = Namespace(cfg.rw, layout, HideStore(state_dir))
     ns.sweep_tmp()
     if isinstance(layout, IsuladLayout):
-        layout.announce_at_start()
+        # the share may have changed while unmounted; briefly: a client holding a lock now gets
+        # the token beside it (it reloads once more)
+        layout.announce(wait=1.0)
     return ns
 
 

@@ -119,13 +119,9 @@ class ContainersStorageLayout(IsuladLayout):
     name = "containers-storage"
     direct = True  # measured with podman 4.3: runs, commits and removes layers through links
 
-    def announce(self) -> None:
+    def announce(self, wait: float = lock_tokens.LOCK_WAIT_SECONDS) -> None:
         """New lock tokens, so that long-running clients reload the merged index files."""
-        lock_tokens.announce(self.rw_root)
-
-    def announce_at_start(self) -> None:
-        # briefly: a client holding a lock now gets the token beside it (it reloads once more)
-        lock_tokens.announce(self.rw_root, wait=1.0)
+        lock_tokens.announce(self.rw_root, wait)
 
     def binds_wanted(self) -> bool:
         """The runtime's lock files and node-local directories get bind mounts (graftfs.binds)."""

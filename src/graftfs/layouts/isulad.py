@@ -393,11 +393,8 @@ class IsuladLayout:
     def merged(self, vpath: tuple[str, ...], hides: HideView) -> Synthetic | None:
         return None  # iSulad keeps one record per entry: nothing to compose
 
-    def announce(self) -> None:
+    def announce(self, wait: float = 0.0) -> None:
         """After a change of the share's part of the view: nothing to tell iSulad (it rescans)."""
-
-    def announce_at_start(self) -> None:
-        """The share may have changed while nothing was mounted: announce it once."""
 
     def direct_path(self, vpath: tuple[str, ...]) -> bool:
         """True for ``overlay/<id>/diff`` and ``overlay/<id>/work`` when direct is on (layers only:
