@@ -68,11 +68,6 @@ def repeat(action: Callable[[], object], reps: int, cold: bool) -> Timing:
     return out
 
 
-def run_quiet(argv: list[str], timeout: float = 600) -> None:
-    subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                   check=True, timeout=timeout)
-
-
 def fresh_dir(path: Path) -> Path:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
