@@ -292,8 +292,10 @@ def test_big_multi_layer_image_and_killed_publish(make_node: Callable[[str, str]
 
     wait_for(lambda: not copier_alive(), 5, "the publisher's copy to stop with it")
     debris = set(os.listdir(share)) - {".graftfs-share", ".graftfs-staging", "overlay", "overlay-layers",
-                                       "overlay-images"}
+                                       "overlay-images", ".graftfs-nodes", ".graftfs-intents"}
     assert not debris, debris  # whatever the kill left is inside the private staging area
+    # and its publish intent, which lapses after its TTL (the nodes' leases are not debris)
+    assert len(os.listdir(os.path.join(share, ".graftfs-intents"))) == 1
     time.sleep(1.5)  # several watcher polls
     assert "localhost/ml:big" not in b.images()
     # a re-run completes it; B reads the big file back intact

@@ -138,8 +138,8 @@ def build_catalog(scans: Iterable[TreeScan], local_layers: set[str], old: Catalo
     cat.images_by_tree = [[] for _ in scans]
     for ti, scan in enumerate(scans):
         for iid, img in scan.images.items():
-            if iid in cat.images:
-                continue
+            if iid in cat.images or iid in scan.retired:
+                continue  # first tree wins; a retired image is kept from new use (graftfs unpublish)
             top = img.top_layer
             if top is not None and top not in cat.layers and top not in local_layers:
                 reason = f"top layer {top[:12]} is not visible"
@@ -281,6 +281,9 @@ class IsuladLayout:
     def __init__(self, trees: list[str], rw_root: str) -> None:
         self.trees = trees
         self.rw_root = rw_root
+        #: index of the node's own pin tree (copies of shared images it must keep: `graftfs pin`),
+        #: listed first so that its copies win over a share's, whether the share answers or not
+        self.pin_tree: int | None = None
         self.shared = [SharedTree(t) for t in trees]
         self.catalog = Catalog(list(trees))
         self._acked = self.catalog  # the catalog the kernel was last told about
@@ -467,12 +470,17 @@ class IsuladLayout:
             return list(self.catalog.shorts)
         return []
 
+    def pinned_images(self) -> set[str]:
+        """Images in this node's pin tree (graftfs.share.pins), when it has one."""
+        return set(self.shared[self.pin_tree].scan.images) if self.pin_tree is not None else set()
+
     def status(self) -> dict[str, object]:
         cat = self.catalog
         per_tree = []
         for ti, root in enumerate(self.trees):
             per_tree.append({
                 "tree": root,
+                "pins": ti == self.pin_tree,
                 "remote_ro": cat.remote_ro[ti] if ti < len(cat.remote_ro) else False,
                 "layers": len(cat.layer_ids_in(ti)),
                 "images": len(cat.image_ids_in(ti)),

@@ -1,0 +1,35 @@
+"""graftfs unpin: drop a node's own copy of images (layers its containers still use stay)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from graftfs.cli.common import one_line, quiet_logging
+from graftfs.cli.pin import rw_of
+from graftfs.share import pins
+from graftfs.share.state import ShareError
+
+NAME = "unpin"
+HELP = "remove this node's pinned copy of images (what its containers use is kept until they are gone)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--graph", required=True, metavar="MOUNTPOINT", help="the graftfs mount (the runtime's graph)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="name, id or unique id prefix")
+
+
+def run(args: argparse.Namespace) -> int:
+    quiet_logging()
+    rw = rw_of("unpin", args.graph)
+    if rw is None:
+        return 1
+    try:
+        p = pins.unpin(rw, args.images, print)
+    except (ShareError, OSError) as e:
+        print(f"graftfs unpin: {one_line(e)}", file=sys.stderr)
+        return 1
+    print(f"unpinned: {len(p.images)} images, {len(p.layers)} layers, {p.bytes / 2**20:.1f} MiB freed")
+    for what, why in sorted(p.kept.items()):
+        print(f"kept {what[:18]}: {why}")
+    return 0
