@@ -67,17 +67,17 @@ class Node:
 
 
 @pytest.fixture
-def make_node(tmp_path: Path, mount_factory: MountFactory) -> Iterator[Callable[[str, str], Node]]:
+def make_node(tmp_path: Path, mount_factory: MountFactory) -> Iterator[Callable[..., Node]]:
     nodes: list[Node] = []
 
     short = Path(tempfile.mkdtemp(prefix="gfs-", dir="/tmp"))  # conmon's socket paths must stay short
 
-    def make(name: str, share: str) -> Node:
+    def make(name: str, share: str, *options: str) -> Node:
         base = tmp_path / name
         rw, run, tmp = base / "rw", short / name / "run", short / name / "tmp"
         for d in (rw, run, tmp):
             d.mkdir(parents=True)
-        mount = mount_factory(str(rw), [share], "--layout", "containers-storage", name=f"{name}-graph")
+        mount = mount_factory(str(rw), [share], "--layout", "containers-storage", *options, name=f"{name}-graph")
         (base / "storage.conf").write_text(
             f'[storage]\ndriver = "overlay"\ngraphroot = "{mount.mnt}"\nrunroot = "{run}"\n')
         (base / "containers.conf").write_text(

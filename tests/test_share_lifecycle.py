@@ -251,20 +251,24 @@ def test_concurrent_publishers_and_gc_leave_a_clean_share(tmp_path: Path) -> Non
     graph = tmp_path / "graph"
     _graph(graph, {"old:1": old, **images})
     for round_ in range(3):
+        stop = tmp_path / f"stop-{round_}"
         assert graftfs_cmd("publish", "--graph", str(graph), "--share", share, "old:1").returncode == 0
         assert graftfs_cmd("unpublish", "--share", share, "old:1").returncode == 0
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
         gc_loop = subprocess.Popen(
-            [sys.executable, "-c", "import sys, time\nfrom graftfs.share.gc import collect\n"
-             "end = time.time() + 8\nwhile time.time() < end:\n    collect(sys.argv[1], grace=0)\n", share],
-            env=env, stdin=subprocess.DEVNULL)
+            [sys.executable, "-c", "import os, sys, time\nfrom graftfs.share.gc import collect\nn = 0\n"
+             "end = time.time() + 60\nwhile time.time() < end and not os.path.exists(sys.argv[2]):\n"
+             "    n += len(collect(sys.argv[1], grace=0).layers)\nprint(n)\n", share, str(stop)],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
         pubs = [subprocess.Popen([sys.executable, "-m", "graftfs", "publish", "--graph", str(graph), "--share", share,
                                   "--json", tag], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                  env=env, stdin=subprocess.DEVNULL)
                 for tag in images]
         try:
             outs = [p.communicate(timeout=60) for p in pubs]
-            assert gc_loop.wait(timeout=60) == 0
+            stop.touch()
+            collected = int(gc_loop.communicate(timeout=60)[0])
+            assert gc_loop.returncode == 0 and collected > 0  # it did race the publishers
         finally:
             for p in [*pubs, gc_loop]:
                 p.kill()

@@ -235,7 +235,9 @@ def diff_catalogs(old: Catalog, new: Catalog, touched: set[tuple[int, EntryKey]]
     for lid in _changed(old.layers, new.layers, {eid for _, (kind, eid) in touched if kind == "layer"}):
         changes.append(ViewChange((OVERLAY,), lid))
         changes.append(ViewChange((LAYERS,), lid, deep=True))
-        changes.extend(ViewChange((OVERLAY, lid), name) for name in ("link", "lower"))
+        # diff/ and work/ too: shown as links (direct), they point into whichever tree now holds
+        # the layer (a pin, or the share again after an unpin)
+        changes.extend(ViewChange((OVERLAY, lid), name) for name in ("link", "lower", "diff", "work"))
     for iid in _changed(old.images, new.images, {eid for _, (kind, eid) in touched if kind == "image"}):
         changes.append(ViewChange((IMAGES,), iid, deep=True))
     shorts = _changed(old.shorts, new.shorts, set())

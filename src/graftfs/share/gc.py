@@ -149,19 +149,19 @@ def plan(state: ShareState, grace: float = DEFAULT_GRACE, settle: float | None =
             out.kept[f"layer {lid}"] = "used by a published image"
     referenced = state.layers_of(scan.images)
     for lid in scan.layers:
-        if lid not in referenced and lid not in claimed_layers and state.entry_age("layer", lid) >= grace:
+        if lid not in referenced and lid not in claimed_layers and state.entry_age("layer", lid) > grace:
             candidates.add(lid)
             out.debris.append(f"layer {lid}")
     for kind, eid in scan.broken:
         if (kind == "layer" and eid in claimed_layers) or (kind == "image" and eid in claimed_images):
             continue
-        if state.entry_age(kind, eid) >= grace:
+        if state.entry_age(kind, eid) > grace:
             out.debris.append(f"{kind} {eid}")
     depth = {lid: len(state.chain(lid)) for lid in candidates}
     out.layers = sorted(candidates, key=lambda lid: -depth[lid])
     out.bytes = sum(state.layer_bytes(lid) for lid in out.layers)
-    out.staging = [n for n, mtime in state.staging.items() if n not in live_staging and state.now - mtime >= grace]
-    out.old_trash = [n for n, mtime in state.trash.items() if state.now - mtime >= grace]
+    out.staging = [n for n, mtime in state.staging.items() if n not in live_staging and state.now - mtime > grace]
+    out.old_trash = [n for n, mtime in state.trash.items() if state.now - mtime > grace]
     out.markers = [i for i in state.retired_at if i not in scan.images or i in doomed]
     return out
 
@@ -174,8 +174,10 @@ class Collector:
         self.say = say
         self.run_dir = os.path.join(state.root, TRASH_DIR, f"gc-{uuid.uuid4().hex}")
         self.moved: list[tuple[str, str, str]] = []  # (kind and id, original path, trash path)
+        self.doomed: set[str] = set()
 
     def run(self, p: Plan) -> None:
+        self.doomed = set(p.images)
         os.makedirs(self.run_dir)
         try:
             for iid in p.images:
@@ -209,14 +211,24 @@ class Collector:
             self.moved.append((what, path, dst))
 
     def _put_back_claimed(self) -> list[str]:
-        """Claims made while entries were moving: put back what they name (parents first)."""
+        """Put back (parents first) what was claimed, or placed as an image, while entries moved:
+        a publisher that found a layer "already published" may have finished, intent gone, by
+        now; its image record, placed last, then names the layer instead."""
         fresh = ShareState.read(self.state.root, writable=True)
         layers, images, _, _ = _claimed(fresh)
-        # a claimed layer's ancestors were moved too: the fresh scan no longer holds them, so
-        # follow parents through the records as they were before the move
+        images |= fresh.scan.images.keys()
+        # a retired image published again meanwhile: its publisher took the retirement back
+        images |= {i for i in self.doomed if i not in fresh.scan.retired}
+        # moved layers are not in the fresh scan and new ones not in the first: follow parents
+        # through both
+        parents = {lid: e.parent for lid, e in self.state.scan.layers.items()}
+        parents.update({lid: e.parent for lid, e in fresh.scan.layers.items()})
+        tops = {iid: e.top_layer for iid, e in {**self.state.scan.images, **fresh.scan.images}.items()}
         wanted: set[str] = set(images)
-        for lid in layers | self.state.layers_of(images):
-            wanted.update(self.state.chain(lid) or [lid])
+        for lid in layers | {tops.get(i) or "" for i in images}:
+            while lid and lid not in wanted:
+                wanted.add(lid)
+                lid = parents.get(lid) or ""
         restored: list[str] = []
         for what, path, dst in reversed(self.moved):
             if what.split(" ", 1)[1] not in wanted:

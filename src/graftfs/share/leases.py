@@ -17,6 +17,7 @@ Both are single-writer files placed by rename: nobody ever takes a lock on the s
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-from graftfs.share import INTENTS_DIR, LEASE_FILE, NODES_DIR
+from graftfs.share import INTENTS_DIR, LEASE_FILE, MARKER_NAME, NODES_DIR
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,12 @@ def _write_file(path: str, text: str) -> None:
 
 def write_lease(share: str, node: str, ttl: float, layers: Iterable[str], images: Iterable[str],
                 pins: Iterable[str] = ()) -> str:
-    """Renew this node's lease in one share (blocking I/O on a share: worker threads only)."""
+    """Renew this node's lease in one share (blocking I/O on a share: worker threads only).
+
+    Only into a share whose marker is there: never into the empty directory of an NFS export
+    that is not mounted (or a share moved away), which would then look like a share."""
+    if not os.path.exists(os.path.join(share, MARKER_NAME)):
+        raise FileNotFoundError(errno.ENOENT, f"no {MARKER_NAME} marker (share not mounted?)", share)
     directory = os.path.join(share, NODES_DIR, node)
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, LEASE_FILE)
@@ -239,23 +245,29 @@ def in_use(rw_root: str, shared_parents: Mapping[str, str | None], shared_tops: 
     layers = _records(os.path.join(rw_root, "overlay-layers", "layers.json"))
     images = _records(os.path.join(rw_root, "overlay-images", "images.json"))
     containers = _records(os.path.join(rw_root, "overlay-containers", "containers.json"))
+    # what the node holds itself (its own copy of a layer or image it also published) needs no lease
     local_parent = {str(r.get("id")): r.get("parent") for r in layers}
-    used_images = {str(c.get("image")) for c in containers if c.get("image") in shared_tops}
+    local_images = {str(i.get("id")) for i in images}
+    # a container's image counts even when the share retired it (it is then in no catalog)
+    used_images = {str(c.get("image")) for c in containers}
+    used_images = {i for i in used_images if ID_RE.match(i)}
     used_images |= {i for i in pinned if i in shared_tops}
+    used_images -= local_images
     starts: list[object] = [r.get("parent") for r in layers]
-    starts += [i.get("layer") for i in images]
+    starts += [i.get("layer") for i in images]  # local images on shared layers (pulled or built here)
     starts += [c.get("layer") for c in containers]
-    starts += [shared_tops[i] for i in used_images]
+    starts += [shared_tops.get(i) for i in used_images]
     used_layers: set[str] = set()
     for start in starts:
         cur = start if isinstance(start, str) else None
         steps = 0
         while cur and cur not in used_layers and steps < 10000:
             steps += 1
-            if cur in shared_parents:
-                used_layers.add(cur)
-                nxt = shared_parents[cur]
+            if cur in local_parent:
+                nxt = local_parent[cur]
             else:
-                nxt = local_parent.get(cur)  # type: ignore[assignment]
+                nxt = shared_parents.get(cur)
+                if cur in shared_parents:
+                    used_layers.add(cur)
             cur = nxt if isinstance(nxt, str) else None
     return used_layers, used_images

@@ -43,8 +43,10 @@ class ShareState:
         if not os.path.exists(os.path.join(root, MARKER_NAME)):
             raise ShareError(f"{root} has no {MARKER_NAME} marker: not a graftfs share (or not mounted)")
         now = share_clock(root) if writable else time.time()
-        scan = scan_tree(root)
+        # claims before entries: a publisher's entries placed before ``now`` belong to a claim
+        # read here, or to an image the scan sees; entries placed later are younger than now
         claims, problems = read_claims(root)
+        scan = scan_tree(root)
         state = cls(root, scan, claims, problems, now)
         state.retired_at = _mtimes(os.path.join(root, RETIRED_DIR), lambda n: bool(ID_RE.match(n)))
         state.staging = _mtimes(os.path.join(root, STAGING_DIR), lambda n: not n.startswith("."))
@@ -91,7 +93,8 @@ class ShareState:
         return size if isinstance(size, int) and size > 0 else 0
 
     def entry_age(self, kind: str, eid: str) -> float:
-        """Seconds since an entry's directories last changed (placed by rename, or written)."""
+        """Seconds since an entry's directories last changed (placed by rename, or written),
+        by the share's clock when it was read: negative for entries placed while it was read."""
         if kind == "image":
             paths = [self.scan.image_dirs.get(eid)]
         else:
