@@ -292,3 +292,36 @@ def test_concurrent_publishers_and_gc_leave_a_clean_share(tmp_path: Path) -> Non
             assert graftfs_cmd("unpublish", "--share", share, tag).returncode == 0
         share_gc.collect(share, grace=0)
         assert visible_images(share) == set()
+
+
+def test_publisher_copes_with_a_parent_moved_out_by_gc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gc may hold a layer out of view for a moment (it puts back what the publisher's intent
+    names): a child copied then must not get a truncated ``lower`` or fail; the parent is
+    published again."""
+    from graftfs import publish as publish_mod
+
+    share = make_share(tmp_path / "share")
+    base = chain("base", 2)
+    top = chain("top", 1, parent=base[-1].id)
+    graph = tmp_path / "graph"
+    _graph(graph, {"base:1": base, "app:1": base + top})
+    assert graftfs_cmd("publish", "--graph", str(graph), "--share", share, "base:1").returncode == 0
+    real_copy = publish_mod._copy_overlay_dir
+    moved = tmp_path / "gc-trash"
+
+    def copy_while_gc_moves_the_parent(src: str, dst: str, *args: object) -> int:
+        if os.path.basename(src) == top[0].id and not moved.exists():
+            os.rename(os.path.join(share, "overlay", base[-1].id), moved)
+        return real_copy(src, dst, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(publish_mod, "_copy_overlay_dir", copy_while_gc_moves_the_parent)
+    graph_obj = publish_mod.Graph.load(str(graph))
+    result = publish_mod.Publisher(graph_obj, share).publish("app:1")
+    assert [la.status for la in result.layers] == ["already published", "already published", "published"]
+    assert moved.exists() and os.path.isfile(os.path.join(share, "overlay", base[-1].id, "link"))  # copied again
+    with open(os.path.join(share, "overlay", top[0].id, "lower")) as f:
+        lower = f.read()
+    with open(os.path.join(graph, "overlay", base[0].id, "link")) as f:
+        base0 = f.read().strip()
+    assert lower.count("l/") == 2 and lower.endswith(f"l/{base0}"), lower
+    assert check(share).problems == []

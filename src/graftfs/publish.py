@@ -174,7 +174,7 @@ class Publisher:
         if os.path.exists(os.path.join(overlay_dst, "link")) and os.path.exists(os.path.join(record_dst, "layer.json")):
             return LayerResult(lid, "already published")
         src = os.path.join(self.graph.root, OVERLAY, lid)
-        stage = os.path.join(self.staging, lid)
+        stage = os.path.join(self.staging, f"{lid}.{uuid.uuid4().hex[:8]}")  # a layer may be staged twice
         os.makedirs(stage)
         expected = record.get("diff-size")
         size = _copy_overlay_dir(src, os.path.join(stage, "overlay"), self.meter,
@@ -202,18 +202,34 @@ class Publisher:
                 os.unlink(lower)
             os.makedirs(os.path.join(overlay, "empty"), exist_ok=True)
             return
-        pdir = os.path.join(self.share, OVERLAY, str(parent))
-        if str(parent) in self.local:
-            pdir = os.path.join(self.graph.root, OVERLAY, str(parent))  # not copied: as the graph names it
-        with open(os.path.join(pdir, "link")) as f:
-            chain = [f"l/{f.read().strip()}"]
-        try:
-            with open(os.path.join(pdir, "lower")) as f:
-                chain += [p for p in f.read().strip().split(":") if p]
-        except FileNotFoundError:
-            pass
         with open(lower, "w") as f:
-            f.write(":".join(chain))
+            f.write(":".join(self._lower_of(str(parent))))
+
+    def _lower_of(self, parent: str) -> list[str]:
+        """A child's lowers: the parent's short link, then the parent's own lowers.
+
+        A concurrent gc may have the parent out of view for a moment (it puts back what our
+        intent names), so a parent found missing is published again, and read again."""
+        record = self.graph.layers.get(parent, {})
+        for _ in range(3):
+            pdir = os.path.join(self.share, OVERLAY, parent)
+            if parent in self.local:
+                pdir = os.path.join(self.graph.root, OVERLAY, parent)  # not copied: as the graph names it
+            try:
+                with open(os.path.join(pdir, "link")) as f:
+                    chain = [f"l/{f.read().strip()}"]
+                if record.get("parent"):  # a parent with a parent of its own has a lower file
+                    with open(os.path.join(pdir, "lower")) as f:
+                        chain += [p for p in f.read().strip().split(":") if p]
+                return chain
+            except FileNotFoundError:
+                if parent in self.local or not record:
+                    raise
+                if os.path.exists(os.path.join(pdir, "link")):
+                    raise PublishError(f"layer {parent[:12]} in the share has no lower file (a damaged entry: "
+                                       "see graftfs fsck)") from None
+                self._layer(record)
+        raise PublishError(f"parent layer {parent[:12]} keeps vanishing from the share (is a gc running?)")
 
     def _image(self, record: Record) -> str:
         iid = str(record["id"])

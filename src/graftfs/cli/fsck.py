@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from graftfs.cli.common import one_line, quiet_logging
+from graftfs.cli.common import attempt
 from graftfs.share.fsck import check
-from graftfs.share.state import ShareError
 
 NAME = "fsck"
 HELP = "check every entry of a share (complete, referenced) and find staging or trash leftovers"
@@ -20,11 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    quiet_logging()
-    try:
-        report = check(args.share)
-    except (ShareError, OSError) as e:
-        print(f"graftfs fsck: {one_line(e)}", file=sys.stderr)
+    report = attempt("fsck", lambda: check(args.share))
+    if report is None:
         return 2
     if args.json:
         print(json.dumps(report.as_dict()))

@@ -6,9 +6,8 @@ import argparse
 import json
 import sys
 
-from graftfs.cli.common import one_line, quiet_logging
+from graftfs.cli.common import attempt
 from graftfs.share.gc import DEFAULT_GRACE, collect
-from graftfs.share.state import ShareError
 
 NAME = "gc"
 HELP = "delete retired images' layers that no live lease, publisher or published image needs"
@@ -23,15 +22,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    quiet_logging()
     if args.grace < 0:
         print("graftfs gc: --grace must not be negative", file=sys.stderr)
         return 2
     say = (lambda line: None) if args.json else print
-    try:
-        p = collect(args.share, args.dry_run, args.grace, say)
-    except (ShareError, OSError) as e:
-        print(f"graftfs gc: {one_line(e)}", file=sys.stderr)
+    p = attempt("gc", lambda: collect(args.share, args.dry_run, args.grace, say))
+    if p is None:
         return 1
     if args.json:
         print(json.dumps({"dry_run": args.dry_run, **p.as_dict()}))

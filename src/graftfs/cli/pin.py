@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from graftfs.cli.common import one_line, quiet_logging
+from graftfs.cli.common import attempt
 from graftfs.mounts import FSTYPE, canonical, find_mount, read_runtime
-from graftfs.publish import PublishError
 from graftfs.share import pins
-from graftfs.share.state import ShareError
 
 NAME = "pin"
 HELP = "copy shared images into this node's RW tree so containers start from them while the share is out"
@@ -33,17 +31,13 @@ def rw_of(command: str, graph: str) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    quiet_logging()
     rw = rw_of("pin", args.graph)
-    if rw is None:
+    results = attempt("pin", lambda: pins.pin(canonical(args.graph), rw, args.images)) if rw else None
+    if results is None:
         return 1
-    try:
-        for r in pins.pin(canonical(args.graph), rw, args.images):
-            copied = sum(1 for la in r.layers if la.status == "published")
-            size = sum(la.bytes for la in r.layers)
-            print(f"{r.id[:12]} {' '.join(r.names)}: pinned ({copied} of {len(r.layers)} layers copied, "
-                  f"{size / 2**20:.1f} MiB)")
-    except (PublishError, ShareError, OSError) as e:
-        print(f"graftfs pin: {one_line(e)}", file=sys.stderr)
-        return 1
+    for r in results:
+        copied = sum(1 for la in r.layers if la.status == "published")
+        size = sum(la.bytes for la in r.layers)
+        print(f"{r.id[:12]} {' '.join(r.names)}: pinned ({copied} of {len(r.layers)} layers copied, "
+              f"{size / 2**20:.1f} MiB)")
     return 0

@@ -14,10 +14,9 @@ import sys
 import time
 from typing import Any
 
-from graftfs.cli.common import one_line, quiet_logging
+from graftfs.cli.common import attempt
 from graftfs.fs import STATUS_XATTR
 from graftfs.mounts import DEAD_MOUNT_ERRNOS, FSTYPE, call_with_timeout, canonical, find_mount
-from graftfs.share.state import ShareError
 from graftfs.share.stats import format_stats, share_stats
 
 NAME = "status"
@@ -146,11 +145,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _share_status(args: argparse.Namespace) -> int:
-    quiet_logging()
-    try:
-        st = share_stats(args.share)
-    except (ShareError, OSError) as e:
-        print(f"graftfs status: {one_line(e)}", file=sys.stderr)
+    st = attempt("status", lambda: share_stats(args.share))
+    if st is None:
         return 1
     print(json.dumps(st, indent=2, sort_keys=True) if args.json else format_stats(st))
     return 0

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from graftfs.cli.common import one_line, quiet_logging
+from graftfs.cli.common import attempt
 from graftfs.cli.pin import rw_of
 from graftfs.share import pins
-from graftfs.share.state import ShareError
 
 NAME = "unpin"
 HELP = "remove this node's pinned copy of images (what its containers use is kept until they are gone)"
@@ -20,14 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    quiet_logging()
     rw = rw_of("unpin", args.graph)
-    if rw is None:
-        return 1
-    try:
-        p = pins.unpin(rw, args.images, print)
-    except (ShareError, OSError) as e:
-        print(f"graftfs unpin: {one_line(e)}", file=sys.stderr)
+    p = attempt("unpin", lambda: pins.unpin(rw, args.images, print)) if rw else None
+    if p is None:
         return 1
     print(f"unpinned: {len(p.images)} images, {len(p.layers)} layers, {p.bytes / 2**20:.1f} MiB freed")
     for what, why in sorted(p.kept.items()):

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from graftfs.cli.common import one_line, quiet_logging
+from graftfs.cli.common import attempt
 from graftfs.share.gc import unpublish
-from graftfs.share.state import ShareError
 
 NAME = "unpublish"
 HELP = "retire images in a share: nodes stop offering them at once, `graftfs gc` deletes them once unused"
@@ -21,11 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    quiet_logging()
-    try:
-        results = unpublish(args.share, args.images)
-    except (ShareError, OSError) as e:
-        print(f"graftfs unpublish: {one_line(e)}", file=sys.stderr)
+    results = attempt("unpublish", lambda: unpublish(args.share, args.images))
+    if results is None:
         return 1
     if args.json:
         print(json.dumps([vars(r) for r in results]))
