@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +34,7 @@ from graftfs.options import ConfigError, MountConfig
 from graftfs.share import leases, pins
 from graftfs.share.keeper import LeaseKeeper
 from graftfs.watcher import Watcher
-from graftfs.workers import Workers, all_local
+from graftfs.workers import Workers, all_local, guarded
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ async def _serve(watcher: Watcher | None, bound: BindState, workers: Workers, tr
         if watcher is not None:
             nursery.start_soon(watcher.run)
         if keeper is not None:
-            nursery.start_soon(_guarded, "leases", keeper.run)
+            nursery.start_soon(guarded, "leases", keeper.run, 2.0)
         await pyfuse3.main(min_tasks=4, max_tasks=64)
         nursery.cancel_scope.cancel()
 
@@ -170,17 +170,6 @@ def make_keeper(cfg: MountConfig, ns: Namespace, workers: Workers) -> LeaseKeepe
         return None
     node = leases.node_id(os.path.join(ns.rw_root, STATE_DIR))
     return LeaseKeeper(layout, ns.rw_root, list(cfg.ro), node, cfg.lease, workers)
-
-
-async def _guarded(what: str, task: Callable[[], Awaitable[None]]) -> None:
-    """Run a background task; log and restart it if it fails (it must never end the mount)."""
-    while True:
-        try:
-            await task()
-            return
-        except Exception:
-            log.exception("%s task failed; restarting it in 2 s", what)
-            await trio.sleep(2.0)
 
 
 def _save_scans(layout: Layout) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import ParamSpec, TypeVar
 
 import trio
@@ -84,3 +84,19 @@ class Workers:
         with trio.move_on_after(self.timeout):
             return await trio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=limiter)
         raise BackingTimeout(getattr(call.func, "__name__", "backing I/O"), self.timeout)
+
+
+async def guarded(what: str, task: Callable[[], Awaitable[None]], delay: float = 1.0,
+                  on_failure: Callable[[], None] | None = None) -> None:
+    """Run a background task of the daemon; when it fails, log it and start it again after
+    ``delay``. An exception leaving a task would end the nursery it shares with the FUSE loop,
+    which unmounts."""
+    while True:
+        try:
+            await task()
+            return
+        except Exception:
+            log.exception("task %s failed; restarting it in %g s", what, delay)
+            if on_failure is not None:
+                on_failure()
+            await trio.sleep(delay)
