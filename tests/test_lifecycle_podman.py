@@ -140,10 +140,16 @@ def test_pinned_image_runs_while_the_share_is_away(make_node: MakeNode, share: s
     wait_for(lambda: not any(t.get("unavailable_since") for t in b.mount.status()["ro"]),  # type: ignore[union-attr]
              10, "B to see the share again")
     assert b.podman("run", "--rm", "localhost/other:1", "cat", "/o").stdout == "other\n"
+    # unpinned while a container runs on the copy: the copy stays until the container is gone
+    b.podman("run", "-d", "--name", "on-pin", "localhost/pinned:1", "sleep", "600")
     res = graftfs_cmd("unpin", "--graph", b.mount.mnt, "localhost/pinned:1", timeout=60)
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 0 and "kept layer" in res.stdout, res.stdout + res.stderr
+    pinned_copy = os.path.join(b.mount.rw, ".graftfs", "pins", "overlay", os.path.basename(os.path.dirname(diff)))
+    assert os.path.isdir(pinned_copy) and b.mount.status()["pins"] == []
+    assert b.podman("exec", "on-pin", "echo", "still").stdout == "still\n"
+    b.podman("rm", "-f", "-t", "0", "on-pin")
+    wait_for(lambda: not os.path.exists(pinned_copy), 10, "the daemon to delete the unpinned copy")
     wait_for(lambda: os.readlink(diff).startswith(share + "/"), 10, "the view to use the share's copy again")
-    assert b.mount.status()["pins"] == []
     assert b.podman("run", "--rm", "localhost/pinned:1", "echo", "ok").stdout == "ok\n"
 
 

@@ -106,6 +106,8 @@ def pin_sizes(scan: TreeScan) -> list[dict[str, object]]:
     """Each pinned image with the bytes its layers take in the pin tree (their records' sizes)."""
     out: list[dict[str, object]] = []
     for iid, image in sorted(scan.images.items()):
+        if iid in scan.retired:
+            continue  # unpinned, its copy kept only while a container uses it
         size, lid, seen = 0, image.top_layer, set()
         while lid and lid in scan.layers and lid not in seen:
             seen.add(lid)

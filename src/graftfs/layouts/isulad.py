@@ -474,7 +474,14 @@ class IsuladLayout:
 
     def pinned_images(self) -> set[str]:
         """Images in this node's pin tree (graftfs.share.pins), when it has one."""
-        return set(self.shared[self.pin_tree].scan.images) if self.pin_tree is not None else set()
+        if self.pin_tree is None:
+            return set()
+        scan = self.shared[self.pin_tree].scan
+        return set(scan.images) - scan.retired
+
+    def unpinned_waiting(self) -> bool:
+        """Unpinned images whose copies are still in the pin tree (a container used them)."""
+        return self.pin_tree is not None and bool(self.shared[self.pin_tree].scan.retired)
 
     def status(self) -> dict[str, object]:
         cat = self.catalog

@@ -107,7 +107,8 @@ def _claimed(state: ShareState) -> tuple[set[str], set[str], dict[str, str], set
     who: dict[str, str] = {}
     staging: set[str] = set()
     for c in state.live_claims():
-        label = f"leased by node {c.owner}" if c.kind == "lease" else f"named by a running publish ({c.owner[:8]})"
+        label = {"lease": f"leased by node {c.owner}", "local": "used by this node's containers"}.get(
+            c.kind, f"named by a running publish ({c.owner[:8]})")
         for iid in c.images | c.pins:
             images.add(iid)
             who.setdefault(iid, label)

@@ -21,6 +21,8 @@ import trio
 from graftfs.errors import BackingTimeout
 from graftfs.layouts.isulad import Catalog
 from graftfs.share.leases import TTL_PERIODS, in_use, write_lease
+from graftfs.share.pins import collect_pins
+from graftfs.share.state import ShareError
 from graftfs.workers import Workers
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ class CatalogSource(Protocol):
     catalog: Catalog
 
     def pinned_images(self) -> set[str]: ...
+    def unpinned_waiting(self) -> bool: ...
 
 
 class LeaseKeeper:
@@ -97,9 +100,19 @@ class LeaseKeeper:
                     if now != (self.layers, self.images, self.pins):
                         self.layers, self.images, self.pins = now
                         due = list(self.shares)
+                    if self.layout.unpinned_waiting():
+                        await self._collect_pins()
             for share in due:
                 await self._renew(share)
             await trio.sleep(min(CHECK_SECONDS, self.period))
+
+    async def _collect_pins(self) -> None:
+        """Unpinned copies a container still ran on when they were unpinned go once it is gone
+        (the runtime's state changed: maybe now)."""
+        try:
+            await self.workers.run_thread(collect_pins, self.rw_root, lambda line: log.info("pins: %s", line))
+        except (OSError, ShareError, BackingTimeout) as e:
+            log.warning("collecting unpinned copies: %s", e)
 
     async def _renew(self, share: str) -> None:
         try:

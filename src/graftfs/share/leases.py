@@ -51,7 +51,7 @@ MAX_FILE_BYTES = 16 * 1024 * 1024
 class Claim:
     """A lease or an intent as read back: who, when renewed (share clock), for how long, what."""
 
-    kind: str  # "lease" or "intent"
+    kind: str  # "lease", "intent", or "local" (a node's own use, for its pin tree)
     owner: str  # node name, or the intent's id
     path: str
     renewed: float  # mtime of the file

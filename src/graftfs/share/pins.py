@@ -84,7 +84,7 @@ def collect_pins(rw_root: str, say: Callable[[str], None]) -> Plan:
 
 
 def _local_claim(now: float, layers: set[str], images: set[str]) -> Claim:
-    return Claim("lease", "this node", "", now, 1.0, frozenset(layers), frozenset(images))
+    return Claim("local", "this node", "", now, 1.0, frozenset(layers), frozenset(images))
 
 
 def rw_records(rw_root: str) -> set[str]:
