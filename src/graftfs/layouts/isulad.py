@@ -479,6 +479,11 @@ class IsuladLayout:
         scan = self.shared[self.pin_tree].scan
         return set(scan.images) - scan.retired
 
+    @property
+    def acked_catalog(self) -> Catalog:
+        """The catalog the kernel was last told about (see commit/ack)."""
+        return self._acked
+
     def unpinned_waiting(self) -> bool:
         """Unpinned images whose copies are still in the pin tree (a container used them)."""
         return self.pin_tree is not None and bool(self.shared[self.pin_tree].scan.retired)

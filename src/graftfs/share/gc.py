@@ -170,9 +170,13 @@ def plan(state: ShareState, grace: float = DEFAULT_GRACE, settle: float | None =
 class Collector:
     """Carries out a plan: move out of view, re-check the claims, put back, delete."""
 
-    def __init__(self, state: ShareState, say: Callable[[str], None]) -> None:
+    def __init__(self, state: ShareState, say: Callable[[str], None],
+                 settled: Callable[[list[str]], None] | None = None) -> None:
         self.state = state
         self.say = say
+        #: called with the layer ids once their records are out of view, before their files go:
+        #: a mount whose view falls back to another copy (an unpinned layer) waits for it there
+        self.settled = settled
         self.run_dir = os.path.join(state.root, TRASH_DIR, f"gc-{uuid.uuid4().hex}")
         self.moved: list[tuple[str, str, str]] = []  # (kind and id, original path, trash path)
         self.doomed: set[str] = set()
@@ -180,17 +184,21 @@ class Collector:
     def run(self, p: Plan) -> None:
         self.doomed = set(p.images)
         os.makedirs(self.run_dir)
+        entries = [(f"image {iid}", self.state.entry_paths("image", iid)) for iid in p.images]
+        entries += [(f"layer {lid}", self.state.entry_paths("layer", lid)) for lid in p.layers]
+        for item in p.debris:
+            if not item.startswith("layer ") or item[6:] not in p.layers:
+                kind, eid = item.split(" ", 1)
+                entries.append((item, self.state.entry_paths(kind, eid)))
+        entries += [(f"staging {name}", [os.path.join(self.state.root, STAGING_DIR, name)]) for name in p.staging]
         try:
-            for iid in p.images:
-                self._move(f"image {iid}", self.state.entry_paths("image", iid))
-            for lid in p.layers:
-                self._move(f"layer {lid}", self.state.entry_paths("layer", lid))
-            for item in p.debris:
-                if not item.startswith("layer ") or item[6:] not in p.layers:
-                    kind, eid = item.split(" ", 1)
-                    self._move(item, self.state.entry_paths(kind, eid))
-            for name in p.staging:
-                self._move(f"staging {name}", [os.path.join(self.state.root, STAGING_DIR, name)])
+            # first what makes each entry invisible (image dirs, layer records), then the rest
+            for what, paths in entries:
+                self._move(what, paths[:1])
+            if self.settled is not None and p.layers:
+                self.settled(p.layers)
+            for what, paths in entries:
+                self._move(what, paths[1:])
             p.restored = self._put_back_claimed()
             for name in p.old_trash:
                 shutil.rmtree(os.path.join(self.state.root, TRASH_DIR, name), ignore_errors=True)

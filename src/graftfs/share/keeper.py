@@ -21,7 +21,7 @@ import trio
 from graftfs.errors import BackingTimeout
 from graftfs.layouts.isulad import Catalog
 from graftfs.share.leases import TTL_PERIODS, in_use, write_lease
-from graftfs.share.pins import collect_pins
+from graftfs.share.pins import collect_pins, wait_until
 from graftfs.share.state import ShareError
 from graftfs.workers import Workers
 
@@ -34,6 +34,10 @@ CHECK_SECONDS = 1.0
 
 class CatalogSource(Protocol):
     catalog: Catalog
+    pin_tree: int | None
+
+    @property
+    def acked_catalog(self) -> Catalog: ...
 
     def pinned_images(self) -> set[str]: ...
     def unpinned_waiting(self) -> bool: ...
@@ -110,9 +114,15 @@ class LeaseKeeper:
         """Unpinned copies a container still ran on when they were unpinned go once it is gone
         (the runtime's state changed: maybe now)."""
         try:
-            await self.workers.run_thread(collect_pins, self.rw_root, lambda line: log.info("pins: %s", line))
+            await self.workers.run_thread(collect_pins, self.rw_root, lambda line: log.info("pins: %s", line),
+                                          lambda lids: wait_until(self._shows_pinned, lids))
         except (OSError, ShareError, BackingTimeout) as e:
             log.warning("collecting unpinned copies: %s", e)
+
+    def _shows_pinned(self, lid: str) -> bool:
+        """Does the view, as the kernel was last told, show this layer from the pin tree?"""
+        entry = self.layout.acked_catalog.layers.get(lid)
+        return entry is not None and entry[0] == self.layout.pin_tree
 
     async def _renew(self, share: str) -> None:
         try:

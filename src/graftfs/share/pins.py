@@ -15,6 +15,7 @@ this node's use as its only lease).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 
 from graftfs.layouts import STATE_DIR_NAME
@@ -62,24 +63,28 @@ def pin(mountpoint: str, rw_root: str, refs: list[str], progress: Progress | Non
     return [Publisher(graph, tree, progress, meter, local=local).publish(ref) for ref in refs]
 
 
-def unpin(rw_root: str, refs: list[str], say: Callable[[str], None]) -> Plan:
+def unpin(rw_root: str, refs: list[str], say: Callable[[str], None],
+          settled: Callable[[list[str]], None] | None = None) -> Plan:
     """Retire pinned images in the pin tree and delete what nothing else on this node uses."""
     tree = pin_tree(rw_root)
     if not os.path.isdir(tree):
         raise ShareError("this node has no pinned images")
     unpublish(tree, refs)
-    return collect_pins(rw_root, say)
+    return collect_pins(rw_root, say, settled)
 
 
-def collect_pins(rw_root: str, say: Callable[[str], None]) -> Plan:
-    """gc of the pin tree: this node's use is the only lease, and nothing waits for other nodes."""
+def collect_pins(rw_root: str, say: Callable[[str], None],
+                 settled: Callable[[list[str]], None] | None = None) -> Plan:
+    """gc of the pin tree: this node's use is the only lease, and nothing waits for other nodes.
+    ``settled`` waits until the mount's view no longer uses the copies about to go (it falls
+    back to the share's copy, or drops the layer), see gc.Collector."""
     tree = pin_tree(rw_root)
     state = ShareState.read(tree, writable=True)
     layers, images = node_use(rw_root, tree)
     state.claims = [_local_claim(state.now, layers, images)]
     p = plan(state, grace=0.0, settle=0.0)
     p.staging = []  # a pin running right now has its staging there
-    Collector(state, say).run(p)
+    Collector(state, say, settled).run(p)
     return p
 
 
@@ -90,3 +95,18 @@ def _local_claim(now: float, layers: set[str], images: set[str]) -> Claim:
 def rw_records(rw_root: str) -> set[str]:
     """Layer ids the node holds itself (a pin never copies them)."""
     return {str(r.get("id")) for r in read_records(os.path.join(rw_root, "overlay-layers", "layers.json"))}
+
+
+#: How long the copies of unpinned layers wait for the view to let go of them.
+SETTLE_SECONDS = 5.0
+
+
+def wait_until(view_uses: Callable[[str], bool], lids: list[str], seconds: float = SETTLE_SECONDS) -> None:
+    """Poll until no layer in ``lids`` is used by the view any more (or give up after ``seconds``:
+    a reader then sees the layer missing for a moment, as after any gc)."""
+    deadline = time.monotonic() + seconds
+    waiting = list(lids)
+    while waiting and time.monotonic() < deadline:
+        waiting = [lid for lid in waiting if view_uses(lid)]
+        if waiting:
+            time.sleep(0.05)
