@@ -126,45 +126,65 @@ def plan(state: ShareState, grace: float = DEFAULT_GRACE, settle: float | None =
     retirement must be (default: the longest live lease TTL, see the module docstring)."""
     out = Plan()
     claimed_layers, claimed_images, who, live_staging = _claimed(state)
-    scan = state.scan
     if settle is None:
         settle = max((c.ttl for c in state.live_claims() if c.kind == "lease"), default=0.0)
-    retired = [i for i in scan.images if i in scan.retired]
-    doomed: list[str] = []
-    for iid in retired:
-        age = state.now - state.retired_at.get(iid, state.now)
-        if iid in claimed_images:
-            out.kept[f"image {iid}"] = who[iid]
-        elif age < settle:
-            out.kept[f"image {iid}"] = f"retired {age:.0f} s ago; nodes renew leases within {settle:.0f} s"
-        else:
-            doomed.append(iid)
-    out.images = doomed
-    needed = state.layers_of(i for i in scan.images if i not in doomed) | claimed_layers
-    kept_needed = state.layers_of(state.published()) | claimed_layers
-    candidates = state.layers_of(doomed) - needed
-    for lid in state.layers_of(retired) - candidates:
-        if lid in claimed_layers:
-            out.kept[f"layer {lid}"] = who[lid]
-        elif lid in kept_needed:
-            out.kept[f"layer {lid}"] = "used by a published image"
-    referenced = state.layers_of(scan.images)
-    for lid in scan.layers:
-        if lid not in referenced and lid not in claimed_layers and state.entry_age("layer", lid) > grace:
-            candidates.add(lid)
-            out.debris.append(f"layer {lid}")
-    for kind, eid in scan.broken:
-        if (kind == "layer" and eid in claimed_layers) or (kind == "image" and eid in claimed_images):
-            continue
-        if state.entry_age(kind, eid) > grace:
-            out.debris.append(f"{kind} {eid}")
+    out.images = _doomed_images(state, claimed_images, who, settle, out.kept)
+    candidates = _retired_layers(state, out.images, claimed_layers, who, out.kept)
+    candidates |= _debris(state, claimed_layers, claimed_images, grace, out.debris)
     depth = {lid: len(state.chain(lid)) for lid in candidates}
     out.layers = sorted(candidates, key=lambda lid: -depth[lid])
     out.bytes = sum(state.layer_bytes(lid) for lid in out.layers)
     out.staging = [n for n, mtime in state.staging.items() if n not in live_staging and state.now - mtime > grace]
     out.old_trash = [n for n, mtime in state.trash.items() if state.now - mtime > grace]
-    out.markers = [i for i in state.retired_at if i not in scan.images or i in doomed]
+    out.markers = [i for i in state.retired_at if i not in state.scan.images or i in out.images]
     return out
+
+
+def _doomed_images(state: ShareState, claimed: set[str], who: dict[str, str], settle: float,
+                   kept: dict[str, str]) -> list[str]:
+    """Retired images no claim names, retired long enough ago; ``kept`` says why the rest stay."""
+    doomed = []
+    for iid in state.scan.images.keys() & state.scan.retired:
+        age = state.now - state.retired_at.get(iid, state.now)
+        if iid in claimed:
+            kept[f"image {iid}"] = who[iid]
+        elif age < settle:
+            kept[f"image {iid}"] = f"retired {age:.0f} s ago; nodes renew leases within {settle:.0f} s"
+        else:
+            doomed.append(iid)
+    return sorted(doomed)
+
+
+def _retired_layers(state: ShareState, doomed: list[str], claimed: set[str], who: dict[str, str],
+                    kept: dict[str, str]) -> set[str]:
+    """The doomed images' layers that no other image and no claim needs."""
+    needed = state.layers_of(i for i in state.scan.images if i not in doomed) | claimed
+    candidates = state.layers_of(doomed) - needed
+    published = state.layers_of(state.published())
+    for lid in state.layers_of(state.scan.images.keys() & state.scan.retired) - candidates:
+        if lid in claimed:
+            kept[f"layer {lid}"] = who[lid]
+        elif lid in published:
+            kept[f"layer {lid}"] = "used by a published image"
+    return candidates
+
+
+def _debris(state: ShareState, claimed_layers: set[str], claimed_images: set[str], grace: float,
+            debris: list[str]) -> set[str]:
+    """What killed publishers left: complete layers no image references (returned, to delete
+    with the others) and incomplete entries (listed in ``debris``), older than ``grace``. An
+    entry placed in the very clock tick the share's time was read in is never old enough."""
+    scan = state.scan
+    referenced = state.layers_of(scan.images)
+    orphans = {lid for lid in scan.layers
+               if lid not in referenced and lid not in claimed_layers and state.entry_age("layer", lid) > grace}
+    debris.extend(f"layer {lid}" for lid in sorted(orphans))
+    for kind, eid in sorted(scan.broken):
+        if (kind == "layer" and eid in claimed_layers) or (kind == "image" and eid in claimed_images):
+            continue
+        if state.entry_age(kind, eid) > grace:
+            debris.append(f"{kind} {eid}")
+    return orphans
 
 
 class Collector:
