@@ -95,12 +95,12 @@ class LeaseKeeper:
             key = self._key()
             due = [s for s in self.shares if time.monotonic() - self.renewed.get(s, -1e9) >= self.period]
             if key != last_key:
+                last_key = key  # a damaged file is read again once it changes, not every second
                 try:
                     now = await self.workers.run(self._compute)
                 except (ValueError, OSError) as e:  # a runtime file damaged or unreadable: keep the last lease
                     log.warning("leases: %s; keeping the last lease", e)
                 else:
-                    last_key = key
                     if now != (self.layers, self.images, self.pins):
                         self.layers, self.images, self.pins = now
                         due = list(self.shares)
