@@ -203,7 +203,17 @@ class Namespace:
             path = self.layout.ro_path(tree, vpath)
             if path is None:
                 continue
-            st = _lstat(path)
+            try:
+                st = _lstat(path)
+            except OSError:
+                # a share that fails (EIO, ENOTCONN, ETIMEDOUT from a network filesystem) rather
+                # than showing an empty directory: once it is known unavailable, its last known
+                # top stays in the view exactly as when it is missing; until then the error stands
+                remembered = self.layout.missing(tree, vpath)
+                if remembered is None:
+                    raise
+                found.append(Source(f"ro:{root}", remembered, path, tree))
+                continue
             if st is not None:
                 found.append(Source(f"ro:{root}", Attr.from_stat(st), path, tree))
                 continue

@@ -1,0 +1,219 @@
+"""Reliability: share outages on a real network share, a killed daemon, hostile share content and
+unprivileged users — with nothing lost and nothing left behind.
+
+The share in the outage tests is served by a test-private sshd over loopback and mounted with
+sshfs (tests/sshshare.py): stopping the sshd or SIGSTOP-ing it is a real fault of the backing
+filesystem, seen by graftfs exactly as an NFS outage would be. Every access to the mount runs in
+a separate process bounded by ``timeout -k`` (a process blocked on a FUSE request ignores
+SIGTERM), and every test ends with the shared residue check (tests/residue.py).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import GraftMount, graftfs_cmd, needs_mount, wait_for
+from graftfs.sample import build_demo
+from residue import assert_no_residue
+from sshshare import SshShare, needs_sshfs, ssh_share
+
+pytestmark = [needs_mount]
+
+MountFactory = Callable[..., GraftMount]
+
+#: The issue's bound: a request on a shared path fails within this many seconds when the share
+#: is gone or hangs (graftfs' default timeout= is 10 s; sshfs' own keepalive is faster).
+FAIL_BOUND = 10.0
+#: errno values an unreachable share may answer with (never ENOENT: the entry is not known gone).
+SHARE_DOWN = {"EIO", "ETIMEDOUT", "ENOTCONN"}
+
+#: One access to the mount, in a process of its own: prints "OK <seconds> <data>" or
+#: "ERR <seconds> <errno name>". Plain python3, so that it runs as `nobody` too.
+PROBE = r"""
+import errno, os, sys, time
+op, path = sys.argv[1], sys.argv[2]
+t = time.monotonic()
+try:
+    data = b""
+    if op == "read":
+        with open(path, "rb") as f:
+            data = f.read()
+    elif op == "list":
+        data = "/".join(sorted(os.listdir(path))).encode()
+    elif op == "stat":
+        os.stat(path)
+    elif op == "write":
+        with open(path, "wb") as f:
+            f.write(sys.argv[3].encode())
+            os.fsync(f.fileno())
+        d = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(d)
+        os.close(d)
+    elif op == "mkdir":
+        os.mkdir(path)
+    elif op == "readlink":
+        data = os.readlink(path).encode("utf-8", "surrogateescape")
+    print("OK", round(time.monotonic() - t, 3), data.decode("utf-8", "replace"))
+except OSError as e:
+    print("ERR", round(time.monotonic() - t, 3), errno.errorcode.get(e.errno, str(e.errno)))
+"""
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    seconds: float  # wall clock seen by the caller, process start included
+    value: str  # the data read (ok) or the errno name
+
+    def __str__(self) -> str:
+        return f"{'OK' if self.ok else 'ERR'} after {self.seconds:.2f} s: {self.value[:200]!r}"
+
+
+def probe(op: str, path: str, *extra: str, limit: float = 30.0, user: str | None = None) -> Outcome:
+    """Do ``op`` on ``path`` in a separate process, killed after ``limit`` seconds."""
+    argv = ["python3", "-c", PROBE, op, path, *extra]
+    if user is not None:
+        argv = ["setpriv", f"--reuid={user}", "--regid=nogroup", "--clear-groups", *argv]
+    started = time.monotonic()
+    res = subprocess.run(["timeout", "-k", "2", str(limit), *argv], capture_output=True, text=True,
+                         timeout=limit + 10, stdin=subprocess.DEVNULL)
+    took = time.monotonic() - started
+    if res.returncode in (124, 137) or not res.stdout:
+        return Outcome(False, took, f"hung or died (exit {res.returncode}): {res.stderr[-300:]}")
+    out = res.stdout[:-1] if res.stdout.endswith("\n") else res.stdout  # print's own newline only
+    word, _, rest = out.partition(" ")
+    return Outcome(word == "OK", took, rest.partition(" ")[2])
+
+
+def _tree_status(g: GraftMount) -> dict[str, object]:
+    ro = g.status()["ro"]
+    assert isinstance(ro, list)
+    return ro[0]  # type: ignore[no-any-return]
+
+
+def _add_probe_files(share: str, layer: str, count: int) -> list[str]:
+    """Files in a shared layer that no one has read yet (the page cache cannot answer for them)."""
+    d = os.path.join(share, "overlay", layer, "diff", "probe")
+    os.makedirs(d, exist_ok=True)
+    names = []
+    for i in range(count):
+        Path(d, f"f{i}").write_text(f"probe {i}\n")
+        names.append(f"f{i}")
+    return names
+
+
+@dataclass
+class NetShare:
+    """The demo trees, the share served over sshfs, graftfs mounted over it."""
+
+    ssh: SshShare
+    export: str
+    rw: str
+    ids: object
+    graft: GraftMount
+    probes: Iterator[str]
+
+    def view(self, *parts: str) -> str:
+        return self.graft.path(*parts)
+
+    def fresh_shared_file(self) -> tuple[str, str]:
+        """A shared file never read through the view, and what it holds."""
+        name = next(self.probes)
+        return self.view("overlay", self.ids.base, "diff", "probe", name), f"probe {name[1:]}\n"  # type: ignore[attr-defined]
+
+
+def _net_share(tmp_path: Path, mount_factory: MountFactory, keepalive: bool, *opts: str) -> Iterator[NetShare]:
+    export, rw = str(tmp_path / "share"), str(tmp_path / "rw")
+    ids = build_demo(export, rw)
+    names = _add_probe_files(export, ids.base, 40)
+    with ssh_share(tmp_path, export, keepalive=keepalive) as ssh:
+        graft = mount_factory(rw, [ssh.mnt], *opts)
+        try:
+            yield NetShare(ssh, export, rw, ids, graft, iter(names))
+        finally:
+            ssh.resume()  # a hung share would keep the unmount waiting
+            daemon = graft.proc.pid if graft.proc else 0
+            assert graft.stop() == 0, graft.log_text()[-3000:]
+    assert_no_residue([str(tmp_path)], rw_trees=[rw], shares=[export], daemons=[daemon], mountpoints=[graft.mnt])
+
+
+@pytest.fixture
+def net_share(tmp_path: Path, mount_factory: MountFactory) -> Iterator[NetShare]:
+    """sshfs with keepalives: a stopped or hung server makes sshfs itself fail in seconds."""
+    yield from _net_share(tmp_path, mount_factory, True)
+
+
+def _assert_rw_serves(ns: NetShare, tag: str) -> None:
+    """RW-only paths answer while the share is out: the node's own layer, read and written."""
+    ids = ns.ids
+    own = probe("read", ns.view("overlay", ids.local, "diff", "tmp", "container-output.log"), limit=FAIL_BOUND)  # type: ignore[attr-defined]
+    assert own.ok and own.value == "written by a container\n", own
+    new = ns.view("overlay", ids.local, "diff", "tmp", f"during-{tag}.txt")  # type: ignore[attr-defined]
+    wrote = probe("write", new, f"written during {tag}\n", limit=FAIL_BOUND)
+    assert wrote.ok, wrote
+    back = probe("read", new, limit=FAIL_BOUND)
+    assert back.ok and back.value == f"written during {tag}\n", back
+    listed = probe("list", ns.view("overlay", ids.local, "diff", "tmp"), limit=FAIL_BOUND)  # type: ignore[attr-defined]
+    assert listed.ok and f"during-{tag}.txt" in listed.value.split("/"), listed
+    assert Path(ns.rw, "overlay", ids.local, "diff", "tmp", f"during-{tag}.txt").read_text() == (  # type: ignore[attr-defined]
+        f"written during {tag}\n")
+
+
+def _assert_shared_fails_fast(ns: NetShare) -> None:
+    path, _ = ns.fresh_shared_file()
+    for op, target in [("read", path), ("list", os.path.dirname(path)),
+                       ("stat", os.path.join(os.path.dirname(path), "never-there"))]:
+        got = probe(op, target, limit=FAIL_BOUND + 20)
+        assert not got.ok and got.value in SHARE_DOWN, (op, target, got)
+        assert got.seconds <= FAIL_BOUND, (op, target, got)
+
+
+@needs_sshfs
+@pytest.mark.timeout(150)
+def test_stopped_sshd_fails_fast_and_recovers_without_remount(net_share: NetShare) -> None:
+    ns = net_share
+    images = probe("list", ns.view("overlay-images"))
+    assert images.ok and len(images.value.split("/")) == 2, images
+    path, want = ns.fresh_shared_file()
+    first = probe("read", path)
+    assert first.ok and first.value == want, first
+    pid = ns.graft.status()["pid"]
+
+    ns.ssh.stop_sshd()
+    _assert_shared_fails_fast(ns)
+    _assert_rw_serves(ns, "outage")
+    wait_for(lambda: not _tree_status(ns.graft)["available"], FAIL_BOUND, "status to say the share is unavailable")
+    human = graftfs_cmd("status", ns.graft.mnt, timeout=30)
+    assert human.returncode == 0 and "UNAVAILABLE since" in human.stdout, human
+    # never read as "everything was deleted": the catalog's view stays
+    assert probe("list", ns.view("overlay-images")).value == images.value
+
+    ns.ssh.start_sshd()  # same port; sshfs reconnects by itself
+    path, want = ns.fresh_shared_file()
+    wait_for(lambda: probe("read", path, limit=FAIL_BOUND).value == want, 30, "a shared file to be readable again")
+    wait_for(lambda: bool(_tree_status(ns.graft)["available"]), 15, "status to say the share is back")
+    assert ns.graft.status()["pid"] == pid  # no remount
+    assert probe("list", ns.view("overlay-images")).value == images.value
+    _assert_rw_serves(ns, "after")
+
+
+@needs_sshfs
+@pytest.mark.timeout(150)
+def test_sigstopped_sshd_fails_fast_and_recovers(net_share: NetShare) -> None:
+    ns = net_share
+    path, want = ns.fresh_shared_file()
+    assert probe("read", path).value == want
+    ns.ssh.pause()
+    _assert_shared_fails_fast(ns)
+    _assert_rw_serves(ns, "hang")
+    ns.ssh.resume()
+    path, want = ns.fresh_shared_file()
+    wait_for(lambda: probe("read", path, limit=FAIL_BOUND).value == want, 30, "a shared file to be readable again")
+    wait_for(lambda: bool(_tree_status(ns.graft)["available"]), 15, "status to say the share is available")
