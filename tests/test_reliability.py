@@ -150,6 +150,13 @@ def net_share(tmp_path: Path, mount_factory: MountFactory) -> Iterator[NetShare]
     yield from _net_share(tmp_path, mount_factory, True)
 
 
+@pytest.fixture
+def hard_share(tmp_path: Path, mount_factory: MountFactory) -> Iterator[NetShare]:
+    """sshfs without keepalives (hangs as long as the server does, like an NFS hard mount) and
+    graftfs with a 3 s limit: only graftfs' own time limit can answer."""
+    yield from _net_share(tmp_path, mount_factory, False, "-o", "timeout=3")
+
+
 def _assert_rw_serves(ns: NetShare, tag: str) -> None:
     """RW-only paths answer while the share is out: the node's own layer, read and written."""
     ids = ns.ids
@@ -217,3 +224,57 @@ def test_sigstopped_sshd_fails_fast_and_recovers(net_share: NetShare) -> None:
     path, want = ns.fresh_shared_file()
     wait_for(lambda: probe("read", path, limit=FAIL_BOUND).value == want, 30, "a shared file to be readable again")
     wait_for(lambda: bool(_tree_status(ns.graft)["available"]), 15, "status to say the share is available")
+
+
+@needs_sshfs
+@pytest.mark.timeout(180)
+def test_hung_share_is_bounded_by_graftfs_own_timeout(hard_share: NetShare) -> None:
+    """sshfs without keepalives hangs with the server: graftfs' timeout=3 answers ETIMEDOUT;
+    more requests stuck on the share at once than graftfs has worker slots do not starve
+    RW-only paths (they did: abandoned workers kept their slots); the share comes back by itself.
+
+    The crowd's requests are in different directories the kernel already knows: requests in one
+    directory are serialized by the kernel (lookups of a FUSE fs that does not ask for
+    FUSE_CAP_PARALLEL_DIROPS, which pyfuse3/libfuse 3.14 do not), so there N stuck lookups take
+    N x timeout — a known limit, not tested here."""
+    ns = hard_share
+    crowd_dirs = _add_crowd_dirs(ns, 40)
+    path, want = ns.fresh_shared_file()
+    assert probe("read", path).value == want
+    ns.ssh.pause()
+    _assert_shared_fails_fast(ns)
+    crowd = [subprocess.Popen(["timeout", "-k", "2", "60", "python3", "-c", PROBE, "read", os.path.join(d, "f")],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              stdin=subprocess.DEVNULL) for d in crowd_dirs]
+    try:
+        time.sleep(1)  # all of them waiting on the share now
+        _assert_rw_serves(ns, "crowd")
+        for proc in crowd:
+            out, _ = proc.communicate(timeout=70)
+            word, took, err = [*out.split(), "", "", ""][:3]
+            assert word == "ERR" and err in SHARE_DOWN and float(took) <= FAIL_BOUND, out
+    finally:
+        for proc in crowd:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+    _assert_rw_serves(ns, "after-crowd")
+    ns.ssh.resume()
+    path, want = ns.fresh_shared_file()
+    wait_for(lambda: probe("read", path, limit=FAIL_BOUND).value == want, 30, "a shared file to be readable again")
+    wait_for(lambda: bool(_tree_status(ns.graft)["available"]), 15, "status to say the share is available")
+
+
+def _add_crowd_dirs(ns: NetShare, count: int) -> list[str]:
+    """``count`` shared directories with a file each, looked up through the view (so that the
+    kernel asks graftfs only for the files)."""
+    top = os.path.join(ns.export, "overlay", ns.ids.base, "diff", "crowd")  # type: ignore[attr-defined]
+    for i in range(count):
+        os.makedirs(os.path.join(top, f"d{i}"))
+        Path(top, f"d{i}", "f").write_text(f"crowd {i}\n")
+    dirs = [ns.view("overlay", ns.ids.base, "diff", "crowd", f"d{i}") for i in range(count)]  # type: ignore[attr-defined]
+    listed = probe("list", os.path.dirname(dirs[0]))
+    assert listed.ok and len(listed.value.split("/")) == count, listed
+    for d in dirs:
+        assert probe("stat", d).ok
+    return dirs
