@@ -49,10 +49,11 @@ def live_processes_naming(tops: Iterable[str]) -> list[str]:
     return out
 
 
-def mounts_below(tops: Iterable[str]) -> list[str]:
+def mounts_below(tops: Iterable[str], keep: Iterable[str] = ()) -> list[str]:
     tops = [t.rstrip("/") for t in tops]
-    return [f"{m.fstype} at {m.mountpoint}" for m in mount_table()
-            if any(m.mountpoint == t or m.mountpoint.startswith(t + "/") for t in tops)]
+    kept = set(keep)
+    return [f"{m.fstype} at {m.mountpoint}" for m in mount_table() if m.mountpoint not in kept
+            and any(m.mountpoint == t or m.mountpoint.startswith(t + "/") for t in tops)]
 
 
 def temp_files(rw_trees: Iterable[str], shares: Iterable[str]) -> list[str]:
@@ -81,8 +82,9 @@ def temp_files(rw_trees: Iterable[str], shares: Iterable[str]) -> list[str]:
 
 
 def residue(tops: Iterable[str], *, rw_trees: Iterable[str] = (), shares: Iterable[str] = (),
-            daemons: Iterable[int] = (), mountpoints: Iterable[str] = ()) -> list[str]:
-    """Everything left behind, one line each (empty when clean)."""
+            daemons: Iterable[int] = (), mountpoints: Iterable[str] = (), keep_mounts: Iterable[str] = ()) -> list[str]:
+    """Everything left behind, one line each (empty when clean). ``keep_mounts``: mounts the
+    test's fixtures still hold and remove later (a read-only bind of the share)."""
     tops = list(tops)
     out = [f"process left: {p}" for p in live_processes_naming(tops)]
     for pid in daemons:
@@ -92,7 +94,7 @@ def residue(tops: Iterable[str], *, rw_trees: Iterable[str] = (), shares: Iterab
             except OSError:
                 threads = []
             out.append(f"graftfs daemon {pid} still alive with {len(threads)} threads")
-    out += [f"mount left: {m}" for m in mounts_below(tops)]
+    out += [f"mount left: {m}" for m in mounts_below(tops, keep_mounts)]
     out += [f"temp file left: {p}" for p in temp_files(rw_trees, shares)]
     out += [f"runtime record left for {mp}" for mp in mountpoints if os.path.exists(runtime_file(mp))]
     return out

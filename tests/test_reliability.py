@@ -11,7 +11,9 @@ SIGTERM), and every test ends with the shared residue check (tests/residue.py).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GraftMount, graftfs_cmd, needs_mount, wait_for
+from conftest import REPO, GraftMount, Sample, graftfs_cmd, needs_mount, sh, wait_for
+from graftfs.mounts import find_mount, pid_alive, read_runtime
 from graftfs.sample import build_demo
 from residue import assert_no_residue
 from sshshare import SshShare, needs_sshfs, ssh_share
@@ -278,3 +281,94 @@ def _add_crowd_dirs(ns: NetShare, count: int) -> list[str]:
     for d in dirs:
         assert probe("stat", d).ok
     return dirs
+
+
+# -- a daemon killed with SIGKILL ---------------------------------------------------------------
+
+
+def _daemon_pid(mnt: str) -> int:
+    info = read_runtime(mnt)
+    assert info is not None and isinstance(info.get("pid"), int), info
+    return int(info["pid"])  # type: ignore[call-overload]
+
+
+def _kill_daemon(mnt: str) -> int:
+    pid = _daemon_pid(mnt)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(pid), 10, "the daemon to die")
+    dead = probe("list", mnt, limit=FAIL_BOUND)  # a listing always reaches the daemon
+    assert not dead.ok and dead.value == "ENOTCONN", dead  # the kernel mount is left dead
+    return pid
+
+
+def _state_after_crash(sample: Sample, mnt: str, note: str) -> None:
+    """What the node did before the crash is all there, and the share is served again."""
+    ids = sample.ids
+    images = probe("list", os.path.join(mnt, "overlay-images"))
+    assert images.ok and images.value.split("/") == [ids.image_app], images  # web stays hidden
+    assert not probe("stat", os.path.join(mnt, "overlay", ids.base, "diff", "bin", "hello")).ok
+    kept = probe("read", os.path.join(mnt, "notes", "kept.txt"))
+    assert kept.ok and kept.value == note, kept
+    shared = probe("read", os.path.join(mnt, "overlay", ids.app, "diff", "app", "data.txt"))
+    assert shared.ok and shared.value == "application data\n", shared
+
+
+@pytest.mark.timeout(180)
+def test_killed_daemon_remount_keeps_hides_and_synced_writes(sample: Sample, tmp_path: Path) -> None:
+    """SIGKILL of the daemon leaves a dead mount: `graftfs umount` clears it, and a new mount —
+    by `graftfs mount` or by the mount(8) helper — shows the hides and the fsync'ed RW writes
+    made before the crash."""
+    ids = sample.ids
+    mnt = str(tmp_path / "graph")
+    os.mkdir(mnt)
+    argv = ["mount", "--rw", sample.rw, "--ro", sample.share_ro, mnt]
+    helper_bin = tmp_path / "graftfs-bin"
+    helper_bin.write_text(f"#!/bin/sh\nexec {sys.executable} -m graftfs \"$@\"\n")  # this checkout's graftfs
+    helper_bin.chmod(0o755)
+    pids: list[int] = []
+    try:
+        started = graftfs_cmd(*argv)
+        assert started.returncode == 0, started.stderr
+        pids.append(_daemon_pid(mnt))
+        note = "fsync'ed before the crash\n"
+        # deletes of shared entries (hides), and an RW write the client fsyncs (file and dir)
+        assert probe("mkdir", os.path.join(mnt, "notes")).ok
+        wrote = probe("write", os.path.join(mnt, "notes", "kept.txt"), note)
+        assert wrote.ok, wrote
+        gone = sh("rm", "-rf", os.path.join(mnt, "overlay-images", ids.image_web))
+        assert gone.returncode == 0, gone.stderr
+        gone = sh("rm", os.path.join(mnt, "overlay", ids.base, "diff", "bin", "hello"))
+        assert gone.returncode == 0, gone.stderr
+
+        _kill_daemon(mnt)
+        status = graftfs_cmd("status", mnt)
+        assert status.returncode == 1 and "dead mount" in status.stderr, status
+        cleared = graftfs_cmd("umount", mnt)
+        assert cleared.returncode == 0, cleared  # (it does not always say "dead": its check is a stat,
+        # which the kernel may answer from its attribute cache without asking the dead daemon)
+        assert find_mount(mnt) is None
+        again = graftfs_cmd(*argv)
+        assert again.returncode == 0, again.stderr
+        pids.append(_daemon_pid(mnt))
+        _state_after_crash(sample, mnt, note)
+
+        # the same through the mount(8) helper, as an fstab line or a systemd unit would mount
+        _kill_daemon(mnt)
+        assert graftfs_cmd("umount", mnt).returncode == 0
+        helper = subprocess.run([str(REPO / "tools" / "mount-helper"), "none", mnt, "-o",
+                                 f"rw={sample.rw},ro={sample.share_ro}"], capture_output=True, text=True,
+                                timeout=120, env={**os.environ, "GRAFTFS_BIN": str(helper_bin)},
+                                stdin=subprocess.DEVNULL)
+        assert helper.returncode == 0, helper.stderr
+        pids.append(_daemon_pid(mnt))
+        _state_after_crash(sample, mnt, note)
+        done = graftfs_cmd("umount", mnt)
+        assert done.returncode == 0, done.stderr
+    finally:
+        if find_mount(mnt) is not None:
+            graftfs_cmd("umount", "--lazy", mnt)
+        for pid in pids:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert_no_residue([str(tmp_path)], rw_trees=[sample.rw], shares=[sample.share], daemons=pids,
+                      mountpoints=[mnt], keep_mounts=[sample.share_ro])
