@@ -10,7 +10,9 @@ SIGTERM), and every test ends with the shared residue check (tests/residue.py).
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, GraftMount, Sample, graftfs_cmd, needs_mount, sh, wait_for
+from conftest import REPO, GraftMount, Sample, bind_ro, force_unmount, graftfs_cmd, needs_mount, sh, wait_for
 from graftfs.mounts import find_mount, pid_alive, read_runtime
 from graftfs.sample import build_demo
 from residue import assert_no_residue
@@ -372,3 +374,169 @@ def test_killed_daemon_remount_keeps_hides_and_synced_writes(sample: Sample, tmp
                 os.kill(pid, signal.SIGKILL)
     assert_no_residue([str(tmp_path)], rw_trees=[sample.rw], shares=[sample.share], daemons=pids,
                       mountpoints=[mnt], keep_mounts=[sample.share_ro])
+
+
+# -- hostile share content ----------------------------------------------------------------------
+
+LONG_NAME = "n" * 255
+ODD_NAMES = ["back\\slash", "new\nline", "..dots", "a..b", LONG_NAME, "tab\there", "-dash", " lead-space"]
+
+
+@dataclass
+class Hostile:
+    """Ids of what the hostile share holds, and where its outside-the-share bait is."""
+
+    truncated: str
+    not_utf8: str
+    huge: str
+    loop_image: str
+    loop_layers: tuple[str, str]
+    linked_record: str  # images.json is a symlink to a record outside the share
+    linked_link: str  # a layer whose link file is a symlink to a file outside the share
+    linked_diff: str  # a layer whose diff is a symlink to a directory outside the share
+    linked_entry: str  # overlay/<id> itself is a symlink outside the share
+    outside: str
+
+
+def _hostile_share(share: str, ids: object, outside: str) -> Hostile:
+    """Add to the demo share entries that a broken or malicious publisher could leave."""
+    from graftfs.sample import SampleLayer, digest, write_image, write_layer
+
+    base = ids.base  # type: ignore[attr-defined]
+    diff = os.path.join(share, "overlay", base, "diff")
+    for name in ODD_NAMES:
+        Path(diff, name).write_text(f"literal {name!r}\n")
+    with open(os.path.join(os.fsencode(diff), b"caf\xe9-latin1"), "wb") as f:  # not UTF-8
+        f.write(b"bytes name\n")
+    os.symlink("loop-b", os.path.join(diff, "loop-a"))
+    os.symlink("loop-a", os.path.join(diff, "loop-b"))
+    os.symlink("../../../../../../../../../etc/hostname", os.path.join(diff, "up-and-out"))
+    os.symlink(os.path.join(outside, "secret"), os.path.join(diff, "abs-out"))
+    os.symlink("/etc", os.path.join(share, "evil-top"))  # a link at the share's top
+    h = Hostile(digest("image:truncated"), digest("image:not-utf8"), digest("image:huge"), digest("image:loop"),
+                (digest("layer:loop-a"), digest("layer:loop-b")), digest("image:linked-record"),
+                digest("layer:linked-link"), digest("layer:linked-diff"), digest("layer:linked-entry"), outside)
+    write_image(share, h.truncated, ids.app, ["bad/truncated:1"], record=b'{"id": "' + h.truncated.encode())  # type: ignore[attr-defined]
+    write_image(share, h.not_utf8, ids.app, ["bad/latin1:1"],  # type: ignore[attr-defined]
+                record=json.dumps({"id": h.not_utf8, "layer": ids.app, "names": ["x"]}).encode()[:-2] + b'\xe9"}')  # type: ignore[attr-defined]
+    pad = "x" * (50 * 1024 * 1024)
+    write_image(share, h.huge, ids.app, ["bad/huge:1"],  # type: ignore[attr-defined]
+                record=json.dumps({"id": h.huge, "layer": ids.app, "names": ["bad/huge:1"], "pad": pad}).encode())  # type: ignore[attr-defined]
+    a, b = h.loop_layers
+    write_layer(share, SampleLayer(a, b, {"a.txt": b"a\n"}))
+    write_layer(share, SampleLayer(b, a, {"b.txt": b"b\n"}))
+    write_image(share, h.loop_image, a, ["bad/loop:1"])
+    # bait outside the share: a record that would pass every check if it were read
+    os.makedirs(outside, exist_ok=True)
+    Path(outside, "secret").write_text("outside the share\n")
+    Path(outside, "images.json").write_text(json.dumps({"id": h.linked_record, "layer": ids.app,  # type: ignore[attr-defined]
+                                                        "names": ["bait/record:1"]}))
+    write_image(share, h.linked_record, ids.app, ["bait/record:1"])  # type: ignore[attr-defined]
+    record = os.path.join(share, "overlay-images", h.linked_record, "images.json")
+    os.unlink(record)
+    os.symlink(os.path.join(outside, "images.json"), record)
+    Path(outside, "short").write_text("OUTSIDESHORTNAME\n")
+    write_layer(share, SampleLayer(h.linked_link, base, {"l.txt": b"l\n"}))
+    link = os.path.join(share, "overlay", h.linked_link, "link")
+    os.unlink(link)
+    os.symlink(os.path.join(outside, "short"), link)
+    os.makedirs(os.path.join(outside, "diff"), exist_ok=True)
+    Path(outside, "diff", "planted").write_text("outside diff\n")
+    write_layer(share, SampleLayer(h.linked_diff, base, {}))
+    shutil.rmtree(os.path.join(share, "overlay", h.linked_diff, "diff"))
+    os.symlink(os.path.join(outside, "diff"), os.path.join(share, "overlay", h.linked_diff, "diff"))
+    write_layer(share, SampleLayer(h.linked_entry, base, {"e.txt": b"e\n"}))
+    entry = os.path.join(share, "overlay", h.linked_entry)
+    shutil.move(entry, os.path.join(outside, "entry"))
+    os.symlink(os.path.join(outside, "entry"), entry)
+    return h
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("layout", ["isulad", "containers-storage"])
+def test_hostile_share_content_is_skipped_or_served_literally(tmp_path: Path, ro_binds: Callable[[str], str],
+                                                              mount_factory: MountFactory, layout: str) -> None:
+    """Entries a broken or malicious publisher could leave are skipped (logged once, shown by
+    status) or served literally as data; the mount stays up, and nothing outside the share is
+    read into the view: records and link files are not followed when they are symlinks."""
+    share, rw, outside = str(tmp_path / "share"), str(tmp_path / "rw"), str(tmp_path / "outside")
+    ids = build_demo(share, rw)
+    h = _hostile_share(share, ids, outside)
+    share_ro = ro_binds(share)
+    g = mount_factory(rw, [share_ro], "--layout", layout)
+    time.sleep(2.5)  # several watcher polls and record sweeps over the hostile entries
+    st = g.status()
+    tree = st["ro"][0]  # type: ignore[index]
+    skipped = {s["id"]: s["reason"] for s in st["skipped"]}  # type: ignore[attr-defined]
+    bad_images = {h.truncated, h.not_utf8, h.huge, h.loop_image, h.linked_record}
+    bad_layers = {*h.loop_layers, h.linked_link, h.linked_diff}
+    assert bad_images | bad_layers <= set(skipped), skipped
+    assert "larger than" in skipped[h.huge] and "loop" in skipped[h.loop_layers[0]], skipped
+    assert tree["images"] == 2, tree  # app and web, nothing else
+    # each problem is logged once, however many polls and sweeps saw it
+    log = g.log_text()
+    for bad in bad_images | bad_layers:
+        assert log.count(f"skipping image {bad}") + log.count(f"skipping layer {bad}") == 1, (bad, log[-3000:])
+    # nothing of the bait outside the share shows through the view
+    view = _view_text(g, layout)
+    for bait in (h.linked_record, h.linked_link, h.linked_diff, h.linked_entry, "OUTSIDESHORTNAME", "bait/record"):
+        assert bait not in view, bait
+    synthesized = probe("list", g.path("overlay", "l"))
+    assert synthesized.ok and "OUTSIDESHORTNAME" not in synthesized.value, synthesized
+    for short in synthesized.value.split("/"):
+        target = probe("readlink", g.path("overlay", "l", short))
+        assert target.ok and target.value.startswith("../") and target.value.endswith("/diff"), target
+        assert not target.value[3:-5].count("/"), target  # ../<id>/diff, one level, inside the view
+    # odd names inside a good layer are served literally, symlinks as the links they are
+    diff = g.path("overlay", ids.base, "diff")
+    listed = os.listdir(os.fsencode(diff))
+    for name in ODD_NAMES:
+        assert os.fsencode(name) in listed, name
+        got = probe("read", os.path.join(diff, name))
+        assert got.ok and got.value == f"literal {name!r}\n", (name, got)
+    assert b"caf\xe9-latin1" in listed
+    assert Path(os.fsencode(diff).decode("utf-8", "surrogateescape"), "caf\udce9-latin1").read_bytes() == (
+        b"bytes name\n")
+    assert probe("readlink", os.path.join(diff, "loop-a")).value == "loop-b"
+    loop = probe("read", os.path.join(diff, "loop-a"))
+    assert not loop.ok and loop.value == "ELOOP", loop
+    assert probe("readlink", os.path.join(diff, "up-and-out")).value == "../../../../../../../../../etc/hostname"
+    assert probe("readlink", os.path.join(diff, "abs-out")).value == os.path.join(outside, "secret")
+    assert probe("readlink", g.path("evil-top")).value == "/etc"
+    too_long = probe("stat", os.path.join(diff, "n" * 256))
+    assert not too_long.ok and too_long.value == "ENAMETOOLONG", too_long
+    # the mount is alive and still serves the good images
+    assert probe("read", g.path("overlay", ids.app, "diff", "app", "data.txt")).value == "application data\n"
+    assert g.status()["pid"] == st["pid"]  # (mount_factory checks that it exits cleanly)
+
+
+@pytest.fixture
+def ro_binds(tmp_path: Path) -> Iterator[Callable[[str], str]]:
+    """Read-only bind mounts of shares; requested before mount_factory, so removed after it."""
+    made: list[str] = []
+
+    def make(src: str) -> str:
+        dst = str(tmp_path / f"{os.path.basename(src)}-ro")
+        made.append(dst)
+        bind_ro(src, dst)
+        return dst
+
+    yield make
+    for dst in made:
+        force_unmount(dst)
+
+
+def _view_text(g: GraftMount, layout: str) -> str:
+    """Every name under the view's managed directories, and the composed indexes' text."""
+    out = []
+    for top in ("overlay", "overlay-layers", "overlay-images"):
+        listed = probe("list", g.path(top))
+        assert listed.ok, listed
+        out.append(listed.value)
+    if layout == "containers-storage":
+        for index in (("overlay-layers", "layers.json"), ("overlay-images", "images.json")):
+            got = probe("read", g.path(*index))
+            assert got.ok, got
+            json.loads(got.value)
+            out.append(got.value)
+    return "\n".join(out)

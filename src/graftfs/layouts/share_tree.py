@@ -89,12 +89,12 @@ def _tree_error(e: OSError) -> bool:
     return e.errno in TREE_ERRNOS
 
 
-def read_limited(path: str, limit: int) -> bytes:
+def read_limited(path: str, limit: int, flags: int = 0) -> bytes:
     """A file's content, at most ``limit`` + 1 bytes (so the caller can tell it is too big).
 
     Read in 64 KiB steps: f.read(limit) sizes its buffer by the limit, which for a 16 MiB limit
     made each small record cost 5x the syscalls' time (10,000 of them at every mount)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
     try:
         chunks = []
         left = limit + 1
@@ -115,12 +115,16 @@ READ_STEP = 64 * 1024
 def _read_record(path: str) -> dict[str, object]:
     """Parse a JSON object record; raise ValueError with a short reason otherwise."""
     try:
-        data = read_limited(path, MAX_RECORD_BYTES)
+        # a share's record is a file of its own: a symlink could make the daemon (root) read a
+        # file outside the share and show it as a record
+        data = read_limited(path, MAX_RECORD_BYTES, os.O_NOFOLLOW)
     except FileNotFoundError:
         raise ValueError(f"{os.path.basename(path)} missing") from None
     except OSError as e:
         if _tree_error(e):
             raise
+        if e.errno == errno.ELOOP:
+            raise ValueError(f"{os.path.basename(path)} is a symbolic link (not followed)") from None
         raise ValueError(f"{os.path.basename(path)} unreadable: {e.strerror}") from None
     if len(data) > MAX_RECORD_BYTES:
         raise ValueError(f"{os.path.basename(path)} larger than {MAX_RECORD_BYTES} bytes")
@@ -217,7 +221,8 @@ def _check_layer(tree: str, lid: str, overlay_dir: str, record_dir: str) -> Laye
         raise ValueError("overlay diff directory missing")
     link_path = os.path.join(overlay_dir, "link")
     try:
-        with open(link_path, "rb") as f:
+        # not followed when a symlink, like the records (_read_record)
+        with open(os.open(link_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
             short = f.read(256).decode("ascii", "replace").strip()
             link_mtime = os.fstat(f.fileno()).st_mtime_ns
     except FileNotFoundError:
@@ -225,6 +230,8 @@ def _check_layer(tree: str, lid: str, overlay_dir: str, record_dir: str) -> Laye
     except OSError as e:
         if _tree_error(e):
             raise
+        if e.errno == errno.ELOOP:
+            raise ValueError("overlay link file is a symbolic link (not followed)") from None
         raise ValueError(f"overlay link file unreadable: {e.strerror}") from None
     if not SHORT_RE.match(short):
         raise ValueError(f"overlay link file holds an invalid short name {short[:40]!r}")
