@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -71,6 +72,10 @@ except OSError as e:
 """
 
 
+#: The system's python for probes: `nobody` can run it (a venv or pyenv shim may be root-only).
+PYTHON = "/usr/bin/python3"
+
+
 @dataclass
 class Outcome:
     ok: bool
@@ -83,7 +88,7 @@ class Outcome:
 
 def probe(op: str, path: str, *extra: str, limit: float = 30.0, user: str | None = None) -> Outcome:
     """Do ``op`` on ``path`` in a separate process, killed after ``limit`` seconds."""
-    argv = ["python3", "-c", PROBE, op, path, *extra]
+    argv = [PYTHON, "-c", PROBE, op, path, *extra]
     if user is not None:
         argv = ["setpriv", f"--reuid={user}", "--regid=nogroup", "--clear-groups", *argv]
     started = time.monotonic()
@@ -248,7 +253,7 @@ def test_hung_share_is_bounded_by_graftfs_own_timeout(hard_share: NetShare) -> N
     assert probe("read", path).value == want
     ns.ssh.pause()
     _assert_shared_fails_fast(ns)
-    crowd = [subprocess.Popen(["timeout", "-k", "2", "60", "python3", "-c", PROBE, "read", os.path.join(d, "f")],
+    crowd = [subprocess.Popen(["timeout", "-k", "2", "60", PYTHON, "-c", PROBE, "read", os.path.join(d, "f")],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                               stdin=subprocess.DEVNULL) for d in crowd_dirs]
     try:
@@ -540,3 +545,69 @@ def _view_text(g: GraftMount, layout: str) -> str:
             json.loads(got.value)
             out.append(got.value)
     return "\n".join(out)
+
+
+# -- permissions: allow_other with default_permissions ----------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_unprivileged_user_gets_normal_permission_checks(tmp_path: Path, ro_binds: Callable[[str], str]) -> None:
+    """The mount is shared with every user (allow_other) and the kernel checks mode bits
+    (default_permissions): `nobody` reads what is world-readable, in the share and in RW, and
+    nothing else; it writes only its own files."""
+    share, rw = str(tmp_path / "share"), str(tmp_path / "rw")
+    ids = build_demo(share, rw)
+    diff = Path(share, "overlay", ids.base, "diff")
+    (diff / "pub.txt").write_text("public\n")
+    (diff / "secret.txt").write_text("root only\n")
+    (diff / "secret.txt").chmod(0o600)
+    (diff / "locked").mkdir(mode=0o700)
+    (diff / "locked" / "inside.txt").write_text("behind a 0700 dir\n")
+    own = Path(rw, "overlay", ids.local, "diff", "tmp")
+    (own / "nobodys.txt").write_text("nobody's own\n")
+    (own / "nobodys.txt").chmod(0o600)
+    os.chown(own / "nobodys.txt", 65534, 65534)
+    share_ro = ro_binds(share)
+    top = tempfile.mkdtemp(prefix="gfs-perm-", dir="/tmp")  # pytest's tmp dirs are 0700: nobody could not walk in
+    os.chmod(top, 0o755)
+    g = GraftMount(os.path.join(top, "mnt"), rw, [share_ro], str(tmp_path / "mnt.log"))
+    os.mkdir(g.mnt)
+    try:
+        g.start()
+        entry = find_mount(g.mnt)
+        assert entry is not None
+        opts = next(line.split()[3] for line in Path("/proc/self/mounts").read_text().splitlines()
+                    if line.split()[1] == g.mnt).split(",")
+        assert "allow_other" in opts and "default_permissions" in opts, opts
+
+        def as_nobody(op: str, *parts: str, data: str = "") -> Outcome:
+            return probe(op, g.path(*parts), *([data] if data else []), user="nobody")
+
+        layer = ("overlay", ids.base, "diff")
+        mine = ("overlay", ids.local, "diff", "tmp")
+        assert as_nobody("read", *layer, "pub.txt").value == "public\n"
+        assert as_nobody("read", *mine, "container-output.log").value == "written by a container\n"
+        assert as_nobody("read", *mine, "nobodys.txt").value == "nobody's own\n"
+        assert as_nobody("write", *mine, "nobodys.txt", data="changed by nobody\n").ok
+        assert Path(own, "nobodys.txt").read_text() == "changed by nobody\n"
+        denied = [
+            as_nobody("read", *layer, "secret.txt"),
+            as_nobody("list", *layer, "locked"),
+            as_nobody("read", *layer, "locked", "inside.txt"),
+            as_nobody("write", *layer, "pub.txt", data="overwrite"),
+            as_nobody("write", *layer, "new.txt", data="create"),
+            as_nobody("write", *mine, "container-output.log", data="overwrite"),
+            as_nobody("mkdir", "nobody-dir"),
+        ]
+        assert all(not d.ok and d.value == "EACCES" for d in denied), denied
+        # root still can, and what nobody was refused left no trace in RW
+        assert probe("read", g.path(*layer, "secret.txt")).value == "root only\n"
+        assert not Path(rw, *layer, "pub.txt").exists() and not Path(rw, "nobody-dir").exists()
+        assert Path(rw, *mine, "container-output.log").read_text() == "written by a container\n"
+    finally:
+        daemon = g.proc.pid if g.proc else 0
+        code = g.stop()
+        shutil.rmtree(top, ignore_errors=True)
+    assert code == 0, g.log_text()[-3000:]
+    assert_no_residue([str(tmp_path), top], rw_trees=[rw], shares=[share], daemons=[daemon], mountpoints=[g.mnt],
+                      keep_mounts=[share_ro])
