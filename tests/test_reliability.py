@@ -10,6 +10,7 @@ SIGTERM), and every test ends with the shared residue check (tests/residue.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, GraftMount, Sample, bind_ro, force_unmount, graftfs_cmd, needs_mount, sh, wait_for
-from graftfs.mounts import find_mount, pid_alive, read_runtime
+from graftfs.mounts import MNT_DETACH, find_mount, mount_table, pid_alive, read_runtime, umount
 from graftfs.sample import build_demo
 from residue import assert_no_residue
 from sshshare import SshShare, needs_sshfs, ssh_share
@@ -611,3 +612,85 @@ def test_unprivileged_user_gets_normal_permission_checks(tmp_path: Path, ro_bind
     assert code == 0, g.log_text()[-3000:]
     assert_no_residue([str(tmp_path), top], rw_trees=[rw], shares=[share], daemons=[daemon], mountpoints=[g.mnt],
                       keep_mounts=[share_ro])
+
+
+# -- the runtime on a node whose share is down ----------------------------------------------------
+
+
+@needs_sshfs
+@pytest.mark.skipif(shutil.which("podman") is None, reason="podman is not installed")
+@pytest.mark.timeout(300)
+def test_podman_keeps_working_on_the_node_while_its_share_is_down(tmp_path: Path, mount_factory: MountFactory) -> None:
+    """podman's graph is a graftfs mount over a share served by sshd: with the sshd gone,
+    `podman ps`, `exec` and a run of a node-local image keep working (RW paths), the shared
+    image stays in the view, and everything works again when the sshd is back, no remount."""
+    from graftfs.sample import BUSYBOX, busybox_image_tar
+
+    sys.path.insert(0, str(REPO / "tools"))
+    from graftfs_soak.load import Node
+
+    if not os.path.exists(BUSYBOX):
+        pytest.skip("busybox-static is not installed")
+    tar = busybox_image_tar(str(tmp_path / "image"))
+    # the node's own image differs from the shared one: with the same content, podman would reuse
+    # the shared layer, and a container on it reads the share itself (diff links to it)
+    Path(tmp_path, "image", "rootfs", "node-local").write_text("this node's own layer\n")
+    local_tar = str(tmp_path / "image" / "local.tar")
+    subprocess.run(["tar", "-C", str(tmp_path / "image" / "rootfs"), "-cf", local_tar, "."], check=True, timeout=60)
+    export = tmp_path / "share"
+    export.mkdir()
+    # the share holds one image, published from a plain podman graph as a writer node would
+    writer = Node.create("writer", str(tmp_path / "writer-graph"), str(tmp_path / "writer"))
+    try:
+        writer.must("import", "-q", tar, "localhost/shared:1")
+        pub = graftfs_cmd("publish", "--graph", writer.graph, "--share", str(export), "localhost/shared:1", timeout=120)
+        assert pub.returncode == 0, pub.stderr
+    finally:
+        writer.clean()
+        _unmount_below(str(tmp_path / "writer-graph"))
+    with ssh_share(tmp_path, str(export)) as ssh:
+        rw = tmp_path / "rw"
+        rw.mkdir()
+        g = mount_factory(str(rw), [ssh.mnt], "--layout", "containers-storage")
+        node = Node.create("node", g.mnt, str(tmp_path / "node"))
+        try:
+            node.must("import", "-q", local_tar, "localhost/local:1")
+            node.must("run", "-d", "--name", "up", "localhost/local:1", "sleep", "1000")
+            assert node.must("run", "--rm", "localhost/shared:1", "echo", "from the share") == "from the share\n"
+            images = node.must("images", "--format", "{{.Repository}}:{{.Tag}}").split()
+            assert sorted(images) == ["localhost/local:1", "localhost/shared:1"], images
+
+            ssh.stop_sshd()
+            wait_for(lambda: not _tree_status(g)["available"], FAIL_BOUND, "status to say the share is unavailable")
+            ps = node.podman("ps", "--format", "{{.Names}}", timeout=60)
+            assert ps.code == 0 and ps.out.split() == ["up"], ps
+            execd = node.podman("exec", "up", "echo", "still up", timeout=60)
+            assert execd.out == "still up\n", execd
+            # the shared image stays in the view (never read as deleted); its files answer EIO,
+            # so `podman images`, which reads every image's config, fails until the share is back
+            shown = probe("list", g.path("overlay-images"))
+            assert shown.ok and len([n for n in shown.value.split("/") if len(n) == 64]) == 2, shown
+            local = node.podman("run", "--rm", "localhost/local:1", "echo", "local run", timeout=60)
+            assert local.code == 0 and local.out == "local run\n", local
+
+            ssh.start_sshd()
+            wait_for(lambda: bool(_tree_status(g)["available"]), 30, "status to say the share is back")
+            again = node.podman("run", "--rm", "localhost/shared:1", "echo", "back", timeout=60)
+            assert again.code == 0 and again.out == "back\n", again
+            assert sorted(node.must("images", "--format", "{{.Repository}}:{{.Tag}}").split()) == images
+        finally:
+            node.clean()
+            _unmount_below(g.mnt, keep={g.mnt})
+            ssh.resume()
+            daemon = g.proc.pid if g.proc else 0
+            assert g.stop() == 0, g.log_text()[-3000:]
+    assert_no_residue([str(tmp_path), node.short], rw_trees=[str(rw)], shares=[str(export)], daemons=[daemon],
+                      mountpoints=[g.mnt])
+
+
+def _unmount_below(top: str, keep: set[str] | None = None) -> None:
+    """Detach what podman may have left mounted below ``top`` (deepest first)."""
+    for entry in sorted(mount_table(), key=lambda m: -len(m.mountpoint)):
+        if entry.mountpoint.startswith(top + "/") and entry.mountpoint not in (keep or set()):
+            with contextlib.suppress(OSError):
+                umount(entry.mountpoint, MNT_DETACH)

@@ -60,6 +60,7 @@ class Layout(Protocol):
     def synthetic(self, vpath: VPath) -> Synthetic | None: ...
     def synthetic_names(self, vpath: VPath) -> list[str]: ...
     def missing(self, tree: int, vpath: VPath) -> Attr | None: ...
+    def unavailable(self, tree: int) -> bool: ...
     def merged(self, vpath: VPath, hides: HideView) -> Synthetic | None: ...
     def direct_path(self, vpath: VPath) -> bool: ...
     def absorb(self, vpath: VPath, written: str, hides: HideView, writer: int = 0) -> None: ...
@@ -206,14 +207,12 @@ class Namespace:
             try:
                 st = _lstat(path)
             except OSError:
-                # a share that fails (EIO, ENOTCONN, ETIMEDOUT from a network filesystem) rather
-                # than showing an empty directory: once it is known unavailable, its last known
-                # top stays in the view exactly as when it is missing; until then the error stands
-                remembered = self.layout.missing(tree, vpath)
-                if remembered is None:
+                # a share that fails (EIO, ENOTCONN from a network filesystem whose server is
+                # gone) rather than showing an empty directory: once it is known unavailable it
+                # is answered from its last known view, as below; until then the error stands
+                if not self.layout.unavailable(tree):
                     raise
-                found.append(Source(f"ro:{root}", remembered, path, tree))
-                continue
+                st = None
             if st is not None:
                 found.append(Source(f"ro:{root}", Attr.from_stat(st), path, tree))
                 continue
