@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, GraftMount, Sample, bind_ro, force_unmount, graftfs_cmd, needs_mount, sh, wait_for
+from graftfs.cli.status import fetch_status
 from graftfs.mounts import MNT_DETACH, find_mount, mount_table, pid_alive, read_runtime, umount
 from graftfs.sample import build_demo
 from residue import assert_no_residue
@@ -347,6 +348,10 @@ def test_killed_daemon_remount_keeps_hides_and_synced_writes(sample: Sample, tmp
         assert gone.returncode == 0, gone.stderr
         gone = sh("rm", os.path.join(mnt, "overlay", ids.base, "diff", "bin", "hello"))
         assert gone.returncode == 0, gone.stderr
+        # the client's fsync and fsync of the directory reached graftfs (which fsyncs the backing
+        # file and directory, and the hide log)
+        served = fetch_status(mnt)["requests"]
+        assert served["fsync"]["count"] >= 1 and served["fsyncdir"]["count"] >= 1, served
 
         _kill_daemon(mnt)
         status = graftfs_cmd("status", mnt)
