@@ -28,7 +28,7 @@ import pytest
 from conftest import REPO, GraftMount, Sample, bind_ro, force_unmount, graftfs_cmd, needs_mount, sh, wait_for
 from graftfs.cli.status import fetch_status
 from graftfs.mounts import MNT_DETACH, find_mount, mount_table, pid_alive, read_runtime, umount
-from graftfs.sample import build_demo
+from graftfs.sample import build_demo, digest
 from residue import assert_no_residue
 from sshshare import SshShare, needs_sshfs, ssh_share
 
@@ -411,7 +411,7 @@ class Hostile:
 
 def _hostile_share(share: str, ids: object, outside: str) -> Hostile:
     """Add to the demo share entries that a broken or malicious publisher could leave."""
-    from graftfs.sample import SampleLayer, digest, write_image, write_layer
+    from graftfs.sample import SampleLayer, write_image, write_layer
 
     base = ids.base  # type: ignore[attr-defined]
     diff = os.path.join(share, "overlay", base, "diff")
@@ -460,7 +460,15 @@ def _hostile_share(share: str, ids: object, outside: str) -> Hostile:
     entry = os.path.join(share, "overlay", h.linked_entry)
     shutil.move(entry, os.path.join(outside, "entry"))
     os.symlink(os.path.join(outside, "entry"), entry)
+    # names in the managed directories that are not entry ids: never entries, never shown
+    for managed, name in JUNK_ENTRY_NAMES:
+        os.makedirs(os.path.join(share, managed, name), exist_ok=True)
+    os.symlink(os.path.join(outside, "entry"), os.path.join(share, "overlay-images", digest("image:linked-dir")))
     return h
+
+
+JUNK_ENTRY_NAMES = [("overlay", "..evil"), ("overlay-images", "a\nb"), ("overlay-layers", "A" * 64),
+                    ("overlay-images", "x" * 255)]
 
 
 @pytest.mark.timeout(180)
@@ -490,7 +498,9 @@ def test_hostile_share_content_is_skipped_or_served_literally(tmp_path: Path, ro
         assert log.count(f"skipping image {bad}") + log.count(f"skipping layer {bad}") == 1, (bad, log[-3000:])
     # nothing of the bait outside the share shows through the view
     view = _view_text(g, layout)
-    for bait in (h.linked_record, h.linked_link, h.linked_diff, h.linked_entry, "OUTSIDESHORTNAME", "bait/record"):
+    baits = [h.linked_record, h.linked_link, h.linked_diff, h.linked_entry, "OUTSIDESHORTNAME", "bait/record",
+             digest("image:linked-dir"), *(name for _, name in JUNK_ENTRY_NAMES)]
+    for bait in baits:
         assert bait not in view, bait
     synthesized = probe("list", g.path("overlay", "l"))
     assert synthesized.ok and "OUTSIDESHORTNAME" not in synthesized.value, synthesized
