@@ -243,38 +243,51 @@ def test_sigstopped_sshd_fails_fast_and_recovers(net_share: NetShare) -> None:
 def test_hung_share_is_bounded_by_graftfs_own_timeout(hard_share: NetShare) -> None:
     """sshfs without keepalives hangs with the server: graftfs' timeout=3 answers ETIMEDOUT;
     more requests stuck on the share at once than graftfs has worker slots do not starve
-    RW-only paths (they did: abandoned workers kept their slots); the share comes back by itself.
-
-    The crowd's requests are in different directories the kernel already knows: requests in one
-    directory are serialized by the kernel (lookups of a FUSE fs that does not ask for
-    FUSE_CAP_PARALLEL_DIROPS, which pyfuse3/libfuse 3.14 do not), so there N stuck lookups take
-    N x timeout — a known limit, not tested here."""
+    RW-only paths (they did: abandoned workers kept their slots); requests queued in one
+    directory all fail within the bound too (the kernel sends them one at a time, since
+    pyfuse3/libfuse 3.14 do not ask for parallel directory operations: each waited the full
+    timeout in turn until graftfs failed calls on a tree already stuck at once); the share comes
+    back by itself."""
     ns = hard_share
     crowd_dirs = _add_crowd_dirs(ns, 40)
     path, want = ns.fresh_shared_file()
     assert probe("read", path).value == want
     ns.ssh.pause()
     _assert_shared_fails_fast(ns)
-    crowd = [subprocess.Popen(["timeout", "-k", "2", "60", PYTHON, "-c", PROBE, "read", os.path.join(d, "f")],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                              stdin=subprocess.DEVNULL) for d in crowd_dirs]
+    crowd = _start_probes("read", [os.path.join(d, "f") for d in crowd_dirs])
+    time.sleep(1)  # all of them waiting on the share now
     try:
-        time.sleep(1)  # all of them waiting on the share now
         _assert_rw_serves(ns, "crowd")
-        for proc in crowd:
-            out, _ = proc.communicate(timeout=70)
-            word, took, err = [*out.split(), "", "", ""][:3]
-            assert word == "ERR" and err in SHARE_DOWN and float(took) <= FAIL_BOUND, out
     finally:
-        for proc in crowd:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
+        _all_fail_fast(crowd)
     _assert_rw_serves(ns, "after-crowd")
+    # a crowd in one directory: lookups of new names, which the kernel serializes
+    one_dir = os.path.dirname(ns.fresh_shared_file()[0])
+    _all_fail_fast(_start_probes("stat", [os.path.join(one_dir, f"q{i}") for i in range(8)]))
     ns.ssh.resume()
     path, want = ns.fresh_shared_file()
     wait_for(lambda: probe("read", path, limit=FAIL_BOUND).value == want, 30, "a shared file to be readable again")
     wait_for(lambda: bool(_tree_status(ns.graft)["available"]), 15, "status to say the share is available")
+
+
+def _start_probes(op: str, paths: list[str]) -> list[subprocess.Popen[str]]:
+    """Probes running at once, each in its own process (bounded by ``timeout -k``)."""
+    return [subprocess.Popen(["timeout", "-k", "2", "60", PYTHON, "-c", PROBE, op, path], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, stdin=subprocess.DEVNULL) for path in paths]
+
+
+def _all_fail_fast(procs: list[subprocess.Popen[str]]) -> None:
+    """Each probe failed as a share that is down does, within the bound (all reaped, always)."""
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=70)
+            word, took, err = [*out.split(), "", "", ""][:3]
+            assert word == "ERR" and err in SHARE_DOWN and float(took) <= FAIL_BOUND, out
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
 
 
 def _add_crowd_dirs(ns: NetShare, count: int) -> list[str]:
