@@ -246,14 +246,22 @@ def test_hung_share_is_bounded_by_graftfs_own_timeout(hard_share: NetShare) -> N
     RW-only paths (they did: abandoned workers kept their slots); requests queued in one
     directory all fail within the bound too (the kernel sends them one at a time, since
     pyfuse3/libfuse 3.14 do not ask for parallel directory operations: each waited the full
-    timeout in turn until graftfs failed calls on a tree already stuck at once); the share comes
-    back by itself."""
+    timeout in turn until graftfs failed calls on a tree already stuck at once); status says
+    the share is unavailable and the view keeps its last known entries, as for a share that
+    fails; the share comes back by itself."""
     ns = hard_share
     crowd_dirs = _add_crowd_dirs(ns, 40)
     path, want = ns.fresh_shared_file()
     assert probe("read", path).value == want
+    images = probe("list", ns.view("overlay-images"))
+    assert images.ok, images
     ns.ssh.pause()
     _assert_shared_fails_fast(ns)
+    # a tree whose poll hangs past the limit is unavailable, like one that fails: the view stays
+    wait_for(lambda: not _tree_status(ns.graft)["available"], FAIL_BOUND, "status to say the share is unavailable")
+    assert "does not answer" in str(_tree_status(ns.graft)["unavailable_reason"])
+    assert probe("list", ns.view("overlay-images"), limit=FAIL_BOUND).value == images.value
+    assert probe("list", ns.view(), limit=FAIL_BOUND).ok
     crowd = _start_probes("read", [os.path.join(d, "f") for d in crowd_dirs])
     time.sleep(1)  # all of them waiting on the share now
     try:

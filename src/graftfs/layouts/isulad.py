@@ -304,6 +304,7 @@ class IsuladLayout:
         once it completes, is committed by the watcher. Returns the roots of such trees."""
         saved = scan_cache.load(os.path.join(self.rw_root, STATE_DIR_NAME), self.trees)
         for tree in self.shared:
+            tree.hang_after = timeout  # a poll waiting longer than a request may: the tree hangs
             if tree.root in saved:
                 tree.scan = saved[tree.root]  # then only what changed since is checked
         threads = [threading.Thread(target=t.poll, kwargs={"full": t.root not in saved}, daemon=True)

@@ -493,6 +493,10 @@ class SharedTree:
         self.unavailable_since: float | None = None
         self.unavailable_reason = ""
         self.polls = 0
+        #: a poll still running after this many seconds means the tree hangs (an NFS hard mount,
+        #: a stopped server): it is then unavailable like a failing one (None: never)
+        self.hang_after: float | None = None
+        self._poll_started: float | None = None
         self.lock = threading.Lock()
         # what changed since the layout last took it: kept here, not only returned, so that the
         # findings of a poll whose caller gave up waiting (a slow share) are not lost
@@ -505,7 +509,15 @@ class SharedTree:
 
     @property
     def available(self) -> bool:
-        return self.unavailable_since is None
+        return self.unavailable_since is None and self.hung_for() is None
+
+    def hung_for(self) -> float | None:
+        """Seconds the running poll has waited on the tree, when that is longer than hang_after."""
+        started = self._poll_started
+        if started is None or self.hang_after is None:
+            return None
+        waited = time.monotonic() - started
+        return waited if waited > self.hang_after else None
 
     def poll(self, full: bool = False) -> bool:
         """Bring the scan up to date; True when there are changes to take (``take_pending``).
@@ -514,11 +526,13 @@ class SharedTree:
             return self.has_pending
         try:
             self.polls += 1
+            self._poll_started = time.monotonic()
             change = self._poll(full)
         except OSError as e:
             self._set_unavailable(f"{e.strerror or e} ({e.filename or self.root})")
             change = None
         finally:
+            self._poll_started = None
             self.lock.release()
         if change is not None:
             with self._pending_lock:
@@ -627,7 +641,11 @@ class SharedTree:
 
     def status(self) -> dict[str, object]:
         out: dict[str, object] = {"available": self.available, "marker": self.marked, "polls": self.polls}
+        hung = self.hung_for()
         if self.unavailable_since is not None:
             out["unavailable_since"] = self.unavailable_since
             out["unavailable_reason"] = self.unavailable_reason
+        elif hung is not None:
+            out["unavailable_since"] = time.time() - hung
+            out["unavailable_reason"] = f"does not answer (a poll has waited {hung:.0f} s)"
         return out
