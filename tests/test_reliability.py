@@ -232,6 +232,7 @@ def test_sigstopped_sshd_fails_fast_and_recovers(net_share: NetShare) -> None:
     ns.ssh.pause()
     _assert_shared_fails_fast(ns)
     _assert_rw_serves(ns, "hang")
+    wait_for(lambda: not _tree_status(ns.graft)["available"], FAIL_BOUND, "status to say the share is unavailable")
     ns.ssh.resume()
     path, want = ns.fresh_shared_file()
     wait_for(lambda: probe("read", path, limit=FAIL_BOUND).value == want, 30, "a shared file to be readable again")
