@@ -67,17 +67,17 @@ class Node:
 
 
 @pytest.fixture
-def make_node(tmp_path: Path, mount_factory: MountFactory) -> Iterator[Callable[[str, str], Node]]:
+def make_node(tmp_path: Path, mount_factory: MountFactory) -> Iterator[Callable[..., Node]]:
     nodes: list[Node] = []
 
     short = Path(tempfile.mkdtemp(prefix="gfs-", dir="/tmp"))  # conmon's socket paths must stay short
 
-    def make(name: str, share: str) -> Node:
+    def make(name: str, share: str, *options: str) -> Node:
         base = tmp_path / name
         rw, run, tmp = base / "rw", short / name / "run", short / name / "tmp"
         for d in (rw, run, tmp):
             d.mkdir(parents=True)
-        mount = mount_factory(str(rw), [share], "--layout", "containers-storage", name=f"{name}-graph")
+        mount = mount_factory(str(rw), [share], "--layout", "containers-storage", *options, name=f"{name}-graph")
         (base / "storage.conf").write_text(
             f'[storage]\ndriver = "overlay"\ngraphroot = "{mount.mnt}"\nrunroot = "{run}"\n')
         (base / "containers.conf").write_text(
@@ -292,8 +292,10 @@ def test_big_multi_layer_image_and_killed_publish(make_node: Callable[[str, str]
 
     wait_for(lambda: not copier_alive(), 5, "the publisher's copy to stop with it")
     debris = set(os.listdir(share)) - {".graftfs-share", ".graftfs-staging", "overlay", "overlay-layers",
-                                       "overlay-images"}
+                                       "overlay-images", ".graftfs-nodes", ".graftfs-intents"}
     assert not debris, debris  # whatever the kill left is inside the private staging area
+    # and its publish intent, which lapses after its TTL (the nodes' leases are not debris)
+    assert len(os.listdir(os.path.join(share, ".graftfs-intents"))) == 1
     time.sleep(1.5)  # several watcher polls
     assert "localhost/ml:big" not in b.images()
     # a re-run completes it; B reads the big file back intact

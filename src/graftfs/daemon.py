@@ -31,8 +31,10 @@ from graftfs.layouts.isulad import IsuladLayout
 from graftfs.mounts import find_mount, remove_runtime, write_runtime
 from graftfs.namespace import STATE_DIR, Layout, Namespace
 from graftfs.options import ConfigError, MountConfig
+from graftfs.share import leases, pins
+from graftfs.share.keeper import LeaseKeeper
 from graftfs.watcher import Watcher
-from graftfs.workers import Workers, all_local
+from graftfs.workers import Workers, all_local, guarded
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,12 @@ def detect_layout(cfg: MountConfig) -> str:
 def make_layout(name: str, cfg: MountConfig) -> Layout:
     assert cfg.rw is not None
     if name in ("isulad", "containers-storage"):
-        layout = IsuladLayout(cfg.ro, cfg.rw) if name == "isulad" else ContainersStorageLayout(cfg.ro, cfg.rw)
+        if name == "isulad":
+            layout = IsuladLayout(cfg.ro, cfg.rw)
+        else:
+            # the node's pinned copies come first: they win over the shares' (graftfs.share.pins)
+            layout = ContainersStorageLayout([pins.ensure_pin_tree(cfg.rw), *cfg.ro], cfg.rw)
+            layout.pin_tree = 0
         if cfg.direct is not None:
             layout.direct = cfg.direct
         for root in layout.load(cfg.timeout):
@@ -132,7 +139,8 @@ class BindState:
 BIND_REMOVE_SECONDS = 10.0
 
 
-async def _serve(watcher: Watcher | None, bound: BindState, workers: Workers, trees: list[str]) -> None:
+async def _serve(watcher: Watcher | None, bound: BindState, workers: Workers, trees: list[str],
+                 keeper: LeaseKeeper | None) -> None:
     async with trio.open_nursery() as nursery:
 
         async def stop_on_signal() -> None:
@@ -148,8 +156,20 @@ async def _serve(watcher: Watcher | None, bound: BindState, workers: Workers, tr
         nursery.start_soon(workers.follow_locality, trees, is_local_fs)
         if watcher is not None:
             nursery.start_soon(watcher.run)
+        if keeper is not None:
+            nursery.start_soon(guarded, "leases", keeper.run, 2.0)
         await pyfuse3.main(min_tasks=4, max_tasks=64)
         nursery.cancel_scope.cancel()
+
+
+def make_keeper(cfg: MountConfig, ns: Namespace, workers: Workers) -> LeaseKeeper | None:
+    """This node's leases in its shares, for containers-storage mounts (whose runtime state
+    says what is in use) unless ``lease=0``."""
+    layout = ns.layout
+    if cfg.lease <= 0 or not isinstance(layout, ContainersStorageLayout):
+        return None
+    node = leases.node_id(os.path.join(ns.rw_root, STATE_DIR))
+    return LeaseKeeper(layout, ns.rw_root, list(cfg.ro), node, cfg.lease, workers)
 
 
 def _save_scans(layout: Layout) -> None:
@@ -189,12 +209,15 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
     workers = Workers(cfg.timeout, inline=all_local(trees, is_local_fs))
     watched = bool(getattr(ns.layout, "watchable", False)) and cfg.poll > 0
     watcher: Watcher | None = None
+    keeper = make_keeper(cfg, ns, workers)
 
     def info() -> dict[str, Any]:
         out = {"version": __version__, "pid": os.getpid(), "mountpoint": cfg.mountpoint,
                "started": started, "timeout": cfg.timeout, "fuse_options": sorted(cfg.fuse_option_set()),
                "cache_timeout": ops.cache_timeout, "inline_io": workers.inline}
         out["watcher"] = watcher.status() if watcher is not None else {"enabled": False}
+        if keeper is not None:
+            out["leases"] = keeper.status()
         return out
 
     ops = GraftOperations(ns, workers, info, watched=watched)
@@ -226,7 +249,7 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
     try:
         if watcher is not None:
             watcher.watch_rw_dir(ops.inodes.root, ns.rw_root)
-        trio.run(_serve, watcher, bound, workers, trees)
+        trio.run(_serve, watcher, bound, workers, trees, keeper)
     except BaseException:
         log.exception("the FUSE loop failed")
         raise

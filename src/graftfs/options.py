@@ -42,6 +42,7 @@ class MountConfig:
     timeout: float = 10.0
     poll: float = 0.5  # seconds between polls of each shared tree; 0 turns the watcher off
     share_inotify: bool = True  # let inotify wake the poller of shared trees on local filesystems
+    lease: float = 30.0  # seconds between renewals of this node's leases in the shares; 0: no leases
     direct: bool | None = None  # show layer dirs, lock files... as links to RW/RO; None: the layout's default
     fuse_options: list[str] = field(default_factory=list)
 
@@ -87,6 +88,13 @@ class MountConfig:
                 raise ConfigError(f"poll={value!r} is not a number of seconds") from None
             if not 0 <= self.poll <= 3600:
                 raise ConfigError("poll= must be between 0 (no watcher) and 3600 seconds")
+        elif key == "lease":
+            try:
+                self.lease = float(value)
+            except ValueError:
+                raise ConfigError(f"lease={value!r} is not a number of seconds") from None
+            if not (self.lease == 0 or 0.1 <= self.lease <= 86400):
+                raise ConfigError("lease= must be 0 (no leases) or between 0.1 and 86400 seconds")
         elif key == "share_inotify":
             if value not in ("0", "1"):
                 raise ConfigError("share_inotify= must be 0 (poll only) or 1")
@@ -150,7 +158,7 @@ class MountConfig:
         for r in self.ro:
             argv += ["--ro", r]
         opts = [*self.fuse_options, f"timeout={self.timeout:g}", f"poll={self.poll:g}",
-                f"share_inotify={int(self.share_inotify)}",
+                f"share_inotify={int(self.share_inotify)}", f"lease={self.lease:g}",
                 "direct=" + ("auto" if self.direct is None else str(int(self.direct)))]
         argv += ["-o", ",".join(opts)]
         if self.log_file:

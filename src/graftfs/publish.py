@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from graftfs.layouts import MARKER_NAME
 from graftfs.layouts.containers_storage import read_records
 from graftfs.layouts.share_tree import ID_RE, IMAGES, LAYERS, MANAGED_DIRS, OVERLAY, record_names
+from graftfs.share import STAGING_DIR, leases
+from graftfs.share.gc import reinstate
 
-STAGING_DIR = ".graftfs-staging"
 MARKER_TEXT = "graftfs share v1\n"
 
 Record = dict[str, object]
@@ -47,7 +48,7 @@ class PublishError(Exception):
 @dataclass
 class LayerResult:
     id: str
-    status: str  # "published" or "already published"
+    status: str  # "published", "already published" or "local" (not copied: see Publisher.local)
     bytes: int = 0
 
 
@@ -112,10 +113,12 @@ class Graph:
 
 
 class Publisher:
-    def __init__(self, graph: Graph, share: str, progress: Progress | None = None, meter: Meter | None = None
-                 ) -> None:
+    def __init__(self, graph: Graph, share: str, progress: Progress | None = None, meter: Meter | None = None,
+                 local: set[str] | None = None) -> None:
         self.graph = graph
         self.share = share
+        #: layers the target does not need copies of (a pin skips the node's own layers)
+        self.local = local or set()
         self.progress = progress or (lambda line: None)
         self.meter = meter
         self.staging = os.path.join(share, STAGING_DIR, uuid.uuid4().hex)
@@ -128,12 +131,17 @@ class Publisher:
         result = ImageResult(iid, record_names(image))
         layers = self.graph.chain(image)  # before touching the share: a broken graph changes nothing
         self._lay_out_share()
+        # the intent comes before looking at what the share holds: a concurrent gc then either
+        # sees it and keeps those entries, or deleted them before we looked (and we copy them)
         try:
-            for n, layer in enumerate(layers, 1):
-                result.layers.append(self._layer(layer))
-                self.progress(f"layer {n}/{len(layers)} {str(layer['id'])[:12]}: {result.layers[-1].status}")
-            result.status = self._image(image)
-            self.progress(f"image {iid[:12]} {' '.join(result.names)}: {result.status}")
+            with leases.intent(self.share, [str(la["id"]) for la in layers], [iid], os.path.basename(self.staging)):
+                for n, layer in enumerate(layers, 1):
+                    result.layers.append(self._layer(layer))
+                    self.progress(f"layer {n}/{len(layers)} {str(layer['id'])[:12]}: {result.layers[-1].status}")
+                result.status = self._image(image)
+                if reinstate(self.share, iid):
+                    result.status = "published again (was retired)"
+                self.progress(f"image {iid[:12]} {' '.join(result.names)}: {result.status}")
         finally:
             shutil.rmtree(self.staging, ignore_errors=True)
         return result
@@ -159,12 +167,14 @@ class Publisher:
         lid = str(record["id"])
         if not ID_RE.match(lid):
             raise PublishError(f"layer id {lid[:70]!r} is not a 64-hex id")
+        if lid in self.local:
+            return LayerResult(lid, "local")
         overlay_dst = os.path.join(self.share, OVERLAY, lid)
         record_dst = os.path.join(self.share, LAYERS, lid)
         if os.path.exists(os.path.join(overlay_dst, "link")) and os.path.exists(os.path.join(record_dst, "layer.json")):
             return LayerResult(lid, "already published")
         src = os.path.join(self.graph.root, OVERLAY, lid)
-        stage = os.path.join(self.staging, lid)
+        stage = os.path.join(self.staging, f"{lid}.{uuid.uuid4().hex[:8]}")  # a layer may be staged twice
         os.makedirs(stage)
         expected = record.get("diff-size")
         size = _copy_overlay_dir(src, os.path.join(stage, "overlay"), self.meter,
@@ -192,16 +202,34 @@ class Publisher:
                 os.unlink(lower)
             os.makedirs(os.path.join(overlay, "empty"), exist_ok=True)
             return
-        pdir = os.path.join(self.share, OVERLAY, str(parent))
-        with open(os.path.join(pdir, "link")) as f:
-            chain = [f"l/{f.read().strip()}"]
-        try:
-            with open(os.path.join(pdir, "lower")) as f:
-                chain += [p for p in f.read().strip().split(":") if p]
-        except FileNotFoundError:
-            pass
         with open(lower, "w") as f:
-            f.write(":".join(chain))
+            f.write(":".join(self._lower_of(str(parent))))
+
+    def _lower_of(self, parent: str) -> list[str]:
+        """A child's lowers: the parent's short link, then the parent's own lowers.
+
+        A concurrent gc may have the parent out of view for a moment (it puts back what our
+        intent names), so a parent found missing is published again, and read again."""
+        record = self.graph.layers.get(parent, {})
+        for _ in range(3):
+            pdir = os.path.join(self.share, OVERLAY, parent)
+            if parent in self.local:
+                pdir = os.path.join(self.graph.root, OVERLAY, parent)  # not copied: as the graph names it
+            try:
+                with open(os.path.join(pdir, "link")) as f:
+                    chain = [f"l/{f.read().strip()}"]
+                if record.get("parent"):  # a parent with a parent of its own has a lower file
+                    with open(os.path.join(pdir, "lower")) as f:
+                        chain += [p for p in f.read().strip().split(":") if p]
+                return chain
+            except FileNotFoundError:
+                if parent in self.local or not record:
+                    raise
+                if os.path.exists(os.path.join(pdir, "link")):
+                    raise PublishError(f"layer {parent[:12]} in the share has no lower file (a damaged entry: "
+                                       "see graftfs fsck)") from None
+                self._layer(record)
+        raise PublishError(f"parent layer {parent[:12]} keeps vanishing from the share (is a gc running?)")
 
     def _image(self, record: Record) -> str:
         iid = str(record["id"])

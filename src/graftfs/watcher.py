@@ -20,6 +20,7 @@ while the change was applied is cached only briefly.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import stat
@@ -37,7 +38,7 @@ from graftfs.kernel_cache import KernelCache
 from graftfs.layouts import ViewChange
 from graftfs.layouts.share_tree import probe_paths
 from graftfs.lock_tokens import LOCK_WAIT_SECONDS
-from graftfs.workers import Workers
+from graftfs.workers import Workers, guarded
 
 log = logging.getLogger(__name__)
 
@@ -143,23 +144,21 @@ class Watcher:
         """Run until cancelled. A failing loop is logged and restarted, never allowed to end the
         nursery it shares with the FUSE loop (that would unmount)."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._guarded, "commit", self._commit_loop)
-            nursery.start_soon(self._guarded, "stale entries", self._stale_loop)
-            nursery.start_soon(self._guarded, "lock tokens", self._announce_loop)
+            nursery.start_soon(self._guard("commit", self._commit_loop))
+            nursery.start_soon(self._guard("stale entries", self._stale_loop))
+            nursery.start_soon(self._guard("lock tokens", self._announce_loop))
             if self.inotify is not None:
-                nursery.start_soon(self._guarded, "inotify", self._inotify_loop)
+                nursery.start_soon(self._guard("inotify", self._inotify_loop))
             for tree in range(len(self.layout.trees)):
-                nursery.start_soon(self._guarded, f"poll {self.layout.trees[tree]}", self._tree_loop, tree)
+                nursery.start_soon(self._guard(f"poll {self.layout.trees[tree]}", self._tree_loop, tree))
 
-    async def _guarded(self, what: str, loop: Callable[..., Awaitable[None]], *args: object) -> None:
-        while True:
-            try:
-                await loop(*args)
-                return
-            except Exception:
-                log.exception("watcher task %s failed; restarting it in %g s", what, RESTART_DELAY)
-                self.failures += 1
-                await trio.sleep(RESTART_DELAY)
+    def _guard(self, what: str, loop: Callable[..., Awaitable[None]], *args: object) -> Callable[[], Awaitable[None]]:
+        """A watcher loop as a guarded task (graftfs.workers.guarded): failures are counted."""
+        return functools.partial(guarded, f"watcher {what}", functools.partial(loop, *args), RESTART_DELAY,
+                                 self._count_failure)
+
+    def _count_failure(self) -> None:
+        self.failures += 1
 
     def stale_entry(self, parent: tuple[str, ...], name: str) -> None:
         """A request changed what a name is behind the kernel's back (see fs._recheck_links):

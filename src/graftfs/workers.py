@@ -18,7 +18,7 @@ import functools
 import logging
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
@@ -131,3 +131,19 @@ class _CallState:
 
     done: bool = False
     abandoned: bool = False
+
+
+async def guarded(what: str, task: Callable[[], Awaitable[None]], delay: float = 1.0,
+                  on_failure: Callable[[], None] | None = None) -> None:
+    """Run a background task of the daemon; when it fails, log it and start it again after
+    ``delay``. An exception leaving a task would end the nursery it shares with the FUSE loop,
+    which unmounts."""
+    while True:
+        try:
+            await task()
+            return
+        except Exception:
+            log.exception("task %s failed; restarting it in %g s", what, delay)
+            if on_failure is not None:
+                on_failure()
+            await trio.sleep(delay)

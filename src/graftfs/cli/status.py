@@ -14,8 +14,10 @@ import sys
 import time
 from typing import Any
 
+from graftfs.cli.common import attempt
 from graftfs.fs import STATUS_XATTR
 from graftfs.mounts import DEAD_MOUNT_ERRNOS, FSTYPE, call_with_timeout, canonical, find_mount
+from graftfs.share.stats import format_stats, share_stats
 
 NAME = "status"
 HELP = "show backing trees, visible layers and images per origin, hidden and skipped entries"
@@ -24,7 +26,9 @@ ANSWER_TIMEOUT = 15.0
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the raw status JSON")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--share", help="instead of a mount: a share's images, layers, nodes' leases and the "
+                   "storage sharing saves")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
 
 
 def fetch_status(mountpoint: str, timeout: float = ANSWER_TIMEOUT) -> dict[str, Any]:
@@ -54,7 +58,9 @@ def format_status(st: dict[str, Any]) -> str:
     lines.append(f"  rw  {rw.get('tree')}: {rw.get('layers', 0)} layers, {rw.get('images', 0)} images")
     for tree in st.get("ro", []):
         kind = " (iSulad remote-RO share)" if tree.get("remote_ro") else ""
-        lines.append(f"  ro  {tree.get('tree')}: {tree.get('layers', 0)} layers, "
+        role = "pins" if tree.get("pins") else "ro  "
+        kind += " (this node's pinned copies)" if tree.get("pins") else ""
+        lines.append(f"  {role}{tree.get('tree')}: {tree.get('layers', 0)} layers, "
                      f"{tree.get('images', 0)} images visible{kind}")
         if tree.get("unavailable_since"):
             since = float(tree["unavailable_since"])
@@ -62,6 +68,8 @@ def format_status(st: dict[str, Any]) -> str:
                          f"({_age(time.time() - since)}): {tree.get('unavailable_reason')}; "
                          "showing its last known view")
     lines.extend(_watcher_lines(st.get("watcher", {})))
+    lines.extend(_pin_lines(st.get("pins")))
+    lines.extend(_lease_lines(st.get("leases")))
     hidden = st.get("hidden", [])
     lines.append(f"hidden entries (deleted on this node): {st.get('hidden_count', len(hidden))}")
     lines.extend(f"  {h}" for h in hidden)
@@ -73,6 +81,29 @@ def format_status(st: dict[str, Any]) -> str:
     if st.get("skipped_count", 0) > len(skipped):
         lines.append(f"  ... and {st['skipped_count'] - len(skipped)} more")
     return "\n".join(lines)
+
+
+def _pin_lines(pinned: list[dict[str, Any]] | None) -> list[str]:
+    if pinned is None:
+        return []
+    total = sum(int(p.get("bytes", 0)) for p in pinned)
+    lines = [f"pinned images: {len(pinned)}, {total / 2**20:.1f} MiB (graftfs pin / unpin)"]
+    lines.extend(f"  {p['id'][:12]} {' '.join(p.get('names', []))}: {p.get('layers', 0)} layers, "
+                 f"{int(p.get('bytes', 0)) / 2**20:.1f} MiB" for p in pinned)
+    return lines
+
+
+def _lease_lines(leases: dict[str, Any] | None) -> list[str]:
+    if not leases:
+        return ["leases: off (lease=0, or not a containers-storage mount)"]
+    lines = [f"leases: node {leases.get('node')}, {leases.get('layers', 0)} shared layers and "
+             f"{leases.get('images', 0)} images in use, renewed every {leases.get('period')} s "
+             f"(ttl {leases.get('ttl')} s)"]
+    for share, s in sorted(leases.get("shares", {}).items()):
+        ago = s.get("renewed_ago")
+        state = f"renewed {ago} s ago" if ago is not None else "not written yet"
+        lines.append(f"  {share}: {state}" + (f", FAILING: {s['failing']}" if s.get("failing") else ""))
+    return lines
 
 
 def _watcher_lines(w: dict[str, Any]) -> list[str]:
@@ -90,6 +121,11 @@ def _watcher_lines(w: dict[str, Any]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.share:
+        return _share_status(args)
+    if not args.mountpoint:
+        print("graftfs status: give a MOUNTPOINT or --share SHARE", file=sys.stderr)
+        return 2
     mp = canonical(args.mountpoint)
     entry = find_mount(mp)
     if entry is None or entry.fstype != FSTYPE:
@@ -105,4 +141,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"graftfs status: {mp}: {e.strerror or e}", file=sys.stderr)
         return 1
     print(json.dumps(st, indent=2, sort_keys=True) if args.json else format_status(st))
+    return 0
+
+
+def _share_status(args: argparse.Namespace) -> int:
+    st = attempt("status", lambda: share_stats(args.share))
+    if st is None:
+        return 1
+    print(json.dumps(st, indent=2, sort_keys=True) if args.json else format_stats(st))
     return 0

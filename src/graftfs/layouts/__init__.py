@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Protocol
 
+from graftfs import share
 from graftfs.attrs import Attr
 
 VPath = tuple[str, ...]
@@ -39,7 +40,7 @@ STATE_DIR_NAME = ".graftfs"
 SHARE_PRIVATE_PREFIX = ".graftfs"
 #: The file at the top of a share that says "this is a share": without it, an empty directory
 #: (an NFS export that is not mounted) would read as "every image was deleted".
-MARKER_NAME = ".graftfs-share"
+MARKER_NAME = share.MARKER_NAME
 
 
 @dataclass(frozen=True)

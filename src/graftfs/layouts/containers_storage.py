@@ -39,6 +39,7 @@ from graftfs.layouts.share_tree import (
     IMAGES,
     LAYERS,
     MAX_RECORD_BYTES,
+    TreeScan,
     parse_json,
     read_limited,
     record_names,
@@ -98,6 +99,23 @@ def _one_image_per_name(images: list[dict[str, object]]) -> list[dict[str, objec
         names = record_names(image)
         kept = [n for n in names if owner.get(n) == index]
         out.append(image if len(kept) == len(names) else {**image, "names": kept})
+    return out
+
+
+def pin_sizes(scan: TreeScan) -> list[dict[str, object]]:
+    """Each pinned image with the bytes its layers take in the pin tree (their records' sizes)."""
+    out: list[dict[str, object]] = []
+    for iid, image in sorted(scan.images.items()):
+        if iid in scan.retired:
+            continue  # unpinned, its copy kept only while a container uses it
+        size, lid, seen = 0, image.top_layer, set()
+        while lid and lid in scan.layers and lid not in seen:
+            seen.add(lid)
+            entry = scan.layers[lid]
+            diff = entry.record.get("diff-size") if entry.record else None
+            size += diff if isinstance(diff, int) else 0
+            lid = entry.parent
+        out.append({"id": iid, "names": list(image.names), "bytes": size, "layers": len(seen)})
     return out
 
 
@@ -308,4 +326,6 @@ class ContainersStorageLayout(IsuladLayout):
     def status(self) -> dict[str, object]:
         out = super().status()
         out["layout"] = self.name
+        if self.pin_tree is not None:
+            out["pins"] = pin_sizes(self.shared[self.pin_tree].scan)
         return out

@@ -138,8 +138,8 @@ def build_catalog(scans: Iterable[TreeScan], local_layers: set[str], old: Catalo
     cat.images_by_tree = [[] for _ in scans]
     for ti, scan in enumerate(scans):
         for iid, img in scan.images.items():
-            if iid in cat.images:
-                continue
+            if iid in cat.images or iid in scan.retired:
+                continue  # first tree wins; a retired image is kept from new use (graftfs unpublish)
             top = img.top_layer
             if top is not None and top not in cat.layers and top not in local_layers:
                 reason = f"top layer {top[:12]} is not visible"
@@ -235,7 +235,9 @@ def diff_catalogs(old: Catalog, new: Catalog, touched: set[tuple[int, EntryKey]]
     for lid in _changed(old.layers, new.layers, {eid for _, (kind, eid) in touched if kind == "layer"}):
         changes.append(ViewChange((OVERLAY,), lid))
         changes.append(ViewChange((LAYERS,), lid, deep=True))
-        changes.extend(ViewChange((OVERLAY, lid), name) for name in ("link", "lower"))
+        # diff/ and work/ too: shown as links (direct), they point into whichever tree now holds
+        # the layer (a pin, or the share again after an unpin)
+        changes.extend(ViewChange((OVERLAY, lid), name) for name in ("link", "lower", "diff", "work"))
     for iid in _changed(old.images, new.images, {eid for _, (kind, eid) in touched if kind == "image"}):
         changes.append(ViewChange((IMAGES,), iid, deep=True))
     shorts = _changed(old.shorts, new.shorts, set())
@@ -281,6 +283,9 @@ class IsuladLayout:
     def __init__(self, trees: list[str], rw_root: str) -> None:
         self.trees = trees
         self.rw_root = rw_root
+        #: index of the node's own pin tree (copies of shared images it must keep: `graftfs pin`),
+        #: listed first so that its copies win over a share's, whether the share answers or not
+        self.pin_tree: int | None = None
         self.shared = [SharedTree(t) for t in trees]
         self.catalog = Catalog(list(trees))
         self._acked = self.catalog  # the catalog the kernel was last told about
@@ -474,12 +479,29 @@ class IsuladLayout:
             return list(self.catalog.shorts)
         return []
 
+    def pinned_images(self) -> set[str]:
+        """Images in this node's pin tree (graftfs.share.pins), when it has one."""
+        if self.pin_tree is None:
+            return set()
+        scan = self.shared[self.pin_tree].scan
+        return set(scan.images) - scan.retired
+
+    @property
+    def acked_catalog(self) -> Catalog:
+        """The catalog the kernel was last told about (see commit/ack)."""
+        return self._acked
+
+    def unpinned_waiting(self) -> bool:
+        """Unpinned images whose copies are still in the pin tree (a container used them)."""
+        return self.pin_tree is not None and bool(self.shared[self.pin_tree].scan.retired)
+
     def status(self) -> dict[str, object]:
         cat = self.catalog
         per_tree = []
         for ti, root in enumerate(self.trees):
             per_tree.append({
                 "tree": root,
+                "pins": ti == self.pin_tree,
                 "remote_ro": cat.remote_ro[ti] if ti < len(cat.remote_ro) else False,
                 "layers": len(cat.layer_ids_in(ti)),
                 "images": len(cat.image_ids_in(ti)),

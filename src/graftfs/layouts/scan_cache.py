@@ -101,8 +101,10 @@ def scan_from_json(root: str, data: dict[str, Any]) -> TreeScan:
         if kind not in ("layer", "image") or not isinstance(sig, list):
             raise ValueError("bad signature entry")
         sigs[(kind, _id(eid))] = tuple(_sig(s) for s in sig)
-    return TreeScan(root, layers, images, broken, bool(data["remote_ro"]), _dirs(root, data["overlay_dirs"]),
-                    _dirs(root, data["record_dirs"]), _dirs(root, data["image_dirs"]), sigs)
+    # retired ids are not saved: the first poll lists them (graftfs.share)
+    return TreeScan(root, layers, images, broken, bool(data["remote_ro"]), frozenset(),
+                    _dirs(root, data["overlay_dirs"]), _dirs(root, data["record_dirs"]),
+                    _dirs(root, data["image_dirs"]), sigs)
 
 
 def save(state_dir: str, scans: list[TreeScan]) -> None:

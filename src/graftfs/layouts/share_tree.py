@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from graftfs.attrs import Attr
 from graftfs.layouts import MARKER_NAME, list_share_root
+from graftfs.share import RETIRED_DIR
 
 log = logging.getLogger(__name__)
 
@@ -264,9 +265,10 @@ Sig = tuple[int, int, int, int]
 #: A layer or image: ("layer", id) or ("image", id).
 EntryKey = tuple[str, str]
 
-#: Directories (relative to the tree root) whose mtime changes when an entry appears or vanishes.
+#: Directories (relative to the tree root) whose mtime changes when an entry appears or vanishes
+#: (or an image is retired: graftfs.share).
 PROBE_DIRS = ("", OVERLAY, f"{OVERLAY}/{REMOTE_RO_DIR}", LAYERS, f"{LAYERS}/{REMOTE_RO_DIR}",
-              IMAGES, f"{IMAGES}/{REMOTE_RO_DIR}")
+              IMAGES, f"{IMAGES}/{REMOTE_RO_DIR}", RETIRED_DIR)
 #: Known entries whose record files are re-checked per poll (all of them on small shares).
 SWEEP_BUDGET = 128
 
@@ -334,6 +336,7 @@ class TreeScan:
     images: dict[str, ImageEntry] = field(default_factory=dict)
     broken: dict[EntryKey, Problem] = field(default_factory=dict)
     remote_ro: bool = False  # entries were found in iSulad's RO/ subdirectories
+    retired: frozenset[str] = frozenset()  # image ids retired by `graftfs unpublish`: not shown
     # where each entry's directories are, and the signature of its files when it was checked
     overlay_dirs: dict[str, str] = field(default_factory=dict)  # layer id -> overlay/<id>
     record_dirs: dict[str, str] = field(default_factory=dict)  # layer id -> overlay-layers/<id>
@@ -359,7 +362,8 @@ def _moved(old: dict[str, str], new: dict[str, str]) -> set[str]:
     return {eid for eid, _ in new.items() - old.items()} | (old.keys() - new.keys())
 
 
-def _scan(root: str, old: TreeScan | None, redo: set[EntryKey], list_layers: bool, list_images: bool) -> TreeScan:
+def _scan(root: str, old: TreeScan | None, redo: set[EntryKey], list_layers: bool, list_images: bool,
+          list_retired: bool = False) -> TreeScan:
     """Scan a tree, reusing from ``old`` every entry that is where it was and not in ``redo``.
 
     Work is proportional to what changed, not to the size of the share: unchanged listings are
@@ -367,8 +371,8 @@ def _scan(root: str, old: TreeScan | None, redo: set[EntryKey], list_layers: boo
     entries are checked (or dropped).
     """
     base = old or TreeScan(root)
-    scan = TreeScan(root, base.layers, base.images, dict(base.broken), base.remote_ro, base.overlay_dirs,
-                    base.record_dirs, base.image_dirs, dict(base.sigs))
+    scan = TreeScan(root, base.layers, base.images, dict(base.broken), base.remote_ro, base.retired,
+                    base.overlay_dirs, base.record_dirs, base.image_dirs, dict(base.sigs))
     order: dict[str, int] = {}  # new entries' inode numbers: check them in that order
     if old is None or list_layers:
         scan.overlay_dirs = _entry_dirs(root, OVERLAY, base.overlay_dirs, order)
@@ -376,6 +380,8 @@ def _scan(root: str, old: TreeScan | None, redo: set[EntryKey], list_layers: boo
         scan.remote_ro = _is_real_dir(os.path.join(root, OVERLAY, REMOTE_RO_DIR))
     if old is None or list_images:
         scan.image_dirs = _entry_dirs(root, IMAGES, base.image_dirs, order)
+    if old is None or list_retired:
+        scan.retired = retired_ids(root)
     layer_ids = scan.overlay_dirs.keys() | scan.record_dirs.keys()
     touched = {eid for kind, eid in redo if kind == "layer"}
     touched |= _moved(base.overlay_dirs, scan.overlay_dirs) | _moved(base.record_dirs, scan.record_dirs)
@@ -393,6 +399,20 @@ def _scan(root: str, old: TreeScan | None, redo: set[EntryKey], list_layers: boo
         for iid in sorted(touched & scan.image_dirs.keys(), key=lambda i: order.get(i, 0)):
             _check_image_into(scan, iid)
     return scan
+
+
+def retired_ids(root: str) -> frozenset[str]:
+    """The image ids retired in a tree (one empty-or-note file per id, placed by rename)."""
+    try:
+        names = os.listdir(os.path.join(root, RETIRED_DIR))
+    except (FileNotFoundError, NotADirectoryError):
+        return frozenset()
+    except OSError as e:
+        if _tree_error(e):
+            raise
+        log.warning("cannot list %s in %s: %s; no image is taken as retired", RETIRED_DIR, root, e.strerror)
+        return frozenset()
+    return frozenset(n for n in names if len(n) == 64 and ID_RE.match(n))
 
 
 def _forget(scan: TreeScan, kind: str, eid: str) -> None:
@@ -583,9 +603,9 @@ class SharedTree:
         list_layers = bool(dirty & {OVERLAY, f"{OVERLAY}/{REMOTE_RO_DIR}", LAYERS, f"{LAYERS}/{REMOTE_RO_DIR}"})
         list_images = bool(dirty & {IMAGES, f"{IMAGES}/{REMOTE_RO_DIR}"})
         old = None if full else self.scan
-        new = _scan(self.root, old, touched, list_layers, list_images)
+        new = _scan(self.root, old, touched, list_layers, list_images, RETIRED_DIR in dirty)
         change = TreeChange(touched=touched)
-        change.managed = {d.split("/")[0] for d in dirty if d}
+        change.managed = {d.split("/")[0] for d in dirty if d and d != RETIRED_DIR}
         if "" in dirty:
             change.top_names = self._read_top()
         self.scan = new

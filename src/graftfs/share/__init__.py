@@ -1,0 +1,27 @@
+"""A share's own bookkeeping, beside the entries readers show: who uses what, what is retired.
+
+A share is a directory of per-entry image content (graftfs.layouts.share_tree) plus a few private
+directories, all named ``.graftfs-*`` so that no mount ever shows them:
+
+* ``.graftfs-share``           the marker (an empty mountpoint is never read as "no images");
+* ``.graftfs-staging/<uuid>/`` entries being written by a publisher, renamed into place whole;
+* ``.graftfs-retired/<id>``    an image retired by ``graftfs unpublish``: readers stop showing it,
+  ``graftfs gc`` may delete it (and layers nothing else needs) once no node uses them;
+* ``.graftfs-nodes/<node>/lease.json``  what each mounted node's containers and pins use, rewritten
+  by that node only (atomic rename, so nodes never contend for a lock) and live for its TTL;
+* ``.graftfs-intents/<uuid>.json``  what a running publisher is about to reference, so that a
+  concurrent ``gc`` never deletes a layer the new image needs;
+* ``.graftfs-trash/<run>/``    entries ``gc`` moved out of view (one rename each) before deleting.
+
+Every one of these is written by one writer and placed by rename: readers see a file whole or not.
+"""
+
+from __future__ import annotations
+
+MARKER_NAME = ".graftfs-share"
+STAGING_DIR = ".graftfs-staging"
+RETIRED_DIR = ".graftfs-retired"
+NODES_DIR = ".graftfs-nodes"
+INTENTS_DIR = ".graftfs-intents"
+TRASH_DIR = ".graftfs-trash"
+LEASE_FILE = "lease.json"

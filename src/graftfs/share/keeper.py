@@ -1,0 +1,147 @@
+"""The daemon's lease keeper: this node's leases in every share, renewed and kept current.
+
+What the node uses is read from the runtime's own state in the RW tree (graftfs.share.leases.
+in_use) and the merged catalog (which shared layer sits on which). It is recomputed when one of
+the runtime's index files changes or the catalog does, checked every second at most (three stats
+of local files), and written to each share when it changed and at least once per lease period.
+Writes go to worker threads with the mount's time limit: a hung share delays its own lease only,
+and one stuck write per share at most (later renewals skip it until it returns).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Protocol
+
+import trio
+
+from graftfs.errors import BackingTimeout
+from graftfs.layouts.isulad import Catalog
+from graftfs.share.leases import TTL_PERIODS, in_use, write_lease
+from graftfs.share.pins import collect_pins, wait_until
+from graftfs.share.state import ShareError
+from graftfs.workers import Workers
+
+log = logging.getLogger(__name__)
+
+#: The runtime's files whose change may change what the node uses.
+WATCHED = ("overlay-layers/layers.json", "overlay-images/images.json", "overlay-containers/containers.json")
+CHECK_SECONDS = 1.0
+
+
+class CatalogSource(Protocol):
+    catalog: Catalog
+    pin_tree: int | None
+
+    @property
+    def acked_catalog(self) -> Catalog: ...
+
+    def pinned_images(self) -> set[str]: ...
+    def unpinned_waiting(self) -> bool: ...
+
+
+class LeaseKeeper:
+    def __init__(self, layout: CatalogSource, rw_root: str, shares: list[str], node: str, period: float,
+                 workers: Workers) -> None:
+        self.layout = layout
+        self.rw_root = rw_root
+        self.shares = shares
+        self.node = node
+        self.period = period
+        self.ttl = period * TTL_PERIODS
+        self.workers = workers
+        self.layers: set[str] = set()
+        self.images: set[str] = set()
+        self.pins: set[str] = set()
+        self.renewed: dict[str, float] = {}  # share -> time of the last successful write
+        self.failing: dict[str, str] = {}  # share -> why the last write failed
+        self._writing = {s: threading.Lock() for s in shares}
+
+    def _key(self) -> tuple[object, ...]:
+        sigs: list[object] = [id(self.layout.catalog)]
+        for rel in WATCHED:
+            try:
+                st = os.stat(os.path.join(self.rw_root, rel))
+                sigs.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except FileNotFoundError:
+                sigs.append(None)
+        return tuple(sigs)
+
+    def _compute(self) -> tuple[set[str], set[str], set[str]]:
+        cat = self.layout.catalog
+        parents = {lid: entry.parent for lid, (_, entry) in cat.layers.items()}
+        tops = {iid: entry.top_layer for iid, (_, entry) in cat.images.items()}
+        pins = self.layout.pinned_images()
+        layers, images = in_use(self.rw_root, parents, tops, pins)
+        return layers, images, pins
+
+    def _write(self, share: str) -> bool:
+        """One renewal in one share; False when an earlier write there is still stuck."""
+        lock = self._writing[share]
+        if not lock.acquire(blocking=False):
+            return False
+        try:
+            write_lease(share, self.node, self.ttl, self.layers, self.images, self.pins)
+            return True
+        finally:
+            lock.release()
+
+    async def run(self) -> None:
+        last_key: tuple[object, ...] | None = None
+        while True:
+            key = self._key()
+            due = [s for s in self.shares if time.monotonic() - self.renewed.get(s, -1e9) >= self.period]
+            if key != last_key:
+                try:
+                    now = await self.workers.run(self._compute)
+                except (ValueError, OSError) as e:  # a runtime file damaged or unreadable: keep the last lease
+                    log.warning("leases: %s; keeping the last lease", e)
+                else:
+                    last_key = key
+                    if now != (self.layers, self.images, self.pins):
+                        self.layers, self.images, self.pins = now
+                        due = list(self.shares)
+                    if self.layout.unpinned_waiting():
+                        await self._collect_pins()
+            for share in due:
+                await self._renew(share)
+            await trio.sleep(min(CHECK_SECONDS, self.period))
+
+    async def _collect_pins(self) -> None:
+        """Unpinned copies a container still ran on when they were unpinned go once it is gone
+        (the runtime's state changed: maybe now)."""
+        try:
+            await self.workers.run_thread(collect_pins, self.rw_root, lambda line: log.info("pins: %s", line),
+                                          lambda lids: wait_until(self._shows_pinned, lids))
+        except (OSError, ShareError, BackingTimeout) as e:
+            log.warning("collecting unpinned copies: %s", e)
+
+    def _shows_pinned(self, lid: str) -> bool:
+        """Does the view, as the kernel was last told, show this layer from the pin tree?"""
+        entry = self.layout.acked_catalog.layers.get(lid)
+        return entry is not None and entry[0] == self.layout.pin_tree
+
+    async def _renew(self, share: str) -> None:
+        try:
+            written = await self.workers.run_thread(self._write, share)
+        except (OSError, BackingTimeout) as e:
+            reason = str(e.strerror or e)
+            if self.failing.get(share) != reason:
+                log.error("cannot renew this node's lease in %s: %s (gc there will not see what this node "
+                          "uses once it lapses, in %g s)", share, reason, self.ttl)
+            self.failing[share] = reason
+            return
+        if written:
+            self.renewed[share] = time.monotonic()
+            if self.failing.pop(share, None) is not None:
+                log.warning("lease in %s renewed again", share)
+
+    def status(self) -> dict[str, object]:
+        now = time.monotonic()
+        return {"node": self.node, "period": self.period, "ttl": self.ttl, "layers": len(self.layers),
+                "images": len(self.images), "pins": len(self.pins),
+                "shares": {s: {"renewed_ago": round(now - self.renewed[s], 1) if s in self.renewed else None,
+                               "failing": self.failing.get(s)} for s in self.shares}}
