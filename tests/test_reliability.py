@@ -104,10 +104,13 @@ def probe(op: str, path: str, *extra: str, limit: float = 30.0, user: str | None
     return Outcome(word == "OK", took, rest.partition(" ")[2])
 
 
-def _tree_status(g: GraftMount) -> dict[str, object]:
-    ro = g.status()["ro"]
+def _tree_status(g: GraftMount, st: dict[str, object] | None = None) -> dict[str, object]:
+    """The status of the mount's share (found by its path: a node's pin tree may come first)."""
+    ro = (st or g.status())["ro"]
     assert isinstance(ro, list)
-    return ro[0]  # type: ignore[no-any-return]
+    found = [t for t in ro if t.get("tree") == g.ro[0]]
+    assert len(found) == 1, ro
+    return found[0]  # type: ignore[no-any-return]
 
 
 def _add_probe_files(share: str, layer: str, count: int) -> list[str]:
@@ -507,7 +510,7 @@ def test_hostile_share_content_is_skipped_or_served_literally(tmp_path: Path, ro
     g = mount_factory(rw, [share_ro], "--layout", layout)
     time.sleep(2.5)  # several watcher polls and record sweeps over the hostile entries
     st = g.status()
-    tree = st["ro"][0]  # type: ignore[index]
+    tree = _tree_status(g, st)
     skipped = {s["id"]: s["reason"] for s in st["skipped"]}  # type: ignore[attr-defined]
     bad_images = {h.truncated, h.not_utf8, h.huge, h.loop_image, h.linked_record}
     bad_layers = {*h.loop_layers, h.linked_link, h.linked_diff}
