@@ -9,8 +9,7 @@ that hangs) rather than a mock.
   the whole server side.
 * sshd puts each connection in a session of its own (setsid), so killing the listener's process
   group would leave the connection running: ``stop`` and ``pause`` walk /proc for the listener's
-  descendants instead. Connections are killed before the listener, which still reaps them (PID 1
-  in this kind of container does not reap orphans).
+  descendants instead (the listener is stopped first, so that it forks no new one meanwhile).
 * sshfs runs in the foreground (``-f``) as our child, with ServerAliveInterval=1 and
   ServerAliveCountMax=2: a SIGSTOP'd server makes ssh drop the connection after ~3 s, and
   ConnectTimeout=2 bounds each reconnect attempt (``reconnect``), so requests on a hung or
@@ -165,23 +164,30 @@ class SshShare:
         return [self.sshd.pid, *descendants(self.sshd.pid)]
 
     def stop_sshd(self) -> None:
-        """The server goes away: connections killed first (the listener reaps them), then it."""
+        """The server goes away, with every connection it serves.
+
+        The listener is stopped first, so that it cannot fork a new connection while we kill the
+        others (sshfs reconnects at once: a connection forked during the kill survived it once,
+        and the "stopped" server went on serving), then killed (its socket closes: later
+        connects are refused), then its connections. They are left as zombies when PID 1 does
+        not reap orphans (as in this container); the residue check ignores zombies."""
         if self.sshd is None:
             return
         self.resume()
         proc, self.sshd = self.sshd, None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGSTOP)
         conns = descendants(proc.pid)
-        _signal_all(conns[::-1], signal.SIGKILL)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        while time.monotonic() < deadline and children_of(proc.pid):
-            time.sleep(0.05)
         proc.kill()
         proc.wait(timeout=STOP_TIMEOUT)
+        _signal_all(conns[::-1], signal.SIGKILL)
 
     def pause(self) -> None:
-        """SIGSTOP the server and its connections: the share hangs."""
+        """SIGSTOP the server and its connections: the share hangs (the listener first, so that
+        it forks no connection that would escape the stop)."""
+        assert self.sshd is not None, "no sshd to stop"
+        os.kill(self.sshd.pid, signal.SIGSTOP)
         self.paused = self.server_pids()
-        assert self.paused, "no sshd to stop"
         _signal_all(self.paused, signal.SIGSTOP)
 
     def resume(self) -> None:
