@@ -80,6 +80,7 @@ class GraftOperations(pyfuse3.Operations):
         super().__init__()
         self.ns = ns
         self.workers = workers
+        ns.hung.hang_after = workers.timeout  # calls stuck past graftfs' limit: fail the next at once
         self.inodes = InodeTable()
         self.info = info or (lambda: {})
         self.cache_timeout = WATCHED_CACHE_TIMEOUT if watched else UNWATCHED_CACHE_TIMEOUT

@@ -27,6 +27,7 @@ import queue
 import shutil
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ class Layout(Protocol):
     def synthetic(self, vpath: VPath) -> Synthetic | None: ...
     def synthetic_names(self, vpath: VPath) -> list[str]: ...
     def missing(self, tree: int, vpath: VPath) -> Attr | None: ...
+    def unavailable(self, tree: int) -> bool: ...
     def merged(self, vpath: VPath, hides: HideView) -> Synthetic | None: ...
     def direct_path(self, vpath: VPath) -> bool: ...
     def absorb(self, vpath: VPath, written: str, hides: HideView, writer: int = 0) -> None: ...
@@ -144,6 +146,40 @@ def _memory_file(content: bytes) -> int:
         raise
 
 
+class HungTrees:
+    """Backing calls in flight on each shared tree, to fail fast on a tree that hangs.
+
+    The kernel sends a pyfuse3 mount's lookups in one directory one at a time (libfuse 3.14
+    does not ask for parallel directory operations), so on a hung share N lookups waiting in one
+    directory each waited the full ``timeout=`` in turn: the last one N times as long. Once a
+    call on a tree has been in flight longer than ``hang_after`` seconds (graftfs' time limit),
+    further calls on that tree fail at once with ETIMEDOUT, until the stuck calls return.
+    """
+
+    def __init__(self) -> None:
+        self.hang_after: float | None = None  # None: never fail fast
+        self._lock = threading.Lock()
+        self._inflight: dict[int, dict[int, float]] = {}  # tree -> {call number: start time}
+        self._next = 0
+
+    @contextlib.contextmanager
+    def call(self, tree: int, root: str) -> Iterator[None]:
+        now = time.monotonic()
+        with self._lock:
+            calls = self._inflight.setdefault(tree, {})
+            oldest = min(calls.values(), default=now)
+            if self.hang_after is not None and now - oldest > self.hang_after:
+                raise OSError(errno.ETIMEDOUT, f"shared tree {root} has not answered for {now - oldest:.0f} s")
+            self._next += 1
+            key = self._next
+            calls[key] = now
+        try:
+            yield
+        finally:
+            with self._lock:
+                calls.pop(key, None)
+
+
 class NeedsCopyUp(Exception):
     """Opening this file for writing copies it to RW first (see Namespace.open)."""
 
@@ -187,6 +223,8 @@ class Namespace:
         # publishing a copy and the remove/hide/rename steps are serialized, so that a copy-up
         # never replaces a newer RW entry or brings back an entry deleted meanwhile.
         self._mutating = threading.RLock()
+        #: shared trees with calls stuck past the time limit (set by the FUSE adapter)
+        self.hung = HungTrees()
 
     # -- resolution -------------------------------------------------------------------------
 
@@ -203,7 +241,16 @@ class Namespace:
             path = self.layout.ro_path(tree, vpath)
             if path is None:
                 continue
-            st = _lstat(path)
+            try:
+                with self.hung.call(tree, root):
+                    st = _lstat(path)
+            except OSError:
+                # a share that fails (EIO, ENOTCONN from a network filesystem whose server is
+                # gone) rather than showing an empty directory: once it is known unavailable it
+                # is answered from its last known view, as below; until then the error stands
+                if not self.layout.unavailable(tree):
+                    raise
+                st = None
             if st is not None:
                 found.append(Source(f"ro:{root}", Attr.from_stat(st), path, tree))
                 continue
@@ -293,7 +340,8 @@ class Namespace:
                 shown = self.layout.ro_names(src.tree, res.vpath)
                 if shown is None:
                     assert src.path is not None
-                    shown = os.listdir(src.path)
+                    with self.hung.call(src.tree, self.layout.trees[src.tree]):
+                        shown = os.listdir(src.path)
                 listed = shown
             else:
                 continue

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import threading
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
 import trio
@@ -47,6 +50,12 @@ class Workers:
         # I/O on already-open files gets threads of its own: an abandoned worker keeps its slot
         # until its syscall returns, and lookups hung on a share must not starve reads and writes
         self.fd_limiter = trio.CapacityLimiter(threads)
+        #: threads themselves are not limited: the limiters above bound the requests waiting
+        #: on backing I/O, and a thread abandoned past the time limit gives its slot back
+        self._threads = trio.CapacityLimiter(math.inf)
+        #: worker threads abandoned past the limit and still blocked (a hung share)
+        self.abandoned = 0
+        self._stuck_lock = threading.Lock()
 
     async def run(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Run a quick call ``fn(*args)``: directly when the trees are local, else in a worker
@@ -81,9 +90,47 @@ class Workers:
                 self.inline = local
 
     async def _run(self, limiter: trio.CapacityLimiter, call: functools.partial[R]) -> R:
+        # The slot is held by this request, not by its thread: a worker abandoned on a hung
+        # share stays blocked in its syscall for as long as the share hangs, and if it kept its
+        # slot, a few dozen requests on the share would leave none for RW-only paths (which
+        # then failed with ETIMEDOUT too: tests/test_reliability.py). Abandoned threads are
+        # counted instead; each is freed when its syscall finally returns.
+        state = _CallState()
         with trio.move_on_after(self.timeout):
-            return await trio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=limiter)
+            async with limiter:
+                return await trio.to_thread.run_sync(self._tracked, call, state, abandon_on_cancel=True,
+                                                     limiter=self._threads)
+        self._abandon(state)
         raise BackingTimeout(getattr(call.func, "__name__", "backing I/O"), self.timeout)
+
+    def _tracked(self, call: functools.partial[R], state: _CallState) -> R:
+        """Run ``call`` in the worker thread, noting when it returns (an abandoned one is then
+        no longer stuck)."""
+        try:
+            return call()
+        finally:
+            with self._stuck_lock:
+                state.done = True
+                if state.abandoned:
+                    self.abandoned -= 1
+
+    def _abandon(self, state: _CallState) -> None:
+        with self._stuck_lock:
+            if state.done:
+                return
+            state.abandoned = True
+            self.abandoned += 1
+            count = self.abandoned
+        if count & (count - 1) == 0:  # at 1, 2, 4, 8...: enough to see a growing pile
+            log.warning("%d worker thread(s) blocked on backing trees that do not answer", count)
+
+
+@dataclass
+class _CallState:
+    """One worker call: has it returned, was it abandoned past the time limit?"""
+
+    done: bool = False
+    abandoned: bool = False
 
 
 async def guarded(what: str, task: Callable[[], Awaitable[None]], delay: float = 1.0,

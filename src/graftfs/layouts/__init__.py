@@ -101,6 +101,9 @@ class PlainLayout:
     def missing(self, tree: int, vpath: VPath) -> Attr | None:
         return None
 
+    def unavailable(self, tree: int) -> bool:
+        return False
+
     def merged(self, vpath: VPath, hides: HideView) -> Synthetic | None:
         return None
 

@@ -309,6 +309,7 @@ class IsuladLayout:
         once it completes, is committed by the watcher. Returns the roots of such trees."""
         saved = scan_cache.load(os.path.join(self.rw_root, STATE_DIR_NAME), self.trees)
         for tree in self.shared:
+            tree.hang_after = timeout  # a poll waiting longer than a request may: the tree hangs
             if tree.root in saved:
                 tree.scan = saved[tree.root]  # then only what changed since is checked
         threads = [threading.Thread(target=t.poll, kwargs={"full": t.root not in saved}, daemon=True)
@@ -384,12 +385,18 @@ class IsuladLayout:
             return None
         if len(vpath) <= 1:
             return shared.top_attrs.get(vpath[0] if vpath else "")
+        if vpath[0] not in MANAGED_DIRS and vpath[0] not in shared.top_attrs:
+            return None  # nothing of that name at the top when last seen: nothing below it either
         if len(vpath) == 2 and vpath[0] in MANAGED_DIRS and self._entry_base(tree, vpath[0], vpath[1]):
             # an entry the catalog still lists: keep showing it (its contents are out of reach)
             managed = shared.top_attrs.get(vpath[0])
             return Attr.synthetic_dir(managed.mtime_ns if managed else 0, 0o755)
         raise OSError(errno.EIO, f"shared tree {shared.root} is unavailable ({shared.unavailable_reason})",
                       "/".join(vpath))
+
+    def unavailable(self, tree: int) -> bool:
+        """Is shared tree ``tree`` out of reach (its last known view is shown: see missing)?"""
+        return not self.shared[tree].available
 
     def local_layers(self) -> set[str]:
         """Layer ids the node's RW tree holds (a shared layer's parent may be one of them)."""

@@ -90,12 +90,12 @@ def _tree_error(e: OSError) -> bool:
     return e.errno in TREE_ERRNOS
 
 
-def read_limited(path: str, limit: int) -> bytes:
+def read_limited(path: str, limit: int, flags: int = 0) -> bytes:
     """A file's content, at most ``limit`` + 1 bytes (so the caller can tell it is too big).
 
     Read in 64 KiB steps: f.read(limit) sizes its buffer by the limit, which for a 16 MiB limit
     made each small record cost 5x the syscalls' time (10,000 of them at every mount)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
     try:
         chunks = []
         left = limit + 1
@@ -116,12 +116,16 @@ READ_STEP = 64 * 1024
 def _read_record(path: str) -> dict[str, object]:
     """Parse a JSON object record; raise ValueError with a short reason otherwise."""
     try:
-        data = read_limited(path, MAX_RECORD_BYTES)
+        # a share's record is a file of its own: a symlink could make the daemon (root) read a
+        # file outside the share and show it as a record
+        data = read_limited(path, MAX_RECORD_BYTES, os.O_NOFOLLOW)
     except FileNotFoundError:
         raise ValueError(f"{os.path.basename(path)} missing") from None
     except OSError as e:
         if _tree_error(e):
             raise
+        if e.errno == errno.ELOOP:
+            raise ValueError(f"{os.path.basename(path)} is a symbolic link (not followed)") from None
         raise ValueError(f"{os.path.basename(path)} unreadable: {e.strerror}") from None
     if len(data) > MAX_RECORD_BYTES:
         raise ValueError(f"{os.path.basename(path)} larger than {MAX_RECORD_BYTES} bytes")
@@ -218,7 +222,8 @@ def _check_layer(tree: str, lid: str, overlay_dir: str, record_dir: str) -> Laye
         raise ValueError("overlay diff directory missing")
     link_path = os.path.join(overlay_dir, "link")
     try:
-        with open(link_path, "rb") as f:
+        # not followed when a symlink, like the records (_read_record)
+        with open(os.open(link_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
             short = f.read(256).decode("ascii", "replace").strip()
             link_mtime = os.fstat(f.fileno()).st_mtime_ns
     except FileNotFoundError:
@@ -226,6 +231,8 @@ def _check_layer(tree: str, lid: str, overlay_dir: str, record_dir: str) -> Laye
     except OSError as e:
         if _tree_error(e):
             raise
+        if e.errno == errno.ELOOP:
+            raise ValueError("overlay link file is a symbolic link (not followed)") from None
         raise ValueError(f"overlay link file unreadable: {e.strerror}") from None
     if not SHORT_RE.match(short):
         raise ValueError(f"overlay link file holds an invalid short name {short[:40]!r}")
@@ -506,6 +513,10 @@ class SharedTree:
         self.unavailable_since: float | None = None
         self.unavailable_reason = ""
         self.polls = 0
+        #: a poll still running after this many seconds means the tree hangs (an NFS hard mount,
+        #: a stopped server): it is then unavailable like a failing one (None: never)
+        self.hang_after: float | None = None
+        self._poll_started: float | None = None
         self.lock = threading.Lock()
         # what changed since the layout last took it: kept here, not only returned, so that the
         # findings of a poll whose caller gave up waiting (a slow share) are not lost
@@ -518,7 +529,15 @@ class SharedTree:
 
     @property
     def available(self) -> bool:
-        return self.unavailable_since is None
+        return self.unavailable_since is None and self.hung_for() is None
+
+    def hung_for(self) -> float | None:
+        """Seconds the running poll has waited on the tree, when that is longer than hang_after."""
+        started = self._poll_started
+        if started is None or self.hang_after is None:
+            return None
+        waited = time.monotonic() - started
+        return waited if waited > self.hang_after else None
 
     def poll(self, full: bool = False) -> bool:
         """Bring the scan up to date; True when there are changes to take (``take_pending``).
@@ -527,11 +546,13 @@ class SharedTree:
             return self.has_pending
         try:
             self.polls += 1
+            self._poll_started = time.monotonic()
             change = self._poll(full)
         except OSError as e:
             self._set_unavailable(f"{e.strerror or e} ({e.filename or self.root})")
             change = None
         finally:
+            self._poll_started = None
             self.lock.release()
         if change is not None:
             with self._pending_lock:
@@ -640,7 +661,11 @@ class SharedTree:
 
     def status(self) -> dict[str, object]:
         out: dict[str, object] = {"available": self.available, "marker": self.marked, "polls": self.polls}
+        hung = self.hung_for()
         if self.unavailable_since is not None:
             out["unavailable_since"] = self.unavailable_since
             out["unavailable_reason"] = self.unavailable_reason
+        elif hung is not None:
+            out["unavailable_since"] = time.time() - hung
+            out["unavailable_reason"] = f"does not answer (a poll has waited {hung:.0f} s)"
         return out
