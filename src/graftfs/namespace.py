@@ -595,6 +595,7 @@ class Namespace:
     # -- removal and rename -----------------------------------------------------------------
 
     def unlink(self, vpath: VPath) -> None:
+        discard = None
         with self._mutating:
             res = self.resolve(vpath)
             if res.is_dir:
@@ -602,9 +603,14 @@ class Namespace:
             if res.ro_visible:
                 self.hides.add(vpath)  # first: a crash between the steps must not revive the RO entry
             if res.top.is_rw and res.top.direct:
-                self._discard_rw_dir(self.rw_path(vpath))
+                discard = self.rw_path(vpath)
             elif res.top.is_rw:
                 os.unlink(self.rw_path(vpath))
+        if discard is not None:
+            # outside the lock: moving a layer's directory waits on kernel locks of the RW
+            # filesystem (the moved directory's, the cross-directory rename lock) that a process
+            # may hold while it waits on a request of ours that needs this lock
+            self._discard_rw_dir(discard)
 
     def _discard_rw_dir(self, path: str) -> None:
         """Remove a layer directory the view showed as a link (the runtime unlinks the link):

@@ -235,9 +235,12 @@ def diff_catalogs(old: Catalog, new: Catalog, touched: set[tuple[int, EntryKey]]
     for lid in _changed(old.layers, new.layers, {eid for _, (kind, eid) in touched if kind == "layer"}):
         changes.append(ViewChange((OVERLAY,), lid))
         changes.append(ViewChange((LAYERS,), lid, deep=True))
-        # diff/ and work/ too: shown as links (direct), they point into whichever tree now holds
-        # the layer (a pin, or the share again after an unpin)
-        changes.extend(ViewChange((OVERLAY, lid), name) for name in ("link", "lower", "diff", "work"))
+        changes.extend(ViewChange((OVERLAY, lid), name) for name in ("link", "lower"))
+        before, now = old.layers.get(lid), new.layers.get(lid)
+        if before is not None and now is not None and before[0] != now[0]:
+            # another shared tree holds it now (a pin, or the share after an unpin): diff/ and
+            # work/, shown as links, must point there
+            changes.extend(ViewChange((OVERLAY, lid), name) for name in ("diff", "work"))
     for iid in _changed(old.images, new.images, {eid for _, (kind, eid) in touched if kind == "image"}):
         changes.append(ViewChange((IMAGES,), iid, deep=True))
     shorts = _changed(old.shorts, new.shorts, set())
