@@ -319,7 +319,10 @@ class Namespace:
         link could show only one of the parts.
         """
         top = res.top
-        if top.path is None or len(res.sources) > 1 or (not top.is_rw and self.hides.hides_below(res.vpath)):
+        # several shared trees only while a layer moves between them (a pin): the same bytes in
+        # each, so the first is as good as a merge; RW and shared parts must be merged
+        merged = len(res.sources) > 1 and any(src.is_rw for src in res.sources)
+        if top.path is None or merged or (not top.is_rw and self.hides.hides_below(res.vpath)):
             return res
         a = top.attr
         size = len(os.fsencode(top.path))
