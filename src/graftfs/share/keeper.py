@@ -130,14 +130,18 @@ class LeaseKeeper:
         except (OSError, BackingTimeout) as e:
             reason = str(e.strerror or e)
             if self.failing.get(share) != reason:
-                log.error("cannot renew this node's lease in %s: %s (gc there will not see what this node "
-                          "uses once it lapses, in %g s)", share, reason, self.ttl)
+                # loud only when it matters: a share not laid out yet (no marker before the first
+                # publish) while the node uses nothing of it is the normal start of a cluster
+                used = self.layers or self.images or self.pins
+                (log.error if used else log.info)(
+                    "cannot renew this node's lease in %s: %s (gc there will not see what this node uses "
+                    "once it lapses, in %g s)", share, reason, self.ttl)
             self.failing[share] = reason
             return
         if written:
             self.renewed[share] = time.monotonic()
             if self.failing.pop(share, None) is not None:
-                log.warning("lease in %s renewed again", share)
+                log.info("lease in %s renewed again", share)
 
     def status(self) -> dict[str, object]:
         now = time.monotonic()
