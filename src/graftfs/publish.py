@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from graftfs.layouts import MARKER_NAME
 from graftfs.layouts.containers_storage import read_records
-from graftfs.layouts.share_tree import ID_RE, IMAGES, LAYERS, MANAGED_DIRS, OVERLAY, record_names
+from graftfs.layouts.share_tree import ID_RE, IMAGES, LAYERS, MANAGED_DIRS, OVERLAY, match_image_ref, record_names
 from graftfs.share import STAGING_DIR, leases
 from graftfs.share.gc import reinstate
 
@@ -85,17 +85,13 @@ class Graph:
 
     def find(self, ref: str) -> Record:
         """An image by full id, unique id prefix, or name (``bb:1`` also matches ``localhost/bb:1``)."""
-        exact = [i for i in self.images if i.get("id") == ref or ref in record_names(i)]
-        if len(exact) == 1:
-            return exact[0]
-        loose = [i for i in self.images
-                 if (len(ref) >= 4 and str(i.get("id", "")).startswith(ref))
-                 or any(n.endswith("/" + ref) or n.endswith("/" + ref + ":latest") for n in record_names(i))]
-        if len(loose) == 1:
-            return loose[0]
-        if not loose:
+        by_id = {str(i.get("id", "")): i for i in self.images}
+        found = match_image_ref(ref, {iid: record_names(i) for iid, i in by_id.items()})
+        if len(found) == 1:
+            return by_id[found[0]]
+        if not found:
             raise PublishError(f"no image {ref!r} in {self.root}")
-        raise PublishError(f"{ref!r} matches {len(loose)} images in {self.root}; give the full id")
+        raise PublishError(f"{ref!r} matches {len(found)} images in {self.root}; give the full id")
 
     def chain(self, image: Record) -> list[Record]:
         """The image's layers, bottom first."""

@@ -40,9 +40,11 @@ from graftfs.layouts.share_tree import (
     LAYERS,
     MAX_RECORD_BYTES,
     TreeScan,
+    layer_chain,
     parse_json,
     read_limited,
     record_names,
+    recorded_size,
 )
 
 log = logging.getLogger(__name__)
@@ -108,14 +110,9 @@ def pin_sizes(scan: TreeScan) -> list[dict[str, object]]:
     for iid, image in sorted(scan.images.items()):
         if iid in scan.retired:
             continue  # unpinned, its copy kept only while a container uses it
-        size, lid, seen = 0, image.top_layer, set()
-        while lid and lid in scan.layers and lid not in seen:
-            seen.add(lid)
-            entry = scan.layers[lid]
-            diff = entry.record.get("diff-size") if entry.record else None
-            size += diff if isinstance(diff, int) else 0
-            lid = entry.parent
-        out.append({"id": iid, "names": list(image.names), "bytes": size, "layers": len(seen)})
+        chain = [lid for lid in layer_chain(scan.layers, image.top_layer) if lid in scan.layers]
+        size = sum(recorded_size(scan.layers[lid]) for lid in chain)
+        out.append({"id": iid, "names": list(image.names), "bytes": size, "layers": len(chain)})
     return out
 
 

@@ -22,6 +22,7 @@ import re
 import stat
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from graftfs.attrs import Attr
@@ -139,6 +140,36 @@ def record_names(record: dict[str, object]) -> list[str]:
     """The ``names`` of an image record (tags), ignoring anything that is not a string."""
     names = record.get("names")
     return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
+def layer_chain(layers: Mapping[str, LayerEntry], lid: str | None) -> list[str]:
+    """A layer and its ancestors as far as ``layers`` holds them (loops cut)."""
+    out: list[str] = []
+    seen: set[str] = set()
+    while lid and lid not in seen:
+        seen.add(lid)
+        out.append(lid)
+        entry = layers.get(lid)
+        lid = entry.parent if entry is not None else None
+    return out
+
+
+def recorded_size(entry: LayerEntry | None) -> int:
+    """A layer's size as its record says (``diff-size``: the uncompressed tar); 0 unknown."""
+    size = entry.record.get("diff-size") if entry is not None and entry.record else None
+    return size if isinstance(size, int) and size > 0 else 0
+
+
+def match_image_ref(ref: str, images: Mapping[str, Sequence[str]]) -> list[str]:
+    """Image ids (of ``images``: id -> names) that ``ref`` names: the full id or an exact name;
+    failing those, a unique-enough id prefix (4+ digits) or a name without its registry
+    (``bb:1`` for ``localhost/bb:1``) or tag (``:latest``)."""
+    exact = [i for i, names in images.items() if i == ref or ref in names]
+    if exact:
+        return exact
+    return [i for i, names in images.items()
+            if (len(ref) >= 4 and i.startswith(ref))
+            or any(n.endswith("/" + ref) or n.endswith("/" + ref + ":latest") for n in names)]
 
 
 def parse_json(data: bytes, label: str) -> object:

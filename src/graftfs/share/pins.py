@@ -45,9 +45,8 @@ def ensure_pin_tree(rw_root: str) -> str:
     return path
 
 
-def node_use(rw_root: str, tree: str) -> tuple[set[str], set[str]]:
+def node_use(rw_root: str, state: ShareState) -> tuple[set[str], set[str]]:
     """What this node's containers and own images use of a tree's layers (its lease there)."""
-    state = ShareState.read(tree)
     parents = {lid: e.parent for lid, e in state.scan.layers.items()}
     tops = {iid: e.top_layer for iid, e in state.scan.images.items()}
     return in_use(rw_root, parents, tops)
@@ -80,7 +79,7 @@ def collect_pins(rw_root: str, say: Callable[[str], None],
     back to the share's copy, or drops the layer), see gc.Collector."""
     tree = pin_tree(rw_root)
     state = ShareState.read(tree, writable=True)
-    layers, images = node_use(rw_root, tree)
+    layers, images = node_use(rw_root, state)
     state.claims = [_local_claim(state.now, layers, images)]
     p = plan(state, grace=0.0, settle=0.0)
     p.staging = []  # a pin running right now has its staging there

@@ -14,7 +14,18 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from graftfs.layouts.share_tree import ID_RE, IMAGES, LAYERS, OVERLAY, TreeScan, record_names, scan_tree
+from graftfs.layouts.share_tree import (
+    ID_RE,
+    IMAGES,
+    LAYERS,
+    OVERLAY,
+    TreeScan,
+    layer_chain,
+    match_image_ref,
+    record_names,
+    recorded_size,
+    scan_tree,
+)
 from graftfs.share import MARKER_NAME, RETIRED_DIR, STAGING_DIR, TRASH_DIR
 from graftfs.share.leases import Claim, read_claims
 
@@ -58,19 +69,9 @@ class ShareState:
     def live_claims(self) -> list[Claim]:
         return [c for c in self.claims if c.live(self.now)]
 
-    def parent(self, lid: str) -> str | None:
-        entry = self.scan.layers.get(lid)
-        return entry.parent if entry is not None else None
-
     def chain(self, lid: str | None) -> list[str]:
         """A layer and its ancestors as far as the share holds them (loops cut)."""
-        out: list[str] = []
-        seen: set[str] = set()
-        while lid and lid not in seen:
-            seen.add(lid)
-            out.append(lid)
-            lid = self.parent(lid)
-        return out
+        return layer_chain(self.scan.layers, lid)
 
     def image_layers(self, iid: str) -> list[str]:
         image = self.scan.images.get(iid)
@@ -88,9 +89,7 @@ class ShareState:
 
     def layer_bytes(self, lid: str) -> int:
         """A layer's size as its record says (``diff-size``: the uncompressed tar); 0 unknown."""
-        entry = self.scan.layers.get(lid)
-        size = entry.record.get("diff-size") if entry is not None and entry.record else None
-        return size if isinstance(size, int) and size > 0 else 0
+        return recorded_size(self.scan.layers.get(lid))
 
     def entry_age(self, kind: str, eid: str) -> float:
         """Seconds since an entry's directories last changed (placed by rename, or written),
@@ -110,13 +109,7 @@ class ShareState:
 
     def find_images(self, ref: str) -> list[str]:
         """Images (retired or not) matching a full id, a unique id prefix or a name."""
-        images = self.scan.images
-        exact = [i for i, e in images.items() if i == ref or ref in e.names]
-        if exact:
-            return exact
-        return [i for i, e in images.items()
-                if (len(ref) >= 4 and i.startswith(ref))
-                or any(n.endswith("/" + ref) or n.endswith("/" + ref + ":latest") for n in e.names)]
+        return match_image_ref(ref, {i: e.names for i, e in self.scan.images.items()})
 
     def names_of(self, iid: str) -> list[str]:
         image = self.scan.images.get(iid)
