@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from graftfs.share import RETIRED_DIR, STAGING_DIR, TRASH_DIR
-from graftfs.share.leases import _write_file
+from graftfs.share.leases import write_file_atomically
 from graftfs.share.state import ShareError, ShareState
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def unpublish(share: str, refs: list[str]) -> list[Retired]:
             out.append(Retired(iid, names, "already retired"))
             continue
         body = {"id": iid, "names": names, "retired": time.time(), "host": socket.gethostname()}
-        _write_file(os.path.join(share, RETIRED_DIR, iid), json.dumps(body) + "\n")
+        write_file_atomically(os.path.join(share, RETIRED_DIR, iid), json.dumps(body) + "\n")
         out.append(Retired(iid, names, "retired"))
     return out
 

@@ -80,11 +80,11 @@ def node_id(state_dir: str) -> str:
         pass
     host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:100] or "node"
     name = f"{host}-{uuid.uuid4().hex[:8]}"
-    _write_file(path, name + "\n")
+    write_file_atomically(path, name + "\n")
     return name
 
 
-def _write_file(path: str, text: str) -> None:
+def write_file_atomically(path: str, text: str) -> None:
     """Write a whole file under a temporary name, make it durable, rename it into place."""
     tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
@@ -112,7 +112,7 @@ def write_lease(share: str, node: str, ttl: float, layers: Iterable[str], images
     path = os.path.join(directory, LEASE_FILE)
     body = {"node": node, "host": socket.gethostname(), "ttl": ttl, "written": time.time(),
             "layers": sorted(layers), "images": sorted(images), "pins": sorted(pins)}
-    _write_file(path, json.dumps(body, separators=(",", ":")))
+    write_file_atomically(path, json.dumps(body, separators=(",", ":")))
     return path
 
 
@@ -189,7 +189,7 @@ class Intent:
         self.path = os.path.join(share, INTENTS_DIR, f"{uuid.uuid4().hex}.json")
         body = {"host": socket.gethostname(), "pid": os.getpid(), "ttl": INTENT_TTL, "staging": staging,
                 "layers": sorted(layers), "images": sorted(images)}
-        _write_file(self.path, json.dumps(body))
+        write_file_atomically(self.path, json.dumps(body))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew, name="graftfs-intent", daemon=True)
         self._thread.start()
