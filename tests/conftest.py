@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from graftfs.cli.status import fetch_status
-from graftfs.mounts import MNT_DETACH, find_mount, umount
-from graftfs.sample import DemoIds, build_demo
+from graftfs.node.mounts import MNT_DETACH, find_mount, umount
+from graftfs.share.sample import DemoIds, build_demo
 
 REPO = Path(__file__).resolve().parent.parent
 MOUNT_READY_TIMEOUT = 30.0

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from graftfs.mounts import mount_table, pid_alive, runtime_file
+from graftfs.node.mounts import mount_table, pid_alive, runtime_file
 
 #: Names graftfs gives its temporary files and directories (see namespace, hides, scan_cache,
 #: mounts, publish): none may outlive a clean unmount.

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from graftfs.mounts import MNT_DETACH, find_mount, umount
+from graftfs.node.mounts import MNT_DETACH, find_mount, umount
 
 SSHD = "/usr/sbin/sshd"
 START_TIMEOUT = 15.0

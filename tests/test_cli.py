@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, Sample, force_unmount, graftfs_cmd, needs_mount, sh, wait_for
-from graftfs.mounts import find_mount, pid_alive, read_runtime
+from graftfs.node.mounts import find_mount, pid_alive, read_runtime
 
 
 def daemon_pids() -> list[int]:

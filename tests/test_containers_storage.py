@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import GraftMount, Sample, bind_ro, force_unmount, needs_mount, sh, wait_for
-from graftfs.mounts import find_mount
-from graftfs.sample import SampleLayer, chain, digest, publish_sample_image
+from graftfs.node.mounts import find_mount
+from graftfs.share.sample import SampleLayer, chain, digest, publish_sample_image
 
 pytestmark = needs_mount
 
@@ -129,7 +129,7 @@ def test_lock_token_changes_with_the_share(podman_node: tuple[GraftMount, Sample
     g, sample, ids = podman_node
     lock = g.path("overlay-layers", "layers.lock")
     backing = Path(sample.rw, "overlay-layers", "layers.lock")
-    # the lock files are the RW files themselves, bind-mounted over the view (graftfs.binds), each
+    # the lock files are the RW files themselves, bind-mounted over the view (graftfs.node.binds), each
     # with a token from the start (layers.lock held zeros, images.lock did not exist)
     images_lock = g.path("overlay-images", "images.lock")
     wait_for(lambda: find_mount(lock) is not None and find_mount(images_lock) is not None, 5, "the binds")
@@ -180,7 +180,7 @@ sys.stdin.readline()
 
 
 def test_a_name_belongs_to_the_newest_image(podman_node: tuple[GraftMount, Sample, dict[str, str]]) -> None:
-    from graftfs.sample import write_image
+    from graftfs.share.sample import write_image
 
     g, sample, ids = podman_node
     old, new = digest("image:dup-old"), digest("image:dup-new")

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from conftest import GraftMount, Sample, bind_ro, force_unmount, needs_mount
-from graftfs.sample import SampleLayer, digest, short_name, write_image, write_layer
+from graftfs.share.sample import SampleLayer, digest, short_name, write_image, write_layer
 
 pytestmark = needs_mount
 

@@ -116,6 +116,8 @@ def test_pinned_image_runs_while_the_share_is_away(make_node: MakeNode, share: s
     wait_for(lambda: {"localhost/pinned:1", "localhost/other:1"} <= b.images(), 10, "B to see both images")
     res = graftfs_cmd("pin", "--graph", b.mount.mnt, "localhost/pinned:1", timeout=120)
     assert res.returncode == 0 and "pinned (1 of 1 layers copied" in res.stdout, res.stdout + res.stderr
+    # the pin is a change of a shared tree: the view shows it within the watcher's latency
+    wait_for(lambda: bool(b.mount.status()["pins"]), 10, "B's status to list the pin")
     status = b.mount.status()
     assert [p["names"] for p in status["pins"]] == [["localhost/pinned:1"]]  # type: ignore[index]
     assert status["pins"][0]["bytes"] > 500_000  # type: ignore[index]  # busybox, as its record counts it
@@ -145,7 +147,8 @@ def test_pinned_image_runs_while_the_share_is_away(make_node: MakeNode, share: s
     res = graftfs_cmd("unpin", "--graph", b.mount.mnt, "localhost/pinned:1", timeout=60)
     assert res.returncode == 0 and "kept layer" in res.stdout, res.stdout + res.stderr
     pinned_copy = os.path.join(b.mount.rw, ".graftfs", "pins", "overlay", os.path.basename(os.path.dirname(diff)))
-    assert os.path.isdir(pinned_copy) and b.mount.status()["pins"] == []
+    wait_for(lambda: b.mount.status()["pins"] == [], 10, "B's status to drop the unpinned image")
+    assert os.path.isdir(pinned_copy)
     assert b.podman("exec", "on-pin", "echo", "still").stdout == "still\n"
     b.podman("rm", "-f", "-t", "0", "on-pin")
     started = time.monotonic()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, GraftMount, needs_mount, wait_for
-from graftfs.sample import BUSYBOX, busybox_image_tar
+from graftfs.share.sample import BUSYBOX, busybox_image_tar
 from residue import assert_no_residue
 
 sys.path.insert(0, str(REPO / "tools"))

@@ -10,13 +10,16 @@ from pathlib import Path
 import pyfuse3
 import pytest
 
-from graftfs.errors import BackingTimeout, fuse_boundary
-from graftfs.hides import HideStore, compact
-from graftfs.layouts.isulad import IsuladLayout, build_catalog, scan_tree
-from graftfs.namespace import STATE_DIR, Namespace
-from graftfs.options import ConfigError, MountConfig
-from graftfs.sample import SampleLayer, build_demo, digest, short_name, write_image, write_layer
-from graftfs.workers import Workers
+from graftfs.catalog.catalog import build_catalog
+from graftfs.catalog.scan import scan_tree
+from graftfs.format.names import STATE_DIR
+from graftfs.fuse.errors import BackingTimeout, fuse_boundary
+from graftfs.fuse.workers import Workers
+from graftfs.node.options import ConfigError, MountConfig
+from graftfs.share.sample import SampleLayer, build_demo, digest, short_name, write_image, write_layer
+from graftfs.view.hides import HideStore, compact
+from graftfs.view.isulad import IsuladLayout, isulad_catalog
+from graftfs.view.namespace import Namespace
 
 
 @pytest.fixture
@@ -24,8 +27,8 @@ def demo(tmp_path: Path) -> tuple[Namespace, object, Path, Path]:
     share, rw = tmp_path / "share", tmp_path / "rw"
     ids = build_demo(str(share), str(rw))
     os.makedirs(rw / STATE_DIR)
-    layout = IsuladLayout([str(share)], str(rw))
-    layout.refresh()
+    layout = IsuladLayout(isulad_catalog([str(share)], str(rw)))
+    layout.live.refresh()
     return Namespace(str(rw), layout, HideStore(str(rw / STATE_DIR))), ids, share, rw
 
 
@@ -151,7 +154,7 @@ def test_copy_up_publish_never_replaces_a_newer_rw_entry(tmp_path: Path) -> None
 
 
 def test_inode_table_never_maps_below_a_removed_directory() -> None:
-    from graftfs.inodes import InodeTable
+    from graftfs.fuse.inodes import InodeTable
 
     table = InodeTable()
     d = table.child(table.root, "d")
@@ -182,7 +185,8 @@ def test_overlapping_trees_are_refused(tmp_path: Path) -> None:
 
 def test_direct_layer_dirs_link_to_their_backing_directory(demo: tuple[Namespace, object, Path, Path]) -> None:
     ns, ids, share, rw = demo
-    ns.layout.direct = True  # type: ignore[attr-defined]
+    assert ns.layout.live is not None
+    ns = Namespace(ns.rw_root, IsuladLayout(ns.layout.live, direct=True), ns.hides)
     base, local = ids.base, ids.local  # type: ignore[attr-defined]
     shared = ns.resolve(("overlay", base, "diff"))
     assert shared.top.direct and ns.readlink(("overlay", base, "diff")) == str(share / "overlay" / base / "diff")

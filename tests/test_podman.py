@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from conftest import GraftMount, graftfs_cmd, needs_mount, wait_for
-from graftfs.mounts import MNT_DETACH, find_mount, mount_table, umount
-from graftfs.sample import BUSYBOX, busybox_image_tar
+from graftfs.node.mounts import MNT_DETACH, find_mount, mount_table, umount
+from graftfs.share.sample import BUSYBOX, busybox_image_tar
 
 pytestmark = [needs_mount, pytest.mark.skipif(shutil.which("podman") is None, reason="podman is not installed")]
 

@@ -27,8 +27,8 @@ import pytest
 
 from conftest import REPO, GraftMount, Sample, bind_ro, force_unmount, graftfs_cmd, needs_mount, sh, wait_for
 from graftfs.cli.status import fetch_status
-from graftfs.mounts import MNT_DETACH, find_mount, mount_table, pid_alive, read_runtime, umount
-from graftfs.sample import build_demo, digest
+from graftfs.node.mounts import MNT_DETACH, find_mount, mount_table, pid_alive, read_runtime, umount
+from graftfs.share.sample import build_demo, digest
 from residue import assert_no_residue
 from sshshare import SshShare, needs_sshfs, ssh_share
 
@@ -436,7 +436,7 @@ class Hostile:
 
 def _hostile_share(share: str, ids: object, outside: str) -> Hostile:
     """Add to the demo share entries that a broken or malicious publisher could leave."""
-    from graftfs.sample import SampleLayer, write_image, write_layer
+    from graftfs.share.sample import SampleLayer, write_image, write_layer
 
     base = ids.base  # type: ignore[attr-defined]
     diff = os.path.join(share, "overlay", base, "diff")
@@ -664,7 +664,7 @@ def test_podman_keeps_working_on_the_node_while_its_share_is_down(tmp_path: Path
     """podman's graph is a graftfs mount over a share served by sshd: with the sshd gone,
     `podman ps`, `exec` and a run of a node-local image keep working (RW paths), the shared
     image stays in the view, and everything works again when the sshd is back, no remount."""
-    from graftfs.sample import BUSYBOX, busybox_image_tar
+    from graftfs.share.sample import BUSYBOX, busybox_image_tar
 
     sys.path.insert(0, str(REPO / "tools"))
     from graftfs_soak.load import Node

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 
 from conftest import graftfs_cmd
-from graftfs.layouts.isulad import IsuladLayout
-from graftfs.sample import SampleLayer, chain, digest, publish_sample_image, write_image, write_layer
-from graftfs.share import INTENTS_DIR, MARKER_NAME, RETIRED_DIR, STAGING_DIR
+from graftfs.format.names import INTENTS_DIR, MARKER_NAME, RETIRED_DIR, STAGING_DIR
 from graftfs.share import gc as share_gc
 from graftfs.share.fsck import check
 from graftfs.share.leases import in_use, read_claims, write_lease
+from graftfs.share.sample import SampleLayer, chain, digest, publish_sample_image, write_image, write_layer
 from graftfs.share.state import ShareError, ShareState
 from graftfs.share.stats import share_stats
+from graftfs.view.isulad import isulad_catalog
 
 
 def make_share(path: Path) -> str:
@@ -42,9 +42,7 @@ def publish(share: str, tag: str, layers: list[SampleLayer]) -> str:
 
 def visible_images(share: str) -> set[str]:
     """What a reader (the same catalog code a mount uses) shows of a share."""
-    layout = IsuladLayout([share], os.path.dirname(share) + "/rw-unused")
-    layout.refresh()
-    return set(layout.catalog.images)
+    return set(isulad_catalog([share], os.path.dirname(share) + "/rw-unused").refresh().images)
 
 
 def age(share: str, *parts: str, seconds: float = 7200) -> None:
@@ -300,7 +298,7 @@ def test_publisher_copes_with_a_parent_moved_out_by_gc(tmp_path: Path, monkeypat
     """gc may hold a layer out of view for a moment (it puts back what the publisher's intent
     names): a child copied then must not get a truncated ``lower`` or fail; the parent is
     published again."""
-    from graftfs import publish as publish_mod
+    from graftfs.share import publish as publish_mod
 
     share = make_share(tmp_path / "share")
     base = chain("base", 2)

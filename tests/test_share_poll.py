@@ -12,28 +12,39 @@ from pathlib import Path
 
 import pytest
 
-from graftfs.layouts import ViewChange
-from graftfs.layouts.isulad import IsuladLayout
-from graftfs.layouts.share_tree import SharedTree
-from graftfs.sample import build_demo, chain, digest, publish_sample_image, short_name, write_image
+from graftfs.catalog.tree import SharedTree
+from graftfs.share.sample import build_demo, chain, digest, publish_sample_image, short_name, write_image
+from graftfs.view.isulad import IsuladLayout, isulad_catalog, own_layers
+from graftfs.view.layout import ViewChange
 
 
 @pytest.fixture
 def demo(tmp_path: Path) -> tuple[IsuladLayout, str, object]:
     share, rw = str(tmp_path / "share"), str(tmp_path / "rw")
     ids = build_demo(share, rw)
-    layout = IsuladLayout([share], rw)
-    layout.refresh()
+    layout = isulad_view([share], rw)
+    layout.live.refresh()
     return layout, share, ids
+
+
+def isulad_view(trees: list[str], rw: str) -> IsuladLayout:
+    """The iSulad presenter over these trees, as a mount builds it (nothing loaded yet)."""
+    return IsuladLayout(isulad_catalog(trees, rw))
+
+
+def rw_of(layout: IsuladLayout) -> str:
+    """The RW tree a test's layout was made for (its catalog keeps its state dir there)."""
+    return os.path.dirname(layout.live.state_dir)
 
 
 def poll(layout: IsuladLayout) -> list[ViewChange]:
     """One poll of every tree, committed and acknowledged as the watcher does."""
-    if not any([layout.poll_tree(t) for t in range(len(layout.trees))]):
+    live = layout.live
+    if not any([live.poll_tree(t) for t in range(len(live.trees))]):
         return []
-    seq, changes = layout.commit()
-    layout.ack(seq)
-    return changes
+    seq, diff = live.commit()
+    live.ack(seq)
+    return layout.view_changes(diff)
 
 
 def settle(layout: IsuladLayout) -> None:
@@ -44,21 +55,21 @@ def settle(layout: IsuladLayout) -> None:
 def test_quiet_share_gives_no_changes(demo: tuple[IsuladLayout, str, object]) -> None:
     layout, _, _ = demo
     settle(layout)
-    assert layout.poll_tree(0) is False
+    assert layout.live.poll_tree(0) is False
     assert poll(layout) == []
 
 
 def test_published_image_is_found_with_its_names(demo: tuple[IsuladLayout, str, object],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    import graftfs.layouts.share_tree as st
+    import graftfs.catalog.scan as st
 
     layout, share, ids = demo
     settle(layout)
     layers = chain("new", 2, parent=ids.base)  # type: ignore[attr-defined]
     image = publish_sample_image(share, "new:1", layers)
     checked: list[str] = []
-    real = st._check_layer
-    monkeypatch.setattr(st, "_check_layer", lambda tree, lid, *a: checked.append(lid) or real(tree, lid, *a))
+    real = st.check_layer
+    monkeypatch.setattr(st, "check_layer", lambda lid, *a: checked.append(lid) or real(lid, *a))
     changes = poll(layout)
     assert sorted(checked) == sorted(la.id for la in layers)  # only the new layers are read
     assert ViewChange(("overlay-images",), image, deep=True) in changes
@@ -66,8 +77,8 @@ def test_published_image_is_found_with_its_names(demo: tuple[IsuladLayout, str, 
         assert ViewChange(("overlay-layers",), la.id, deep=True) in changes
         assert ViewChange(("overlay",), la.id) in changes
         assert ViewChange(("overlay", "l"), short_name(la.id)) in changes
-    assert image in layout.catalog.images
-    assert ids.app in layout.catalog.layers  # type: ignore[attr-defined]
+    assert image in layout.live.catalog.images
+    assert ids.app in layout.live.catalog.layers  # type: ignore[attr-defined]
 
 
 def test_rewritten_record_is_touched_by_the_sweep(demo: tuple[IsuladLayout, str, object]) -> None:
@@ -78,11 +89,11 @@ def test_rewritten_record_is_touched_by_the_sweep(demo: tuple[IsuladLayout, str,
     path.write_text(json.dumps({**record, "names": ["renamed:1"]}))
     changes = poll(layout)
     assert ViewChange(("overlay-images",), ids.image_app, deep=True) in changes  # type: ignore[attr-defined]
-    assert layout.catalog.images[ids.image_app][1].names == ("renamed:1",)  # type: ignore[attr-defined]
+    assert layout.live.catalog.images[ids.image_app][1].names == ("renamed:1",)  # type: ignore[attr-defined]
 
 
 def test_entry_moved_out_while_checked_is_judged_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import graftfs.layouts.share_tree as st
+    import graftfs.catalog.scan as st
 
     share = str(tmp_path / "s")
     base = chain("b", 1)
@@ -92,15 +103,15 @@ def test_entry_moved_out_while_checked_is_judged_again(tmp_path: Path, monkeypat
     iid = digest("image:x:1")
     write_image(share, iid, base[0].id, ["x:1"])
     entry, parked = os.path.join(share, "overlay-images", iid), str(tmp_path / "parked")
-    real_check = st._check_image
+    real_check = st.check_image
 
     def moved_away_meanwhile(image_id: str, record_dir: str) -> object:
         os.rename(entry, parked)  # a gc (or a publisher undoing) moves it out between listing and reading
         return real_check(image_id, record_dir)
 
-    monkeypatch.setattr(st, "_check_image", moved_away_meanwhile)
+    monkeypatch.setattr(st, "check_image", moved_away_meanwhile)
     tree.poll()
-    monkeypatch.setattr(st, "_check_image", real_check)
+    monkeypatch.setattr(st, "check_image", real_check)
     assert iid not in tree.scan.images and not tree.scan.problems  # gone, not "broken"
     os.rename(parked, entry)
     tree.poll()
@@ -118,12 +129,12 @@ def test_entry_moved_out_while_checked_is_judged_again(tmp_path: Path, monkeypat
 
 def test_missing_marker_means_unavailable_not_empty(demo: tuple[IsuladLayout, str, object]) -> None:
     layout, share, ids = demo
-    before = dict(layout.catalog.images)
+    before = dict(layout.live.catalog.images)
     os.rename(os.path.join(share, ".graftfs-share"), os.path.join(share, "marker.away"))
     shutil.rmtree(os.path.join(share, "overlay-images"))
     assert poll(layout) == []
-    assert layout.catalog.images == before
-    tree = layout.shared[0]
+    assert layout.live.catalog.images == before
+    tree = layout.live.shared[0]
     assert not tree.available and "marker" in tree.unavailable_reason
     # unavailable: the top of the tree is answered from memory, anything deeper is EIO
     assert layout.missing(0, ("overlay-images",)) is not None
@@ -133,101 +144,101 @@ def test_missing_marker_means_unavailable_not_empty(demo: tuple[IsuladLayout, st
     os.rename(os.path.join(share, "marker.away"), os.path.join(share, ".graftfs-share"))
     changes = poll(layout)
     assert tree.available
-    assert layout.catalog.images == {}
+    assert layout.live.catalog.images == {}
     assert ViewChange(("overlay-images",), ids.image_app, deep=True) in changes  # type: ignore[attr-defined]
 
 
 def test_isulad_share_without_marker(tmp_path: Path) -> None:
     share = str(tmp_path / "isulad")
     publish_sample_image(share, "i:1", chain("i", 1))
-    layout = IsuladLayout([share], str(tmp_path / "rw"))
-    layout.refresh()
-    assert len(layout.catalog.images) == 1
+    layout = isulad_view([share], str(tmp_path / "rw"))
+    layout.live.refresh()
+    assert len(layout.live.catalog.images) == 1
     moved = str(tmp_path / "moved")
     os.rename(share, moved)
     os.mkdir(share)  # the mountpoint of an unmounted NFS export
     poll(layout)
-    assert not layout.shared[0].available and len(layout.catalog.images) == 1
+    assert not layout.live.shared[0].available and len(layout.live.catalog.images) == 1
     os.rmdir(share)
     os.rename(moved, share)
     poll(layout)
-    assert layout.shared[0].available and len(layout.catalog.images) == 1
+    assert layout.live.shared[0].available and len(layout.live.catalog.images) == 1
 
 
 def test_empty_share_is_a_share_with_no_images(tmp_path: Path) -> None:
     share = str(tmp_path / "empty")
     os.mkdir(share)
-    layout = IsuladLayout([share], str(tmp_path / "rw"))
-    layout.refresh()
-    assert layout.shared[0].available and layout.catalog.images == {}
+    layout = isulad_view([share], str(tmp_path / "rw"))
+    layout.live.refresh()
+    assert layout.live.shared[0].available and layout.live.catalog.images == {}
     image = publish_sample_image(share, "first:1", chain("first", 1))
     poll(layout)
-    assert image in layout.catalog.images
+    assert image in layout.live.catalog.images
 
 
 def test_sweep_reaches_good_records_past_many_broken_entries(tmp_path: Path) -> None:
-    from graftfs.sample import SampleLayer, write_layer
+    from graftfs.share.sample import SampleLayer, write_layer
 
     share = str(tmp_path / "crashed")
     base = chain("ok", 1)
     good = publish_sample_image(share, "ok:1", base)
     for i in range(300):  # half-written layers left behind by crashed publishers
         write_layer(share, SampleLayer(digest(f"layer:crashed:{i}"), None, {}), with_link=False)
-    layout = IsuladLayout([share], str(tmp_path / "rw"))
-    layout.refresh()
+    layout = isulad_view([share], str(tmp_path / "rw"))
+    layout.live.refresh()
     poll(layout)
-    assert len(layout.catalog.problems) == 300
+    assert len(layout.live.catalog.problems) == 300
     record = Path(share, "overlay-images", good, "images.json")
     record.write_text(json.dumps({**json.loads(record.read_text()), "names": ["ok:2"]}))
     late = digest("layer:crashed:299")
     Path(share, "overlay", late, "link").write_text(short_name(late))
     for _ in range(10):
         poll(layout)
-    assert layout.catalog.images[good][1].names == ("ok:2",)
-    assert late in layout.catalog.layers
+    assert layout.live.catalog.images[good][1].names == ("ok:2",)
+    assert late in layout.live.catalog.layers
 
 
 def test_sweep_is_bounded_per_poll(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import graftfs.layouts.share_tree as st
+    import graftfs.catalog.tree as tr
 
     share = str(tmp_path / "big")
     publish_sample_image(share, "big:1", chain("big", 30))
     tree = SharedTree(share)
     tree.poll(full=True)
-    monkeypatch.setattr(st, "SWEEP_BUDGET", 10)
+    monkeypatch.setattr(tr, "SWEEP_BUDGET", 10)
     checked: list[int] = []
-    real = st._entry_sig
+    real = tr.entry_sig
 
     def counting(paths: list[str]) -> object:
         checked.append(1)
         return real(paths)
 
-    monkeypatch.setattr(st, "_entry_sig", counting)
+    monkeypatch.setattr(tr, "entry_sig", counting)
     tree.poll()
     assert len(checked) == 10  # 31 entries known, 10 re-checked per poll
 
 
 def test_incremental_catalog_equals_a_full_build(demo: tuple[IsuladLayout, str, object]) -> None:
-    from graftfs.sample import SampleLayer, write_layer
+    from graftfs.share.sample import SampleLayer, write_layer
 
     layout, share, ids = demo
     parent, child = digest("layer:late-parent"), digest("layer:early-child")
     write_layer(share, SampleLayer(child, parent, {"c": b"1"}))  # published before its parent
     write_image(share, digest("image:early"), child, ["early:1"])
     poll(layout)
-    assert child not in layout.catalog.layers and digest("image:early") not in layout.catalog.images
+    assert child not in layout.live.catalog.layers and digest("image:early") not in layout.live.catalog.images
     write_layer(share, SampleLayer(parent, ids.base, {"p": b"1"}))  # type: ignore[attr-defined]
     changes = poll(layout)
-    assert child in layout.catalog.layers and digest("image:early") in layout.catalog.images
+    assert child in layout.live.catalog.layers and digest("image:early") in layout.live.catalog.images
     assert ViewChange(("overlay",), child) in changes
     assert_same_as_full_build(layout)
 
 
 def assert_same_as_full_build(layout: IsuladLayout) -> None:
-    from graftfs.layouts.isulad import build_catalog, local_layer_ids
+    from graftfs.catalog.catalog import build_catalog
 
-    full = build_catalog([t.scan for t in layout.shared], local_layer_ids(layout.rw_root))
-    inc = layout.catalog
+    full = build_catalog([t.scan for t in layout.live.shared], own_layers(rw_of(layout)))
+    inc = layout.live.catalog
     assert inc.layers == full.layers and inc.images == full.images and inc.shorts == full.shorts
     assert sorted(map(str, inc.problems)) == sorted(map(str, full.problems))
     assert [sorted(x) for x in inc.layers_by_tree] == [sorted(x) for x in full.layers_by_tree]
@@ -236,14 +247,14 @@ def assert_same_as_full_build(layout: IsuladLayout) -> None:
 def test_incremental_catalog_over_two_trees_in_any_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import random
 
-    import graftfs.layouts.isulad as isulad
-    from graftfs.sample import SampleLayer, write_layer
+    import graftfs.catalog.catalog as isulad
+    from graftfs.share.sample import SampleLayer, write_layer
 
     trees = [str(tmp_path / "t0"), str(tmp_path / "t1")]
     for t in trees:
         os.makedirs(t)
-    layout = IsuladLayout(trees, str(tmp_path / "rw"))
-    layout.refresh()
+    layout = isulad_view(trees, str(tmp_path / "rw"))
+    layout.live.refresh()
     incremental: list[bool] = []
     real_add = isulad._add_layers
     monkeypatch.setattr(isulad, "_add_layers", lambda *a: incremental.append(real_add(*a)) or incremental[-1])
@@ -256,7 +267,7 @@ def test_incremental_catalog_over_two_trees_in_any_order(tmp_path: Path, monkeyp
     assert_same_as_full_build(layout)
     write_layer(trees[1], SampleLayer(missing, None, {}))
     poll(layout)
-    assert layout.catalog.layers[waiting][0] == 0
+    assert layout.live.catalog.layers[waiting][0] == 0
     assert_same_as_full_build(layout)
     ids = [digest(f"layer:r{i}") for i in range(12)]
     steps = [(t, i) for i in range(12) for t in (0, 1) if (i + t) % 3]  # some ids in both trees
@@ -273,7 +284,7 @@ def test_slow_tree_at_start_does_not_hold_up_the_mount(tmp_path: Path, monkeypat
     slow, fast = str(tmp_path / "slow"), str(tmp_path / "fast")
     slow_image = publish_sample_image(slow, "slow:1", chain("slow", 1))
     fast_image = publish_sample_image(fast, "fast:1", chain("fast", 1))
-    layout = IsuladLayout([slow, fast], str(tmp_path / "rw"))
+    layout = isulad_view([slow, fast], str(tmp_path / "rw"))
     real_poll = SharedTree._poll
 
     def hanging(self: SharedTree, full: bool) -> object:
@@ -283,23 +294,24 @@ def test_slow_tree_at_start_does_not_hold_up_the_mount(tmp_path: Path, monkeypat
 
     monkeypatch.setattr(SharedTree, "_poll", hanging)
     started = time.monotonic()
-    assert layout.load(timeout=0.2) == [slow]
+    assert layout.live.load(timeout=0.2) == [slow]
     assert time.monotonic() - started < 0.9
-    assert fast_image in layout.catalog.images and slow_image not in layout.catalog.images
-    assert layout.poll_tree(0) is False  # the first scan still runs: polls skip
+    assert fast_image in layout.live.catalog.images and slow_image not in layout.live.catalog.images
+    assert layout.live.poll_tree(0) is False  # the first scan still runs: polls skip
     time.sleep(1.0)
-    assert layout.poll_tree(0) is True  # its late scan was never committed: the watcher is told
+    assert layout.live.poll_tree(0) is True  # its late scan was never committed: the watcher is told
     changes = poll(layout)
-    assert slow_image in layout.catalog.images
+    assert slow_image in layout.live.catalog.images
     assert ViewChange(("overlay-images",), slow_image, deep=True) in changes
 
 
 def test_unavailable_share_keeps_rw_files_reachable(demo: tuple[IsuladLayout, str, object], tmp_path: Path) -> None:
-    from graftfs.hides import HideStore
-    from graftfs.namespace import STATE_DIR, Namespace
+    from graftfs.format.names import STATE_DIR
+    from graftfs.view.hides import HideStore
+    from graftfs.view.namespace import Namespace
 
     layout, share, ids = demo
-    rw = layout.rw_root
+    rw = rw_of(layout)
     os.makedirs(os.path.join(rw, STATE_DIR), exist_ok=True)
     ns = Namespace(rw, layout, HideStore(os.path.join(rw, STATE_DIR)))
     local = ("overlay", ids.app, "diff", "app", "local.txt")  # type: ignore[attr-defined]
@@ -307,7 +319,7 @@ def test_unavailable_share_keeps_rw_files_reachable(demo: tuple[IsuladLayout, st
     Path(rw, *local).write_text("mine\n")
     os.rename(share, str(tmp_path / "share-away"))  # the share's mountpoint is gone
     poll(layout)
-    assert not layout.shared[0].available
+    assert not layout.live.shared[0].available
     assert ns.resolve(local).origin == "rw"  # served from RW though the share cannot be asked
     with pytest.raises(OSError) as exc:
         ns.resolve(("overlay", ids.app, "diff", "app", "data.txt"))  # type: ignore[attr-defined]
@@ -319,38 +331,38 @@ def test_saved_scan_starts_the_next_mount_with_only_what_changed(demo: tuple[Isu
                                                                  tmp_path: Path) -> None:
     """A mount saves its scans; the next one starts from them and checks only new or moved
     entries, so it shows exactly what a full scan shows, also after changes made meanwhile."""
-    import graftfs.layouts.share_tree as st
+    import graftfs.catalog.scan as st
 
     layout, share, ids = demo
-    rw = layout.rw_root
+    rw = rw_of(layout)
     os.makedirs(os.path.join(rw, ".graftfs"), exist_ok=True)
-    layout.save_scans()
+    layout.live.save()
     # meanwhile: one image published, one removed
     new = chain("saved-scan", 2, parent=ids.base)  # type: ignore[attr-defined]
     new_image = publish_sample_image(share, "saved/scan:1", new)
     shutil.rmtree(os.path.join(share, "overlay-images", ids.image_web))  # type: ignore[attr-defined]
     checked: list[str] = []
-    real_check = st._check_layer
+    real_check = st.check_layer
 
-    def counting(tree: str, lid: str, overlay_dir: str, record_dir: str) -> st.LayerEntry:
+    def counting(lid: str, overlay_dir: str, record_dir: str) -> st.LayerEntry:
         checked.append(lid)
-        return real_check(tree, lid, overlay_dir, record_dir)
+        return real_check(lid, overlay_dir, record_dir)
 
-    st._check_layer = counting  # type: ignore[assignment]
+    st.check_layer = counting  # type: ignore[assignment]
     try:
-        resumed = IsuladLayout([share], rw)
-        assert resumed.load(10) == []
+        resumed = isulad_view([share], rw)
+        assert resumed.live.load(10) == []
     finally:
-        st._check_layer = real_check  # type: ignore[assignment]
+        st.check_layer = real_check  # type: ignore[assignment]
     assert sorted(checked) == sorted(layer.id for layer in new)  # the known layers were not read again
-    full = IsuladLayout([share], rw)
-    full.refresh()
-    assert resumed.catalog.layers.keys() == full.catalog.layers.keys()
-    assert resumed.catalog.images.keys() == full.catalog.images.keys()
-    assert new_image in resumed.catalog.images and ids.image_web not in resumed.catalog.images  # type: ignore[attr-defined]
-    assert resumed.catalog.shorts.keys() == full.catalog.shorts.keys()
+    full = isulad_view([share], rw)
+    full.live.refresh()
+    assert resumed.live.catalog.layers.keys() == full.live.catalog.layers.keys()
+    assert resumed.live.catalog.images.keys() == full.live.catalog.images.keys()
+    assert new_image in resumed.live.catalog.images and ids.image_web not in resumed.live.catalog.images  # type: ignore[attr-defined]
+    assert resumed.live.catalog.shorts.keys() == full.live.catalog.shorts.keys()
     # a damaged snapshot is ignored: a full scan, same result
     Path(rw, ".graftfs", "scan-cache.json").write_text('{"version": 1, "trees": {"' + share + '": {"layers": 5}}}')
-    again = IsuladLayout([share], rw)
-    again.load(10)
-    assert again.catalog.images.keys() == full.catalog.images.keys()
+    again = isulad_view([share], rw)
+    again.live.load(10)
+    assert again.live.catalog.images.keys() == full.live.catalog.images.keys()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import GraftMount, Sample, needs_mount
-from graftfs.namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
+from graftfs.linux import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
 
 pytestmark = needs_mount
 

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from conftest import GraftMount, Sample, needs_mount, sh, wait_for
-from graftfs.mounts import umount
-from graftfs.sample import chain, digest, publish_sample_image, short_name
+from graftfs.node.mounts import umount
+from graftfs.share.sample import chain, digest, publish_sample_image, short_name
 
 pytestmark = needs_mount
 
@@ -272,7 +272,7 @@ def test_churn_of_1000_entries_with_a_reader(graft: GraftMount, sample: Sample, 
 
 def _publish_small(share: str, i: int, base: str) -> str:
     """An image on the share's base layer (no new layers): just an image record to move around."""
-    from graftfs.sample import write_image
+    from graftfs.share.sample import write_image
 
     image_id = digest(f"image:churn/{i}")
     write_image(share, image_id, base, [f"churn/{i}:1"])

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from graftfs.mounts import find_mount
+from graftfs.node.mounts import find_mount
 
 REPO = Path(__file__).resolve().parent.parent.parent
 VENV_PY = REPO / ".venv" / "bin" / "python"

@@ -18,7 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
-from graftfs.sample import SampleLayer, digest, publish_sample_image
+from graftfs.share.sample import SampleLayer, digest, publish_sample_image
 from graftfs_bench.common import FuseMount, drop_caches, fresh_dir, graftfs_mount, say
 from graftfs_bench.trees import build_share
 
@@ -63,7 +63,7 @@ def pct(values: list[float], q: float) -> float:
 def start_times(work: Path, share: Path, reps: int) -> dict[str, object]:
     """Mount ready time (the mount answers, the catalog loaded) and RSS: warm and cold page
     cache with a new RW tree (every entry checked), and cold with the RW tree of an earlier
-    mount (its saved scan: only what changed is checked, graftfs.layouts.scan_cache)."""
+    mount (its saved scan: only what changed is checked, graftfs.catalog.scan_cache)."""
     out: dict[str, object] = {}
     for temp in ("warm", "cold", "cold, node mounted before"):
         ready, rss = [], []

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from graftfs.sample import busybox_image_tar
+from graftfs.share.sample import busybox_image_tar
 from graftfs_bench.common import (
     GRAFTFS_ENV,
     VENV_PY,

@@ -18,7 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from graftfs.sample import SampleLayer, digest, write_image, write_layer
+from graftfs.share.sample import SampleLayer, digest, write_image, write_layer
 from graftfs_bench.common import (
     FuseMount,
     Timing,

@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from graftfs.mounts import read_runtime
-from graftfs.sample import BUSYBOX, busybox_image_tar
+from graftfs.node.mounts import read_runtime
+from graftfs.share.sample import BUSYBOX, busybox_image_tar
 from graftfs_soak.load import Load, Node, Stats, graftfs_cli, rss_kib
 
 REPO = Path(__file__).resolve().parent.parent.parent

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-from graftfs.publish import PublishError
+from graftfs.share.publish import PublishError
 from graftfs.share.state import ShareError
 
 T = TypeVar("T")

@@ -12,8 +12,8 @@ import tempfile
 import time
 
 from graftfs.cli.status import fetch_status, format_status
-from graftfs.fs import ORIGIN_XATTRS
-from graftfs.sample import build_demo
+from graftfs.format.names import ORIGIN_XATTRS
+from graftfs.share.sample import build_demo
 
 NAME = "demo"
 HELP = "build a sample share and node tree in a temp dir, mount them, show the merged layout, unmount"

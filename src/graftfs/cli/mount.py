@@ -9,8 +9,8 @@ import subprocess
 import sys
 import time
 
-from graftfs.namespace import STATE_DIR
-from graftfs.options import LAYOUTS, ConfigError, MountConfig
+from graftfs.format.names import STATE_DIR
+from graftfs.node.options import LAYOUTS, ConfigError, MountConfig
 
 NAME = "mount"
 HELP = "mount a merged view of a local RW tree and shared RO trees"
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"graftfs mount: {e}", file=sys.stderr)
         return 2
-    from graftfs import daemon  # pyfuse3 is only needed once we really mount
+    from graftfs.node import daemon  # pyfuse3 is only needed once we really mount
 
     if args.foreground:
         daemon.setup_logging(cfg.log_file, args.verbose)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from graftfs.cli.common import attempt
-from graftfs.mounts import FSTYPE, canonical, find_mount, read_runtime
+from graftfs.node.mounts import FSTYPE, canonical, find_mount, read_runtime
 from graftfs.share import pins
 
 NAME = "pin"

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from graftfs.publish import Graph, Publisher, PublishError
+from graftfs.share.publish import Graph, Publisher, PublishError
 
 NAME = "publish"
 HELP = "publish images (name or id) from a containers/storage graph into a share"

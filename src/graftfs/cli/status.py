@@ -15,8 +15,8 @@ import time
 from typing import Any
 
 from graftfs.cli.common import attempt
-from graftfs.fs import STATUS_XATTR
-from graftfs.mounts import DEAD_MOUNT_ERRNOS, FSTYPE, call_with_timeout, canonical, find_mount
+from graftfs.format.names import STATUS_XATTR
+from graftfs.node.mounts import DEAD_MOUNT_ERRNOS, FSTYPE, call_with_timeout, canonical, find_mount
 from graftfs.share.stats import format_stats, share_stats
 
 NAME = "status"

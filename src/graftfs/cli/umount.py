@@ -9,8 +9,8 @@ import signal
 import sys
 import time
 
-from graftfs.binds import unbind_all
-from graftfs.mounts import (
+from graftfs.node.binds import unbind_all
+from graftfs.node.mounts import (
     DEAD_MOUNT_ERRNOS,
     FSTYPE,
     MNT_DETACH,
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"graftfs umount: {mp} is in use ({len(foreign)} mounts below it, e.g. {foreign[0]}); "
                   "use --lazy to detach anyway", file=sys.stderr)
             return 1
-        try:  # graftfs' own binds over the view (graftfs.binds) would keep it busy
+        try:  # graftfs' own binds over the view (graftfs.node.binds) would keep it busy
             call_with_timeout(lambda: unbind_all(own), BIND_REMOVE_TIMEOUT, "removing graftfs' binds")
         except OSError as e:
             print(f"graftfs umount: {mp}: {e.strerror or e}; use --lazy to detach anyway", file=sys.stderr)

@@ -7,7 +7,7 @@ import os
 
 from graftfs.cli.common import attempt
 from graftfs.cli.pin import rw_of
-from graftfs.fs import ORIGIN_XATTRS
+from graftfs.format.names import ORIGIN_XATTRS, OVERLAY, origin_of
 from graftfs.share import pins
 
 NAME = "unpin"
@@ -21,11 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     rw = rw_of("unpin", args.graph)
-    pin_origin = f"ro:{pins.pin_tree(rw or '')}".encode()
+    pin_origin = origin_of(pins.pin_tree(rw or "")).encode()
 
     def shows_pinned(lid: str) -> bool:
         try:
-            return os.getxattr(os.path.join(args.graph, "overlay", lid), ORIGIN_XATTRS[0]) == pin_origin
+            return os.getxattr(os.path.join(args.graph, OVERLAY, lid), ORIGIN_XATTRS[0]) == pin_origin
         except OSError:
             return False  # gone from the view (the share has no copy): nothing uses the pin's
 

@@ -1,6 +1,6 @@
 """A share's own bookkeeping, beside the entries readers show: who uses what, what is retired.
 
-A share is a directory of per-entry image content (graftfs.layouts.share_tree) plus a few private
+A share is a directory of per-entry image content (graftfs.format.names, graftfs.catalog.scan) plus a few private
 directories, all named ``.graftfs-*`` so that no mount ever shows them:
 
 * ``.graftfs-share``           the marker (an empty mountpoint is never read as "no images");
@@ -14,14 +14,7 @@ directories, all named ``.graftfs-*`` so that no mount ever shows them:
 * ``.graftfs-trash/<run>/``    entries ``gc`` moved out of view (one rename each) before deleting.
 
 Every one of these is written by one writer and placed by rename: readers see a file whole or not.
+Their names are in graftfs.format.names. This package uses graftfs.format and graftfs.catalog only:
+it runs in the commands that do not mount, without pyfuse3 or trio.
 """
 
-from __future__ import annotations
-
-MARKER_NAME = ".graftfs-share"
-STAGING_DIR = ".graftfs-staging"
-RETIRED_DIR = ".graftfs-retired"
-NODES_DIR = ".graftfs-nodes"
-INTENTS_DIR = ".graftfs-intents"
-TRASH_DIR = ".graftfs-trash"
-LEASE_FILE = "lease.json"

@@ -1,6 +1,6 @@
 """``graftfs fsck --share``: is every entry of a share whole, and is anything left lying around?
 
-Entries are judged by the rules readers use (graftfs.layouts.share_tree and the catalog's chain
+Entries are judged by the rules readers use (graftfs.format.records and the catalog's chain
 checks), so a share with no problem is one every node shows in full. Entries a running publisher
 or gc is working on (named by a live intent, or in a trash directory of the last minute) are
 reported as "in progress", not as problems.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from graftfs.layouts.isulad import build_catalog
+from graftfs.catalog.catalog import build_catalog
 from graftfs.share.state import ShareState
 
 #: A trash or staging directory this recent may belong to a gc or publish that is still running.

@@ -30,8 +30,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from graftfs.share import RETIRED_DIR, STAGING_DIR, TRASH_DIR
-from graftfs.share.leases import write_file_atomically
+from graftfs.format.atomic import write_file_atomically
+from graftfs.format.names import RETIRED_DIR, STAGING_DIR, TRASH_DIR
 from graftfs.share.state import ShareError, ShareState
 
 log = logging.getLogger(__name__)

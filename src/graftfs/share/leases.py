@@ -29,7 +29,18 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-from graftfs.share import INTENTS_DIR, LEASE_FILE, MARKER_NAME, NODES_DIR
+from graftfs.format.atomic import write_file_atomically
+from graftfs.format.names import (
+    CONTAINERS_JSON,
+    IMAGES_JSON,
+    INTENTS_DIR,
+    LAYERS_JSON,
+    LEASE_FILE,
+    MARKER_NAME,
+    NODES_DIR,
+    is_id,
+)
+from graftfs.format.records import MAX_RECORD_BYTES, id_list, parse_json, read_index, read_limited, walk_chain
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +54,6 @@ INTENT_TTL = 120.0
 #: Node names are file names in the share.
 NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 NODE_ID_FILE = "node-id"
-ID_RE = re.compile(r"^[0-9a-f]{64}$")
-MAX_FILE_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -84,21 +93,6 @@ def node_id(state_dir: str) -> str:
     return name
 
 
-def write_file_atomically(path: str, text: str) -> None:
-    """Write a whole file under a temporary name, make it durable, rename it into place."""
-    tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_lease(share: str, node: str, ttl: float, layers: Iterable[str], images: Iterable[str],
                 pins: Iterable[str] = ()) -> str:
     """Renew this node's lease in one share (blocking I/O on a share: worker threads only).
@@ -116,31 +110,21 @@ def write_lease(share: str, node: str, ttl: float, layers: Iterable[str], images
     return path
 
 
-def _ids(value: object) -> frozenset[str]:
-    if not isinstance(value, list):
-        raise ValueError("an id list is not a list")
-    return frozenset(v for v in value if isinstance(v, str) and ID_RE.match(v))
-
-
 def _read_claim(kind: str, owner: str, path: str) -> Claim:
     """Parse one lease or intent file; ValueError naming what is wrong."""
-    with open(path, "rb") as f:
-        data = f.read(MAX_FILE_BYTES + 1)
-        st = os.fstat(f.fileno())
-    if len(data) > MAX_FILE_BYTES:
-        raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
-    try:
-        body = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"does not parse: {e}") from None
+    st = os.stat(path)
+    data = read_limited(path, MAX_RECORD_BYTES)
+    if len(data) > MAX_RECORD_BYTES:
+        raise ValueError(f"larger than {MAX_RECORD_BYTES} bytes")
+    body = parse_json(data, os.path.basename(path))
     if not isinstance(body, dict):
         raise ValueError("is not a JSON object")
     ttl = body.get("ttl")
     if not isinstance(ttl, (int, float)) or not 0 < ttl <= 30 * 86400:
         raise ValueError(f"ttl {str(ttl)[:20]!r} is not a number of seconds")
     staging = body.get("staging", "")
-    return Claim(kind, owner, path, st.st_mtime, float(ttl), _ids(body.get("layers", [])),
-                 _ids(body.get("images", [])), _ids(body.get("pins", [])),
+    return Claim(kind, owner, path, st.st_mtime, float(ttl), id_list(body.get("layers", [])),
+                 id_list(body.get("images", [])), id_list(body.get("pins", [])),
                  staging if isinstance(staging, str) else "", str(body.get("host", ""))[:200])
 
 
@@ -219,22 +203,6 @@ def intent(share: str, layers: Iterable[str], images: Iterable[str], staging: st
 
 # -- what a node uses, from the runtime's own state in its RW tree ---------------------------------
 
-def _records(path: str) -> list[dict[str, object]]:
-    """A runtime index file's records; [] when missing or unreadable (logged by the caller's
-    next renewal; an unparseable file keeps the previous lease, see LeaseKeeper)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return []
-    if not data.strip():
-        return []
-    body = json.loads(data.decode("utf-8"))
-    if not isinstance(body, list):
-        raise ValueError(f"{path} is not a JSON array")
-    return [r for r in body if isinstance(r, dict)]
-
-
 def in_use(rw_root: str, shared_parents: Mapping[str, str | None], shared_tops: Mapping[str, str | None],
            pinned: Iterable[str] = ()) -> tuple[set[str], set[str]]:
     """The shared layers and images this node uses: every ancestor of the node's own layers
@@ -242,32 +210,31 @@ def in_use(rw_root: str, shared_parents: Mapping[str, str | None], shared_tops: 
     made from with their layers, and pinned images. ``shared_parents`` maps each shared layer to
     its parent, ``shared_tops`` each shared image to its top layer. ValueError when one of the
     runtime's files does not parse (the caller keeps the lease it had)."""
-    layers = _records(os.path.join(rw_root, "overlay-layers", "layers.json"))
-    images = _records(os.path.join(rw_root, "overlay-images", "images.json"))
-    containers = _records(os.path.join(rw_root, "overlay-containers", "containers.json"))
+    layers = read_index(os.path.join(rw_root, *LAYERS_JSON))
+    images = read_index(os.path.join(rw_root, *IMAGES_JSON))
+    containers = read_index(os.path.join(rw_root, *CONTAINERS_JSON))
     # what the node holds itself (its own copy of a layer or image it also published) needs no lease
     local_parent = {str(r.get("id")): r.get("parent") for r in layers}
     local_images = {str(i.get("id")) for i in images}
     # a container's image counts even when the share retired it (it is then in no catalog)
     used_images = {str(c.get("image")) for c in containers}
-    used_images = {i for i in used_images if ID_RE.match(i)}
+    used_images = {i for i in used_images if is_id(i)}
     used_images |= {i for i in pinned if i in shared_tops}
     used_images -= local_images
     starts: list[object] = [r.get("parent") for r in layers]
     starts += [i.get("layer") for i in images]  # local images on shared layers (pulled or built here)
     starts += [c.get("layer") for c in containers]
     starts += [shared_tops.get(i) for i in used_images]
+
+    def parent_of(lid: str) -> str | None:
+        parent = local_parent[lid] if lid in local_parent else shared_parents.get(lid)
+        return parent if isinstance(parent, str) else None
+
     used_layers: set[str] = set()
     for start in starts:
-        cur = start if isinstance(start, str) else None
-        steps = 0
-        while cur and cur not in used_layers and steps < 10000:
-            steps += 1
-            if cur in local_parent:
-                nxt = local_parent[cur]
-            else:
-                nxt = shared_parents.get(cur)
-                if cur in shared_parents:
-                    used_layers.add(cur)
-            cur = nxt if isinstance(nxt, str) else None
+        for lid in walk_chain(start if isinstance(start, str) else None, parent_of):
+            if lid in used_layers:
+                break  # its ancestors are counted already
+            if lid not in local_parent and lid in shared_parents:
+                used_layers.add(lid)
     return used_layers, used_images

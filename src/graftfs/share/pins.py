@@ -18,12 +18,11 @@ import os
 import time
 from collections.abc import Callable
 
-from graftfs.layouts import STATE_DIR_NAME
-from graftfs.layouts.containers_storage import read_records
-from graftfs.publish import Graph, ImageResult, Meter, Progress, Publisher
-from graftfs.share import MARKER_NAME
+from graftfs.format.names import MARKER_NAME, STATE_DIR
+from graftfs.format.records import graph_layer_ids
 from graftfs.share.gc import Collector, Plan, plan, unpublish
 from graftfs.share.leases import Claim, in_use
+from graftfs.share.publish import Graph, ImageResult, Meter, Progress, Publisher
 from graftfs.share.state import ShareError, ShareState
 
 PINS_DIR = "pins"
@@ -31,7 +30,7 @@ PIN_MARKER_TEXT = "graftfs pin tree v1\n"
 
 
 def pin_tree(rw_root: str) -> str:
-    return os.path.join(rw_root, STATE_DIR_NAME, PINS_DIR)
+    return os.path.join(rw_root, STATE_DIR, PINS_DIR)
 
 
 def ensure_pin_tree(rw_root: str) -> str:
@@ -58,7 +57,7 @@ def pin(mountpoint: str, rw_root: str, refs: list[str], progress: Progress | Non
     are not copied). PublishError when an image cannot be found or copied."""
     tree = ensure_pin_tree(rw_root)
     graph = Graph.load(mountpoint)
-    local = rw_records(rw_root)
+    local = graph_layer_ids(rw_root)
     return [Publisher(graph, tree, progress, meter, local=local).publish(ref) for ref in refs]
 
 
@@ -89,11 +88,6 @@ def collect_pins(rw_root: str, say: Callable[[str], None],
 
 def _local_claim(now: float, layers: set[str], images: set[str]) -> Claim:
     return Claim("local", "this node", "", now, 1.0, frozenset(layers), frozenset(images))
-
-
-def rw_records(rw_root: str) -> set[str]:
-    """Layer ids the node holds itself (a pin never copies them)."""
-    return {str(r.get("id")) for r in read_records(os.path.join(rw_root, "overlay-layers", "layers.json"))}
 
 
 #: How long the copies of unpinned layers wait for the view to let go of them.

@@ -1,6 +1,6 @@
 """One read of a whole share, as ``gc``, ``fsck``, ``unpublish`` and ``status --share`` need it.
 
-The entries are judged by the same code readers use (graftfs.layouts.share_tree), so "complete"
+The entries are judged by the same code readers use (graftfs.format.records, graftfs.catalog.scan), so "complete"
 means here exactly what it means to a mounted node. Times are compared with the *share's* clock
 (the mtime of a file just written there), not this host's: leases are stamped by the server too.
 """
@@ -14,19 +14,10 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from graftfs.layouts.share_tree import (
-    ID_RE,
-    IMAGES,
-    LAYERS,
-    OVERLAY,
-    TreeScan,
-    layer_chain,
-    match_image_ref,
-    record_names,
-    recorded_size,
-    scan_tree,
-)
-from graftfs.share import MARKER_NAME, RETIRED_DIR, STAGING_DIR, TRASH_DIR
+from graftfs.catalog.scan import TreeScan, scan_tree
+from graftfs.format.names import IMAGES, LAYERS, MARKER_NAME, OVERLAY, RETIRED_DIR, STAGING_DIR, TRASH_DIR, is_id
+from graftfs.format.records import layer_chain, record_names
+from graftfs.format.refs import match_image_ref
 from graftfs.share.leases import Claim, read_claims
 
 
@@ -59,7 +50,7 @@ class ShareState:
         claims, problems = read_claims(root)
         scan = scan_tree(root)
         state = cls(root, scan, claims, problems, now)
-        state.retired_at = _mtimes(os.path.join(root, RETIRED_DIR), lambda n: bool(ID_RE.match(n)))
+        state.retired_at = _mtimes(os.path.join(root, RETIRED_DIR), is_id)
         state.staging = _mtimes(os.path.join(root, STAGING_DIR), lambda n: not n.startswith("."))
         state.trash = _mtimes(os.path.join(root, TRASH_DIR), lambda n: not n.startswith("."))
         return state
@@ -89,7 +80,8 @@ class ShareState:
 
     def layer_bytes(self, lid: str) -> int:
         """A layer's size as its record says (``diff-size``: the uncompressed tar); 0 unknown."""
-        return recorded_size(self.scan.layers.get(lid))
+        entry = self.scan.layers.get(lid)
+        return entry.size if entry is not None else 0
 
     def entry_age(self, kind: str, eid: str) -> float:
         """Seconds since an entry's directories last changed (placed by rename, or written),

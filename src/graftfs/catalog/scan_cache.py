@@ -15,7 +15,10 @@ import logging
 import os
 from typing import Any
 
-from graftfs.layouts.share_tree import ID_RE, MANAGED_DIRS, ImageEntry, LayerEntry, Problem, Sig, TreeScan
+from graftfs.catalog.scan import Sig, TreeScan
+from graftfs.format.atomic import write_file_atomically
+from graftfs.format.names import MANAGED_DIRS, is_id
+from graftfs.format.records import ImageEntry, LayerEntry, Problem
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ def _within(root: str, path: object) -> str:
 
 
 def _id(value: object) -> str:
-    if not isinstance(value, str) or not ID_RE.match(value):
+    if not isinstance(value, str) or not is_id(value):
         raise ValueError(f"{str(value)[:80]!r} is not an id")
     return value
 
@@ -110,14 +113,8 @@ def scan_from_json(root: str, data: dict[str, Any]) -> TreeScan:
 def save(state_dir: str, scans: list[TreeScan]) -> None:
     """Write the snapshot atomically (a crash leaves the previous one or none)."""
     path = os.path.join(state_dir, FILE_NAME)
-    tmp = path + ".tmp"
     body = {"version": VERSION, "trees": {s.root: scan_to_json(s) for s in scans}}
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w",
-                   encoding="utf-8") as f:
-        json.dump(body, f, separators=(",", ":"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_file_atomically(path, json.dumps(body, separators=(",", ":")), mode=0o600)
 
 
 def load(state_dir: str, roots: list[str]) -> dict[str, TreeScan]:

@@ -2,13 +2,13 @@
 
 containers/storage decides whether to reload layers.json or images.json by comparing the first
 64 bytes of layers.lock or images.lock (the "last writer" token every writer stores there) with
-what it saw last (DESIGN.md section 4). A long-running client (CRI-O, `podman system service`)
+what it saw last. A long-running client (CRI-O, `podman system service`)
 therefore sees a change of the share only if the token changes. So after each change of the
 share's part of the view, graftfs writes a fresh token, the way a writer does, holding the
 file's write lock (a POSIX record lock, as the runtime takes it) so that it never lands between
 a writer's read and its own token write: the writer then reloads too.
 
-A lock file reaches its backing file directly (a link, see Namespace._direct), so the token on
+A lock file reaches its backing file directly (a link, see graftfs.view.namespace), so the token on
 disk is the only channel. A fresh lock file also gets a token at once: containers/storage 1.43
 takes a file shorter than the token as "changed" on every lock and reloads each time.
 """
@@ -22,7 +22,7 @@ import os
 import secrets
 import time
 
-from graftfs.layouts.share_tree import IMAGES, LAYERS
+from graftfs.format.names import IMAGES, LAYERS
 
 log = logging.getLogger(__name__)
 

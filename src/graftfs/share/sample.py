@@ -16,7 +16,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from graftfs.layouts.isulad import IMAGES, LAYERS, OVERLAY, REMOTE_RO_DIR, SHORT_DIR
+from graftfs.format.names import IMAGE_RECORD, IMAGES, LAYER_RECORD, LAYERS, OVERLAY, REMOTE_RO_DIR, SHORT_DIR
 
 
 def digest(text: str) -> str:
@@ -65,7 +65,7 @@ def write_layer(root: str, layer: SampleLayer, *, remote_ro: bool = False, with_
             "diff-size": size, "compressed-diff-digest": f"sha256:{digest('tgz' + layer.id)}",
             "compressed-size": size, "compression": 2,
         }).encode()
-    with open(os.path.join(ldir, "layer.json"), "wb") as f:
+    with open(os.path.join(ldir, LAYER_RECORD), "wb") as f:
         f.write(record)
     if not remote_ro:
         links = os.path.join(root, OVERLAY, SHORT_DIR)
@@ -98,7 +98,7 @@ def write_image(root: str, image_id: str, top_layer: str, names: list[str],
             "metadata": "{}", "big-data-names": ["manifest", config_key],
             "created": "2026-11-01T00:00:00Z", "loaded": "2026-11-01T00:00:00Z",
         }).encode()
-    with open(os.path.join(idir, "images.json"), "wb") as f:
+    with open(os.path.join(idir, IMAGE_RECORD), "wb") as f:
         f.write(record)
     with open(os.path.join(idir, "manifest"), "wb") as f:
         f.write(manifest)
@@ -187,7 +187,7 @@ BUSYBOX_APPLETS = ("sh", "echo", "cat", "ls", "rm", "touch", "dd", "sha256sum", 
 
 def busybox_image_tar(workdir: str) -> str:
     """A tiny container image without a registry: a busybox-static rootfs tarred for
-    ``podman import`` (DESIGN.md section 5). Returns the tar's path inside ``workdir``."""
+    ``podman import`` (a registry is not needed). Returns the tar's path inside ``workdir``."""
     root = os.path.join(workdir, "rootfs")
     os.makedirs(os.path.join(root, "bin"))
     shutil.copy(BUSYBOX, os.path.join(root, "bin", "busybox"))

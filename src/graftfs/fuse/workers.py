@@ -24,7 +24,7 @@ from typing import ParamSpec, TypeVar
 
 import trio
 
-from graftfs.errors import BackingTimeout
+from graftfs.fuse.errors import BackingTimeout
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -20,15 +20,15 @@ import logging
 import os
 import stat
 
-from graftfs.lock_tokens import LOCK_FILES, TOKEN_BYTES, write_token_fd
-from graftfs.mounts import MNT_DETACH, bind_mount, find_mount, umount
+from graftfs.node.mounts import MNT_DETACH, bind_mount, find_mount, umount
+from graftfs.view.lock_tokens import LOCK_FILES, TOKEN_BYTES, write_token_fd
 
 log = logging.getLogger(__name__)
 
 VPath = tuple[str, ...]
 
 #: The runtime's node-local directories (containers/storage, podman); its lock files are
-#: graftfs.lock_tokens.LOCK_FILES.
+#: graftfs.view.lock_tokens.LOCK_FILES.
 BIND_DIRS: tuple[VPath, ...] = (("libpod",), ("overlay-containers",))
 
 
@@ -42,7 +42,7 @@ def _prepare(rw_root: str, vpath: VPath, is_dir: bool) -> str:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         if os.fstat(fd).st_size < TOKEN_BYTES:
-            write_token_fd(fd)  # never shorter than a token (graftfs.lock_tokens)
+            write_token_fd(fd)  # never shorter than a token (graftfs.view.lock_tokens)
     finally:
         os.close(fd)
     return path

@@ -1,7 +1,7 @@
 """Publishing images from a node's graph into a share, so that every node can use them.
 
 The share keeps one directory per layer and per image (the per-entry shape read by
-graftfs.layouts.share_tree). An entry becomes visible to readers only when it is complete, so
+graftfs.catalog.scan). An entry becomes visible to readers only when it is complete, so
 each one is first written in full to a staging directory on the share itself, then renamed into
 place: layers bottom-up (the overlay directory, then its record), the image record last. A
 publisher killed half-way leaves staging debris (invisible to readers, cleaned up by a re-run)
@@ -14,21 +14,32 @@ plain or a graftfs mount.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import os
 import shutil
-import signal
 import subprocess
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from graftfs.layouts import MARKER_NAME
-from graftfs.layouts.containers_storage import read_records
-from graftfs.layouts.share_tree import ID_RE, IMAGES, LAYERS, MANAGED_DIRS, OVERLAY, match_image_ref, record_names
-from graftfs.share import STAGING_DIR, leases
+from graftfs.format.atomic import write_file_atomically
+from graftfs.format.names import (
+    ID_RE,
+    IMAGE_RECORD,
+    IMAGES,
+    IMAGES_JSON,
+    LAYER_RECORD,
+    LAYERS,
+    LAYERS_JSON,
+    MANAGED_DIRS,
+    MARKER_NAME,
+    OVERLAY,
+    STAGING_DIR,
+)
+from graftfs.format.records import read_index, record_names
+from graftfs.format.refs import match_image_ref
+from graftfs.linux import die_with_parent
+from graftfs.share import leases
 from graftfs.share.gc import reinstate
 
 MARKER_TEXT = "graftfs share v1\n"
@@ -77,8 +88,8 @@ class Graph:
         if not os.path.isdir(os.path.join(root, LAYERS)):
             raise PublishError(f"{root} is not a containers/storage graph (no {LAYERS}/)")
         try:
-            layers = read_records(os.path.join(root, LAYERS, "layers.json"))
-            images = read_records(os.path.join(root, IMAGES, "images.json"))
+            layers = read_index(os.path.join(root, *LAYERS_JSON))
+            images = read_index(os.path.join(root, *IMAGES_JSON))
         except ValueError as e:
             raise PublishError(str(e)) from None
         return cls(root, {str(r.get("id")): r for r in layers}, images)
@@ -149,12 +160,7 @@ class Publisher:
         elif any(os.path.exists(os.path.join(self.share, d)) for d in MANAGED_DIRS):
             pass  # a share without a marker (written by iSulad): publish into it as it is
         else:
-            tmp = os.path.join(self.share, f"{MARKER_NAME}.{uuid.uuid4().hex}")
-            with open(tmp, "w") as f:
-                f.write(MARKER_TEXT)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, os.path.join(self.share, MARKER_NAME))
+            write_file_atomically(os.path.join(self.share, MARKER_NAME), MARKER_TEXT)
         for d in MANAGED_DIRS:
             os.makedirs(os.path.join(self.share, d), exist_ok=True)
         os.makedirs(self.staging, exist_ok=True)
@@ -167,7 +173,7 @@ class Publisher:
             return LayerResult(lid, "local")
         overlay_dst = os.path.join(self.share, OVERLAY, lid)
         record_dst = os.path.join(self.share, LAYERS, lid)
-        if os.path.exists(os.path.join(overlay_dst, "link")) and os.path.exists(os.path.join(record_dst, "layer.json")):
+        if os.path.exists(os.path.join(overlay_dst, "link")) and os.path.exists(os.path.join(record_dst, LAYER_RECORD)):
             return LayerResult(lid, "already published")
         src = os.path.join(self.graph.root, OVERLAY, lid)
         stage = os.path.join(self.staging, f"{lid}.{uuid.uuid4().hex[:8]}")  # a layer may be staged twice
@@ -178,7 +184,7 @@ class Publisher:
         self._write_lower(record, os.path.join(stage, "overlay"))
         rec_dir = os.path.join(stage, "record")
         os.mkdir(rec_dir)
-        _write_json(os.path.join(rec_dir, "layer.json"), record)
+        _write_json(os.path.join(rec_dir, LAYER_RECORD), record)
         tar_split = os.path.join(self.graph.root, LAYERS, f"{lid}.tar-split.gz")
         if os.path.exists(tar_split):
             shutil.copyfile(tar_split, os.path.join(rec_dir, f"{lid}.tar-split.gz"))
@@ -230,7 +236,7 @@ class Publisher:
     def _image(self, record: Record) -> str:
         iid = str(record["id"])
         dst = os.path.join(self.share, IMAGES, iid)
-        if os.path.exists(os.path.join(dst, "images.json")):
+        if os.path.exists(os.path.join(dst, IMAGE_RECORD)):
             return "already published"
         stage = os.path.join(self.staging, iid)
         src = os.path.join(self.graph.root, IMAGES, iid)
@@ -239,7 +245,7 @@ class Publisher:
             shutil.copytree(src, stage, symlinks=False)
         else:
             os.makedirs(stage)
-        _write_json(os.path.join(stage, "images.json"), record)
+        _write_json(os.path.join(stage, IMAGE_RECORD), record)
         _sync_tree(stage)
         return "published" if _place(stage, dst) else "already published"
 
@@ -261,7 +267,7 @@ def _copy_overlay_dir(src: str, dst: str, meter: Meter | None = None, expected: 
     diff = os.path.realpath(os.path.join(src, "diff"))
     with subprocess.Popen(["cp", "-a", "--preserve=xattr", "--", diff, os.path.join(dst, "diff")],
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent) as cp:
+                          stdin=subprocess.DEVNULL, preexec_fn=die_with_parent) as cp:
         while meter is not None:
             try:
                 cp.wait(METER_INTERVAL)
@@ -276,15 +282,6 @@ def _copy_overlay_dir(src: str, dst: str, meter: Meter | None = None, expected: 
     if meter is not None:
         meter(size, max(size, expected))
     return size
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGKILL when the publisher dies (a killed publish stops copying)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _tree_bytes(path: str) -> int:

@@ -4,15 +4,15 @@ Two sources of change, one pipeline:
 
 * Shared (RO) trees. Network filesystems report no other client's changes through inotify, so
   each tree is polled (``-o poll=SECONDS``, default 0.5 s) by its own task: a poll costs a few
-  opens and stats (graftfs.layouts.share_tree). Trees on local filesystems are also watched with
+  opens and stats (graftfs.catalog.tree). Trees on local filesystems are also watched with
   inotify, which only wakes their poller early, so a local change shows at once. A tree that
   hangs holds up only its own task.
 * The node's RW tree. Every directory with an RW part that the kernel knows of is watched with
-  inotify (added as the kernel learns of it, graftfs.fs.GraftOperations.on_rw_dir): the kernel
+  inotify (added as the kernel learns of it: the FUSE adapter calls ``watch_rw_dir``): the kernel
   can only hold stale entries for names in directories it has seen.
 
-A change found in a shared tree makes the layout rebuild its catalog (``commit``) and list the
-view names that differ; the kernel is then told about exactly those names (graftfs.kernel_cache).
+A change found in a shared tree makes the live catalog rebuild itself (``commit``) and the layout
+list the view names that differ; the kernel is then told about exactly those names (graftfs.fuse.kernel_cache).
 The view generation is bumped around every change, so that a lookup answered from the old state
 while the change was applied is cached only briefly.
 """
@@ -27,18 +27,18 @@ import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import trio
 
-from graftfs.errors import BackingTimeout
-from graftfs.inodes import InodeTable, Node
-from graftfs.inotify import IN_IGNORED, IN_ISDIR, Event, Inotify, is_local_fs
-from graftfs.kernel_cache import KernelCache
-from graftfs.layouts import ViewChange
-from graftfs.layouts.share_tree import probe_paths
-from graftfs.lock_tokens import LOCK_WAIT_SECONDS
-from graftfs.workers import Workers, guarded
+from graftfs.catalog.live import LiveCatalog
+from graftfs.catalog.scan import probe_paths
+from graftfs.fuse.errors import BackingTimeout
+from graftfs.fuse.inodes import InodeTable, Node
+from graftfs.fuse.inotify import IN_IGNORED, IN_ISDIR, Event, Inotify, is_local_fs
+from graftfs.fuse.kernel_cache import KernelCache, ViewGeneration
+from graftfs.fuse.workers import Workers, guarded
+from graftfs.view.layout import Layout, ViewChange
+from graftfs.view.lock_tokens import LOCK_WAIT_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +51,6 @@ KICK_DEBOUNCE = 0.01
 RESTART_DELAY = 1.0
 #: Attempts at telling the kernel about one batch of changes before giving up on it.
 APPLY_ATTEMPTS = 3
-
-
-class WatchedLayout(Protocol):
-    trees: list[str]
-
-    def poll_tree(self, tree: int) -> bool: ...
-    def commit(self) -> tuple[int, list[ViewChange]]: ...
-    def ack(self, seq: int) -> None: ...
-    def announce(self) -> None: ...
-
-
-class Generation(Protocol):
-    generation: int
 
 
 @dataclass
@@ -82,12 +69,24 @@ class ChangeRecord:
 
 
 class Watcher:
-    def __init__(self, layout: WatchedLayout, inodes: InodeTable, kernel: KernelCache, view: Generation,
-                 workers: Workers, interval: float = DEFAULT_POLL_INTERVAL, share_inotify: bool = True) -> None:
+    """Keeps ``live`` current and the kernel told, for a mount whose layout presents it.
+
+    ``rw_root`` is the node's RW tree (its directories are watched as the kernel learns of
+    them); ``generation`` is shared with the FUSE adapter, which caches briefly what it answered
+    across a bump. The adapter calls ``watch_rw_dir``, ``forget_rw_dir`` and ``stale_entry``
+    (graftfs.fuse.operations.ViewListener).
+    """
+
+    def __init__(self, live: LiveCatalog, layout: Layout, rw_root: str, inodes: InodeTable, kernel: KernelCache,
+                 generation: ViewGeneration, workers: Workers, interval: float = DEFAULT_POLL_INTERVAL,
+                 share_inotify: bool = True) -> None:
+        self.live = live
         self.layout = layout
+        self.rw_root = rw_root
+        self.trees = live.trees
         self.inodes = inodes
         self.kernel = kernel
-        self.view = view
+        self.generation = generation
         self.workers = workers
         self.interval = interval
         self.share_inotify = share_inotify
@@ -100,7 +99,7 @@ class Watcher:
         self._stale: list[ViewChange] = []
         self._stale_wanted = trio.Event()
         self._announce_wanted = trio.Event()
-        self._kicks = [trio.Event() for _ in layout.trees]
+        self._kicks = [trio.Event() for _ in live.trees]
         self._rw_dirs: dict[int, Node] = {}  # inotify wd -> directory node
         self._ro_dirs: dict[int, int] = {}  # inotify wd -> index of the shared tree
         self._local_trees: set[int] = set()
@@ -149,11 +148,11 @@ class Watcher:
             nursery.start_soon(self._guard("lock tokens", self._announce_loop))
             if self.inotify is not None:
                 nursery.start_soon(self._guard("inotify", self._inotify_loop))
-            for tree in range(len(self.layout.trees)):
-                nursery.start_soon(self._guard(f"poll {self.layout.trees[tree]}", self._tree_loop, tree))
+            for tree, root in enumerate(self.trees):
+                nursery.start_soon(self._guard(f"poll {root}", self._tree_loop, tree))
 
     def _guard(self, what: str, loop: Callable[..., Awaitable[None]], *args: object) -> Callable[[], Awaitable[None]]:
-        """A watcher loop as a guarded task (graftfs.workers.guarded): failures are counted."""
+        """A watcher loop as a guarded task (graftfs.fuse.workers.guarded): failures are counted."""
         return functools.partial(guarded, f"watcher {what}", functools.partial(loop, *args), RESTART_DELAY,
                                  self._count_failure)
 
@@ -181,12 +180,12 @@ class Watcher:
             self.inotify = None
 
     def bump(self) -> None:
-        self.view.generation += 1
+        self.generation.bump()
 
     # -- shared trees ------------------------------------------------------------------------
 
     async def _tree_loop(self, tree: int) -> None:
-        root = self.layout.trees[tree]
+        root = self.trees[tree]
         try:
             if self.share_inotify and await self.workers.run_thread(is_local_fs, root):
                 self._local_trees.add(tree)
@@ -201,7 +200,7 @@ class Watcher:
             self._kicks[tree] = trio.Event()
             started = time.monotonic()
             try:
-                found = await self.workers.run_thread(self.layout.poll_tree, tree)
+                found = await self.workers.run_thread(self.live.poll_tree, tree)
             except BackingTimeout as e:
                 log.warning("polling %s: %s", root, e.strerror)
                 continue
@@ -215,7 +214,7 @@ class Watcher:
         """Watch a local shared tree's probe directories with inotify (they only wake the poller)."""
         if self.inotify is None:
             return
-        for path in probe_paths(self.layout.trees[tree]):
+        for path in probe_paths(self.trees[tree]):
             try:
                 wd = await self.workers.run_thread(self.inotify.add, path)
             except OSError:
@@ -233,7 +232,7 @@ class Watcher:
             since, self._pending_since = self._pending_since or time.monotonic(), None
             self.bump()  # lookups racing with the catalog swap get short cache times
             try:
-                seq, changes = await self.workers.run_thread(self.layout.commit)
+                seq, changes = await self.workers.run_thread(self._commit)
             except Exception as e:
                 # nothing is lost: an unacknowledged commit's changes are reported again
                 log.error("rebuilding the catalog failed (%s); retrying in %g s", e, RESTART_DELAY)
@@ -242,12 +241,17 @@ class Watcher:
                 continue
             self.bump()
             if await self._apply("share", changes, since):
-                self.layout.ack(seq)
+                self.live.ack(seq)
                 if changes:
                     self._announce_wanted.set()
 
+    def _commit(self) -> tuple[int, list[ViewChange]]:
+        """A new catalog, and the view names that changed since the kernel was last told."""
+        seq, diff = self.live.commit()
+        return seq, self.layout.view_changes(diff)
+
     async def _announce_loop(self) -> None:
-        """Let the runtime's long-running clients know (lock tokens: graftfs.lock_tokens), in a
+        """Let the runtime's long-running clients know (lock tokens: graftfs.view.lock_tokens), in a
         task of its own: a client may hold a lock file for seconds (a pull), and commits must
         not wait for that. Changes arriving meanwhile are announced once, afterwards."""
         while True:
@@ -338,7 +342,7 @@ class Watcher:
         stack = [(node, vpath)]
         while stack:
             dnode, dpath = stack.pop()
-            path = self.kernel.ns.rw_path(dpath)
+            path = os.path.join(self.rw_root, *dpath)
             if dnode.wd == 0:
                 self.watch_rw_dir(dnode, path)
             try:
@@ -368,13 +372,13 @@ class Watcher:
     def status(self) -> dict[str, object]:
         lat = sorted(self.latencies_ms)
         out: dict[str, object] = {
-            "generation": self.view.generation,
+            "generation": self.generation.value,
             "poll_interval": self.interval,
             "changes_applied": self.changes_applied,
             "failures": self.failures,
             "kernel_notifications": self.kernel.notified,
             "inotify_watches": len(self._rw_dirs) + len(self._ro_dirs),
-            "local_shared_trees": sorted(self.layout.trees[t] for t in self._local_trees),
+            "local_shared_trees": sorted(self.trees[t] for t in self._local_trees),
         }
         if self.last_change is not None:
             out["last_change"] = self.last_change.as_dict()

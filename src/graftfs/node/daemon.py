@@ -17,24 +17,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyfuse3
 import trio
 
-from graftfs import __version__, binds
-from graftfs.fs import GraftOperations
-from graftfs.hides import HideStore
-from graftfs.inotify import is_local_fs
-from graftfs.kernel_cache import KernelCache
-from graftfs.layouts import PlainLayout
-from graftfs.layouts.containers_storage import ContainersStorageLayout
-from graftfs.layouts.isulad import IsuladLayout
-from graftfs.mounts import find_mount, remove_runtime, write_runtime
-from graftfs.namespace import STATE_DIR, Layout, Namespace
-from graftfs.options import ConfigError, MountConfig
+from graftfs import __version__
+from graftfs.format.names import LAYERS_JSON, STATE_DIR
+from graftfs.fuse import session
+from graftfs.fuse.inodes import InodeTable
+from graftfs.fuse.inotify import is_local_fs
+from graftfs.fuse.kernel_cache import KernelCache, ViewGeneration
+from graftfs.fuse.operations import GraftOperations
+from graftfs.fuse.watcher import Watcher
+from graftfs.fuse.workers import Workers, all_local, guarded
+from graftfs.node import binds
+from graftfs.node.keeper import LeaseKeeper
+from graftfs.node.mounts import find_mount, remove_runtime, write_runtime
+from graftfs.node.options import ConfigError, MountConfig
 from graftfs.share import leases, pins
-from graftfs.share.keeper import LeaseKeeper
-from graftfs.watcher import Watcher
-from graftfs.workers import Workers, all_local, guarded
+from graftfs.view.containers_storage import ContainersStorageLayout, containers_storage_catalog
+from graftfs.view.hides import HideStore
+from graftfs.view.isulad import IsuladLayout, isulad_catalog
+from graftfs.view.layout import Layout
+from graftfs.view.namespace import Namespace
+from graftfs.view.plain import PlainLayout
 
 log = logging.getLogger(__name__)
 
@@ -45,29 +49,30 @@ def detect_layout(cfg: MountConfig) -> str:
         return cfg.layout
     assert cfg.rw is not None
     for tree in [cfg.rw, *cfg.ro]:
-        if os.path.exists(os.path.join(tree, "overlay-layers", "layers.json")):
+        if os.path.exists(os.path.join(tree, *LAYERS_JSON)):
             return "containers-storage"
     return "isulad"
 
 
 def make_layout(name: str, cfg: MountConfig) -> Layout:
+    """The presenter for layout ``name``, its catalog loaded (a share that does not answer within
+    ``timeout=`` starts out empty rather than holding up the mount)."""
     assert cfg.rw is not None
-    if name in ("isulad", "containers-storage"):
-        if name == "isulad":
-            layout = IsuladLayout(cfg.ro, cfg.rw)
-        else:
-            # the node's pinned copies come first: they win over the shares' (graftfs.share.pins)
-            layout = ContainersStorageLayout([pins.ensure_pin_tree(cfg.rw), *cfg.ro], cfg.rw)
-            layout.pin_tree = 0
-        if cfg.direct is not None:
-            layout.direct = cfg.direct
-        for root in layout.load(cfg.timeout):
+    layout: Layout
+    if name == "isulad":
+        layout = IsuladLayout(isulad_catalog(cfg.ro, cfg.rw), direct=bool(cfg.direct))
+    elif name == "containers-storage":
+        live = containers_storage_catalog(cfg.ro, cfg.rw, pins.ensure_pin_tree(cfg.rw))
+        layout = ContainersStorageLayout(live, cfg.rw, direct=cfg.direct is not False)
+    elif name == "plain":
+        layout = PlainLayout(cfg.ro)
+    else:
+        raise ConfigError(f"layout {name!r} is not supported by this version of graftfs yet")
+    if layout.live is not None:
+        for root in layout.live.load(cfg.timeout):
             log.error("shared tree %s did not answer within %g s: mounting with it empty; its images show "
                       "once it answers", root, cfg.timeout)
-        return layout
-    if name == "plain":
-        return PlainLayout(cfg.ro)
-    raise ConfigError(f"layout {name!r} is not supported by this version of graftfs yet")
+    return layout
 
 
 def check_mountable(cfg: MountConfig) -> None:
@@ -84,12 +89,12 @@ def build_namespace(cfg: MountConfig) -> Namespace:
     state_dir = os.path.join(cfg.rw, STATE_DIR)
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     layout = make_layout(detect_layout(cfg), cfg)
-    ns = Namespace(cfg.rw, layout, HideStore(state_dir))
+    # calls stuck past the mount's time limit: further calls on that tree fail at once
+    ns = Namespace(cfg.rw, layout, HideStore(state_dir), hang_after=cfg.timeout)
     ns.sweep_tmp()
-    if isinstance(layout, IsuladLayout):
-        # the share may have changed while unmounted; briefly: a client holding a lock now gets
-        # the token beside it (it reloads once more)
-        layout.announce(wait=1.0)
+    # the share may have changed while unmounted; briefly: a client holding a lock now gets the
+    # token beside it (it reloads once more)
+    layout.announce(wait=1.0)
     return ns
 
 
@@ -104,7 +109,7 @@ def setup_logging(log_file: str | None, verbose: bool = False) -> None:
 
 @dataclass
 class BindState:
-    """The daemon's bind mounts over its own view (graftfs.binds)."""
+    """The daemon's bind mounts over its own view (graftfs.node.binds)."""
 
     wanted: bool
     rw_root: str
@@ -148,7 +153,7 @@ async def _serve(watcher: Watcher | None, bound: BindState, workers: Workers, tr
                 async for signum in signals:
                     log.info("signal %d: unmounting", signum)
                     await bound.remove()  # they would keep the mount busy
-                    pyfuse3.terminate()
+                    session.stop()
                     return
 
         nursery.start_soon(stop_on_signal)
@@ -158,25 +163,38 @@ async def _serve(watcher: Watcher | None, bound: BindState, workers: Workers, tr
             nursery.start_soon(watcher.run)
         if keeper is not None:
             nursery.start_soon(guarded, "leases", keeper.run, 2.0)
-        await pyfuse3.main(min_tasks=4, max_tasks=64)
+        await session.serve()
         nursery.cancel_scope.cancel()
 
 
 def make_keeper(cfg: MountConfig, ns: Namespace, workers: Workers) -> LeaseKeeper | None:
     """This node's leases in its shares, for containers-storage mounts (whose runtime state
     says what is in use) unless ``lease=0``."""
-    layout = ns.layout
-    if cfg.lease <= 0 or not isinstance(layout, ContainersStorageLayout):
+    live = ns.layout.live
+    if cfg.lease <= 0 or not ns.layout.leases or live is None:
         return None
     node = leases.node_id(os.path.join(ns.rw_root, STATE_DIR))
-    return LeaseKeeper(layout, ns.rw_root, list(cfg.ro), node, cfg.lease, workers)
+    return LeaseKeeper(live, ns.rw_root, list(cfg.ro), node, cfg.lease, workers)
+
+
+def make_watcher(cfg: MountConfig, ns: Namespace, inodes: InodeTable, generation: ViewGeneration,
+                 workers: Workers) -> Watcher | None:
+    """The watcher that keeps the kernel's caches exact, for a layout with a catalog to keep
+    current, unless ``poll=0`` (then the kernel caches for a second only)."""
+    live = ns.layout.live
+    if live is None or cfg.poll <= 0:
+        return None
+    kernel = KernelCache(inodes, ns, workers)
+    watcher = Watcher(live, ns.layout, ns.rw_root, inodes, kernel, generation, workers, cfg.poll, cfg.share_inotify)
+    watcher.open()
+    return watcher
 
 
 def _save_scans(layout: Layout) -> None:
     """Keep the shares' scans for a quick next mount; losing them only costs a full scan."""
-    if isinstance(layout, IsuladLayout):
+    if layout.live is not None:
         try:
-            layout.save_scans()
+            layout.live.save()
         except OSError as e:
             log.warning("could not save the shares' scans for the next mount: %s", e)
 
@@ -204,12 +222,12 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
         return 1
     started = time.time()
 
-    # quick backing calls run in the trio thread only when no tree can hang (graftfs.workers)
+    # quick backing calls run in the trio thread only when no tree can hang (graftfs.fuse.workers)
     trees = [ns.rw_root, *cfg.ro]
     workers = Workers(cfg.timeout, inline=all_local(trees, is_local_fs))
-    watched = bool(getattr(ns.layout, "watchable", False)) and cfg.poll > 0
-    watcher: Watcher | None = None
     keeper = make_keeper(cfg, ns, workers)
+    inodes, generation = InodeTable(), ViewGeneration()
+    watcher = make_watcher(cfg, ns, inodes, generation, workers)
 
     def info() -> dict[str, Any]:
         out = {"version": __version__, "pid": os.getpid(), "mountpoint": cfg.mountpoint,
@@ -220,28 +238,20 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
             out["leases"] = keeper.status()
         return out
 
-    ops = GraftOperations(ns, workers, info, watched=watched)
-    if watched:
-        watcher = Watcher(ns.layout, ops.inodes, KernelCache(ops.inodes, ns, workers), ops,  # type: ignore[arg-type]
-                          workers, cfg.poll, cfg.share_inotify)
-        watcher.open()
-        ops.on_rw_dir = watcher.watch_rw_dir
-        ops.on_dir_forgotten = watcher.forget_rw_dir
-        ops.on_stale_entry = watcher.stale_entry
+    ops = GraftOperations(ns, workers, inodes, generation, listener=watcher, info=info)
     try:
-        pyfuse3.init(ops, cfg.mountpoint, cfg.fuse_option_set())
-    except RuntimeError as e:
+        session.mount(ops, cfg.mountpoint, cfg.fuse_option_set())
+    except OSError as e:
         log.error("cannot mount %s: %s", cfg.mountpoint, e)
-        _tell(ready_fd, f"ERROR the kernel refused the mount of {cfg.mountpoint}: {e}")
+        _tell(ready_fd, f"ERROR {e}")
         return 1
     runtime: dict[str, object] = {"pid": os.getpid(), "rw": cfg.rw, "ro": cfg.ro, "log": cfg.log_file}
-    wanted = bool(getattr(ns.layout, "binds_wanted", lambda: False)())
-    bound = BindState(wanted, ns.rw_root, cfg.mountpoint, runtime, lambda: _tell(ready_fd, "READY"))
+    bound = BindState(ns.layout.binds, ns.rw_root, cfg.mountpoint, runtime, lambda: _tell(ready_fd, "READY"))
     try:
         write_runtime(cfg.mountpoint, runtime)
     except OSError as e:
         log.error("cannot record the daemon in %s: %s", cfg.mountpoint, e)
-        pyfuse3.close(unmount=True)
+        session.unmount()
         _tell(ready_fd, f"ERROR cannot write the runtime record: {e}")
         return 1
     log.info("graftfs %s mounted %s (rw=%s ro=%s layout=%s)", __version__, cfg.mountpoint, cfg.rw,
@@ -254,7 +264,7 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
         log.exception("the FUSE loop failed")
         raise
     finally:
-        pyfuse3.close(unmount=True)
+        session.unmount()
         if watcher is not None:
             watcher.close()
         ns.hides.close()

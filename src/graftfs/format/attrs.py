@@ -47,7 +47,7 @@ class Attr:
 
     @property
     def sig(self) -> tuple[int, int, int, int]:
-        """What changes when the entry changes (type and mode, size, times): see graftfs.kernel_cache."""
+        """What changes when the entry changes (type and mode, size, times): see graftfs.fuse.kernel_cache."""
         return (self.mode, self.size, self.mtime_ns, self.ctime_ns)
 
     @property

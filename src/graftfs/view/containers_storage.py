@@ -3,7 +3,7 @@
 containers/storage keeps every layer record in ``overlay-layers/layers.json`` and every image
 record in ``overlay-images/images.json`` (JSON arrays), and a layer's tar-split beside them as
 ``overlay-layers/<id>.tar-split.gz``. A share cannot hold such index files (two writers would
-have to lock one file across nodes), so it keeps the per-entry shape of graftfs.layouts.isulad:
+have to lock one file across nodes), so it keeps the per-entry shape (graftfs.format.names):
 ``overlay-layers/<id>/{layer.json,<id>.tar-split.gz}``, ``overlay-images/<id>/{images.json,...}``.
 
 This layout presents the share to the runtime in the runtime's own shape:
@@ -18,7 +18,8 @@ This layout presents the share to the runtime in the runtime's own shape:
 * ``overlay-layers/<id>.tar-split.gz`` of a shared layer maps to the file in its entry directory;
   the per-entry record directories themselves are not shown.
 
-Overlay directories and ``overlay/l/<short>`` links are shown as in the iSulad layout.
+Overlay directories and ``overlay/l/<short>`` links are shown as in the iSulad layout
+(graftfs.view.entries).
 """
 
 from __future__ import annotations
@@ -30,31 +31,35 @@ import os
 import threading
 from dataclasses import dataclass
 
-from graftfs import lock_tokens
-from graftfs.attrs import Attr
-from graftfs.layouts import HideView, Synthetic, ViewChange
-from graftfs.layouts.isulad import Catalog, IsuladLayout
-from graftfs.layouts.share_tree import (
-    ID_RE,
+from graftfs.catalog.catalog import Catalog, CatalogDiff
+from graftfs.catalog.live import LiveCatalog
+from graftfs.catalog.scan import TreeScan
+from graftfs.format.attrs import Attr
+from graftfs.format.names import (
     IMAGES,
+    IMAGES_JSON,
     LAYERS,
-    MAX_RECORD_BYTES,
-    TreeScan,
-    layer_chain,
-    parse_json,
-    read_limited,
-    record_names,
-    recorded_size,
+    LAYERS_JSON,
+    STATE_DIR,
+    TAR_SPLIT_SUFFIX,
+    is_id,
 )
+from graftfs.format.records import graph_layer_ids, layer_chain, read_index, record_names
+from graftfs.view import lock_tokens
+from graftfs.view.entries import EntryView
+from graftfs.view.layout import CACHED, FilePolicy, HideView, Synthetic, ViewChange, VPath
+from graftfs.view.status import LayoutStatus
 
 log = logging.getLogger(__name__)
 
 #: Processes whose last read of a merged file is remembered (the oldest are forgotten first).
 MAX_READERS = 4096
-
-LAYERS_JSON = (LAYERS, "layers.json")
-IMAGES_JSON = (IMAGES, "images.json")
-TAR_SPLIT_SUFFIX = ".tar-split.gz"
+#: The index files composed in memory.
+MERGED_FILES = (LAYERS_JSON, IMAGES_JSON)
+#: Lock files read on every lock for their token: every read must reach the file.
+UNCACHED = FilePolicy(direct_io=True)
+#: Token lock files created through the mount get a token at once.
+NEW_TOKEN_LOCK = FilePolicy(direct_io=True, token=True)
 
 
 @dataclass(frozen=True)
@@ -64,23 +69,19 @@ class _Composed:
     synthetic: Synthetic
 
 
-def read_records(path: str) -> list[dict[str, object]]:
-    """The records of an index file the runtime wrote; [] when it does not exist.
-
-    A file that does not parse raises ValueError: the caller decides (never silently dropped).
-    """
+def own_layers(rw_root: str) -> set[str]:
+    """Layer ids a containers/storage graph holds itself: the records of its layers.json."""
     try:
-        data = read_limited(path, MAX_RECORD_BYTES * 16)
-    except FileNotFoundError:
-        return []
-    if len(data) > MAX_RECORD_BYTES * 16:
-        raise ValueError(f"{path} is larger than {MAX_RECORD_BYTES * 16} bytes")
-    if not data.strip():
-        return []
-    records = parse_json(data, path)
-    if not isinstance(records, list):
-        raise ValueError(f"{path} is not a JSON array")
-    return [r for r in records if isinstance(r, dict)]
+        return graph_layer_ids(rw_root)
+    except ValueError:
+        return set()
+
+
+def containers_storage_catalog(trees: list[str], rw_root: str, pin_tree: str) -> LiveCatalog:
+    """The catalog of a containers/storage mount: the node's pinned copies first (they win over
+    the shares', graftfs.share.pins), then its shares."""
+    return LiveCatalog([pin_tree, *trees], os.path.join(rw_root, STATE_DIR), lambda: own_layers(rw_root),
+                       pin_tree=0)
 
 
 def _one_image_per_name(images: list[dict[str, object]]) -> list[dict[str, object]]:
@@ -111,7 +112,7 @@ def pin_sizes(scan: TreeScan) -> list[dict[str, object]]:
         if iid in scan.retired:
             continue  # unpinned, its copy kept only while a container uses it
         chain = [lid for lid in layer_chain(scan.layers, image.top_layer) if lid in scan.layers]
-        size = sum(recorded_size(scan.layers[lid]) for lid in chain)
+        size = sum(scan.layers[lid].size for lid in chain)
         out.append({"id": iid, "names": list(image.names), "bytes": size, "layers": len(chain)})
     return out
 
@@ -128,64 +129,87 @@ def _sig_of(st: os.stat_result | None) -> tuple[int, ...]:
     return () if st is None else (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-class ContainersStorageLayout(IsuladLayout):
-    """The iSulad layout's catalog, presented with containers/storage's index files."""
+class ContainersStorageLayout:
+    """Shared trees presented with containers/storage's index files (see the module docstring).
+
+    ``direct`` (on by default, measured with podman 4.3: runs, commits and removes layers through
+    links) shows layer directories as links and has the daemon bind-mount the runtime's lock
+    files and node-local directories over the view.
+    """
 
     name = "containers-storage"
-    direct = True  # measured with podman 4.3: runs, commits and removes layers through links
+    leases = True
 
-    def announce(self, wait: float = lock_tokens.LOCK_WAIT_SECONDS) -> None:
-        """New lock tokens, so that long-running clients reload the merged index files."""
-        lock_tokens.announce(self.rw_root, wait)
-
-    def binds_wanted(self) -> bool:
-        """The runtime's lock files and node-local directories get bind mounts (graftfs.binds)."""
-        return self.direct
-
-    def __init__(self, trees: list[str], rw_root: str) -> None:
-        super().__init__(trees, rw_root)
-        self._composed: dict[tuple[str, ...], _Composed] = {}
+    def __init__(self, live: LiveCatalog, rw_root: str, direct: bool = True) -> None:
+        self.live = live
+        self.trees = live.trees
+        self.rw_root = rw_root
+        self.entries = EntryView(live, direct)
+        self.binds = direct
+        self._composed: dict[VPath, _Composed] = {}
         self._compose_lock = threading.Lock()
-        # commit sequence at which each shared id entered the catalog, and at which each process
-        # last read each merged file: a rewrite may only drop shared ids its writer had seen
-        self._appeared: dict[str, int] = {}
-        self._reads: dict[tuple[tuple[str, ...], int], int] = {}
+        # the commit at which each process last read each merged file: a rewrite may only drop
+        # shared ids its writer had seen (LiveCatalog.appeared_at)
+        self._reads: dict[tuple[VPath, int], int] = {}
 
-    # -- the catalog's view of the RW tree ------------------------------------------------------
+    # -- the per-entry part ----------------------------------------------------------------------
 
-    def local_layers(self) -> set[str]:
-        """Layer ids the node holds itself: the records of its own layers.json."""
-        try:
-            return {str(r.get("id")) for r in read_records(os.path.join(self.rw_root, *LAYERS_JSON))}
-        except ValueError:
-            return set()
+    def synthetic(self, vpath: VPath) -> Synthetic | None:
+        return self.entries.synthetic(vpath)
 
-    def commit(self, quiet: bool = False) -> tuple[int, list[ViewChange]]:
-        seq, changes = super().commit(quiet)
-        cat = self.catalog
-        with self._compose_lock:
-            for eid in [*cat.layers, *cat.images]:
-                self._appeared.setdefault(eid, seq)
+    def missing(self, tree: int, vpath: VPath) -> Attr | None:
+        return self.entries.missing(tree, vpath)
+
+    def unavailable(self, tree: int) -> bool:
+        return self.entries.unavailable(tree)
+
+    def direct_path(self, vpath: VPath) -> bool:
+        return self.entries.direct_path(vpath)
+
+    def status(self) -> LayoutStatus:
+        out = self.entries.status(self.name)
+        pins = self.live.pin_scan()
+        if pins is not None:
+            out.pins = pin_sizes(pins)
+        return out
+
+    # -- telling clients -------------------------------------------------------------------------
+
+    def view_changes(self, diff: CatalogDiff) -> list[ViewChange]:
+        changes = self.entries.view_changes(diff)
         if changes:
             changes += [ViewChange((LAYERS,), LAYERS_JSON[1]), ViewChange((IMAGES,), IMAGES_JSON[1])]
-        return seq, changes
+        return changes
 
-    def note_read(self, vpath: tuple[str, ...], reader: int) -> None:
+    def announce(self, wait: float | None = None) -> None:
+        """New lock tokens, so that long-running clients reload the merged index files."""
+        lock_tokens.announce(self.rw_root, lock_tokens.LOCK_WAIT_SECONDS if wait is None else wait)
+
+    def file_policy(self, vpath: VPath, in_rw: bool) -> FilePolicy:
+        if in_rw and vpath in lock_tokens.TOKEN_LOCKS:
+            return NEW_TOKEN_LOCK
+        if in_rw and vpath in lock_tokens.LOCK_FILES:
+            return UNCACHED  # every token read must see the file
+        if not in_rw and vpath in MERGED_FILES:
+            return UNCACHED  # composed in memory per open: never serve another open's pages
+        return CACHED
+
+    def note_read(self, vpath: VPath, reader: int) -> None:
         """Process ``reader`` opened merged file ``vpath`` (to read what it will rewrite)."""
         with self._compose_lock:
-            self._reads[(vpath, reader)] = self._commit_seq
+            self._reads[(vpath, reader)] = self.live.seq
             if len(self._reads) > MAX_READERS:
                 for key in list(self._reads)[: len(self._reads) - MAX_READERS]:
                     del self._reads[key]
 
     # -- merged index files ----------------------------------------------------------------------
 
-    def merged(self, vpath: tuple[str, ...], hides: HideView) -> Synthetic | None:
-        if vpath not in (LAYERS_JSON, IMAGES_JSON):
+    def merged(self, vpath: VPath, hides: HideView) -> Synthetic | None:
+        if vpath not in MERGED_FILES:
             return None
         rw_path = os.path.join(self.rw_root, *vpath)
         st = _stat(rw_path)
-        cat = self.catalog
+        cat = self.live.catalog
         key: tuple[object, ...] = (_sig_of(st), hides.generation)
         if vpath == IMAGES_JSON:  # which shared images show also depends on the node's own layers
             key += (_sig_of(_stat(os.path.join(self.rw_root, *LAYERS_JSON))),)
@@ -202,13 +226,13 @@ class ContainersStorageLayout(IsuladLayout):
             self._composed[vpath] = _Composed(cat, key, synthetic)
         return synthetic
 
-    def _compose(self, cat: Catalog, vpath: tuple[str, ...], rw_path: str, hides: HideView) -> tuple[bytes, int]:
+    def _compose(self, cat: Catalog, vpath: VPath, rw_path: str, hides: HideView) -> tuple[bytes, int]:
         """The node's records, then the visible shared ones; and the newest record time.
 
         The node's own file must parse: serving the shared records alone would make the runtime
         drop its local layers at its next save, so an unreadable file answers EIO instead."""
         try:
-            own = read_records(rw_path)
+            own = read_index(rw_path)
         except ValueError as e:
             log.error("%s: answering EIO for it until it is repaired", e)
             raise OSError(errno.EIO, f"{e}") from None
@@ -224,12 +248,12 @@ class ContainersStorageLayout(IsuladLayout):
                     shared.append(entry.record)
                     newest = max(newest, entry.mtime_ns)
         else:
-            own_layers = self.local_layers()
+            local = own_layers(self.rw_root)
             for iid, (_, image) in cat.images.items():
                 if iid in own_ids or image.record is None or hides.covers((IMAGES, iid)):
                     continue
                 top = image.top_layer
-                if top is not None and top not in usable_set and top not in own_layers:
+                if top is not None and top not in usable_set and top not in local:
                     continue  # its layers were deleted on this node: the image cannot be used here
                 shared.append(image.record)
         merged = own + shared
@@ -260,29 +284,31 @@ class ContainersStorageLayout(IsuladLayout):
                 usable[c] = ok
         return [lid for lid in cat.layers if usable.get(lid)]
 
-    def absorb(self, vpath: tuple[str, ...], written: str, hides: HideView, writer: int = 0) -> None:
+    def absorb(self, vpath: VPath, written: str, hides: HideView, writer: int = 0) -> None:
         """Split an index file the runtime wrote (at RW path ``written``) into this node's part.
 
         Records identical to a visible shared one stay in the share; a shared record missing
         from what was written is hidden on this node; all other records go to the RW file,
         which replaces ``written`` atomically. A file that does not parse is kept as it is.
         """
-        if vpath not in (LAYERS_JSON, IMAGES_JSON):
+        if vpath not in MERGED_FILES:
             raise OSError(errno.EPERM, "not a merged file", "/".join(vpath))
-        records = read_records(written)  # ValueError: the caller keeps the file as written
-        entries = self.catalog.layers if vpath == LAYERS_JSON else self.catalog.images
+        records = read_index(written)  # ValueError: the caller keeps the file as written
+        cat = self.live.catalog
+        entries = cat.layers if vpath == LAYERS_JSON else cat.images
         shared = {eid: entry.record for eid, (_, entry) in entries.items()
                   if entry.record is not None and not hides.covers((vpath[0], eid))}
         own = [r for r in records if not (r.get("id") in shared and shared[str(r.get("id"))] == r)]
         kept = {r.get("id") for r in records}
         with self._compose_lock:
             read_at = self._reads.get((vpath, writer))
-            appeared = dict(self._appeared)
         for eid in shared:
             # only what the writer could have seen: an id published after its read is not a deletion
-            if eid not in kept and read_at is not None and appeared.get(eid, 0) <= read_at:
+            if eid not in kept and read_at is not None and self.live.appeared_at(eid) <= read_at:
                 hides.add((vpath[0], eid))
-        if len(own) < len(records):  # shared records were left out: write the node's part
+        if len(own) < len(records):
+            # shared records were left out: the runtime's staged file (its owner and mode kept)
+            # holds the node's part before it is renamed into place
             with open(written, "w", encoding="utf-8") as f:
                 f.write(json.dumps(own))  # one write: json.dump writes a piece per token
                 f.flush()
@@ -292,37 +318,30 @@ class ContainersStorageLayout(IsuladLayout):
 
     # -- where shared files show ---------------------------------------------------------------
 
-    def ro_path(self, tree: int, vpath: tuple[str, ...]) -> str | None:
+    def ro_path(self, tree: int, vpath: VPath) -> str | None:
         if len(vpath) >= 2 and vpath[0] == LAYERS:
             return self._tar_split(tree, vpath)
-        return super().ro_path(tree, vpath)
+        return self.entries.ro_path(tree, vpath)
 
-    def _tar_split(self, tree: int, vpath: tuple[str, ...]) -> str | None:
+    def _tar_split(self, tree: int, vpath: VPath) -> str | None:
         """overlay-layers/<id>.tar-split.gz of a shared layer; nothing else below overlay-layers."""
         name = vpath[1]
         if len(vpath) != 2 or not name.endswith(TAR_SPLIT_SUFFIX):
             return None
         lid = name[: -len(TAR_SPLIT_SUFFIX)]
-        layer = self.catalog.layers.get(lid) if ID_RE.match(lid) else None
+        layer = self.live.catalog.layers.get(lid) if is_id(lid) else None
         if layer is None or layer[0] != tree:
             return None
         return os.path.join(layer[1].record_dir, name)
 
-    def ro_names(self, tree: int, vpath: tuple[str, ...]) -> list[str] | None:
+    def ro_names(self, tree: int, vpath: VPath) -> list[str] | None:
         if vpath == (LAYERS,):
-            return [lid + TAR_SPLIT_SUFFIX for lid in self.catalog.layer_ids_in(tree)]
-        return super().ro_names(tree, vpath)
+            return [lid + TAR_SPLIT_SUFFIX for lid in self.live.catalog.layer_ids_in(tree)]
+        return self.entries.ro_names(tree, vpath)
 
-    def synthetic_names(self, vpath: tuple[str, ...]) -> list[str]:
+    def synthetic_names(self, vpath: VPath) -> list[str]:
         if vpath == (LAYERS,):
             return [LAYERS_JSON[1]]
         if vpath == (IMAGES,):
             return [IMAGES_JSON[1]]
-        return super().synthetic_names(vpath)
-
-    def status(self) -> dict[str, object]:
-        out = super().status()
-        out["layout"] = self.name
-        if self.pin_tree is not None:
-            out["pins"] = pin_sizes(self.shared[self.pin_tree].scan)
-        return out
+        return self.entries.synthetic_names(vpath)

@@ -31,7 +31,7 @@ class Node:
     detached: bool = False  # removed from the view; kept while the kernel still refers to it
     open_fds: set[int] = field(default_factory=set)
     sig: tuple[int, int, int, int] | None = None  # Attr.sig last told to the kernel
-    wd: int = 0  # inotify watch on the directory's RW part (graftfs.watcher), 0 when none
+    wd: int = 0  # inotify watch on the directory's RW part (graftfs.fuse.watcher), 0 when none
     link: bytes | None = None  # target of a link graftfs made up, as last told (readlink answers it)
 
 

@@ -3,7 +3,7 @@
 The kernel caches lookups (including "no such entry"), attributes and file pages for minutes.
 When a backing tree changes behind the mount, the watcher hands the names concerned to
 ``KernelCache.apply``, which re-resolves each name and compares it with what the kernel was last
-told (graftfs.inodes.Node.sig), then notifies only where they differ:
+told (graftfs.fuse.inodes.Node.sig), then notifies only where they differ:
 
 * a name that now exists but the kernel never saw: drop its (possibly negative) entry;
 * a known entry that vanished or changed type: drop the entry and forget the node;
@@ -31,12 +31,12 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from graftfs.attrs import Attr
-from graftfs.errors import BackingTimeout
-from graftfs.inodes import InodeTable, Node
-from graftfs.layouts import ViewChange
-from graftfs.namespace import Namespace
-from graftfs.workers import Workers
+from graftfs.format.attrs import Attr
+from graftfs.fuse.errors import BackingTimeout
+from graftfs.fuse.inodes import InodeTable, Node
+from graftfs.fuse.workers import Workers
+from graftfs.view.layout import ViewChange
+from graftfs.view.namespace import Namespace
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,20 @@ class Notice:
     ino: int
     name: str | None = None
     attr_only: bool = True
+
+
+class ViewGeneration:
+    """A counter the watcher bumps around every change of the view.
+
+    The FUSE adapter notes the generation before computing an answer; an answer computed across a
+    bump may predate the kernel being told of the change, so the kernel keeps it only briefly.
+    """
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def bump(self) -> None:
+        self.value += 1
 
 
 class KernelCache:

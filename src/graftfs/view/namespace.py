@@ -2,13 +2,13 @@
 
 This is the union model, free of FUSE: it maps a *view path* (a tuple of names below the mount
 root) to the backing entries that make it up, and carries out changes on the RW tree. The FUSE
-adapter (graftfs.fs) turns inode numbers into view paths and calls these methods in worker
+adapter (graftfs.fuse.operations) turns inode numbers into view paths and calls these methods in worker
 threads, since a backing tree may be a slow or hung network share.
 
 Resolution, like overlayfs: a name resolves in RW first, then in each RO tree in order. A
 non-directory on top wins; directories of one name merge until a non-directory breaks the chain.
 RO trees contribute only what the layout lets them (complete image entries) and nothing at or
-below a path this node has hidden (graftfs.hides).
+below a path this node has hidden (graftfs.view.hides).
 
 Changes go to RW only: new names are created there (parent directories are copied up first,
 keeping their metadata), an RO file opened for writing or changed in its metadata is copied up
@@ -18,8 +18,7 @@ first, and deleting or renaming away an RO entry records a hide. The RO trees ar
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
+import dataclasses
 import errno
 import logging
 import os
@@ -31,42 +30,18 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
-from graftfs.attrs import Attr
-from graftfs.hides import HideStore
-from graftfs.layouts import STATE_DIR_NAME, HideView, Synthetic
+from graftfs.format.attrs import Attr
+from graftfs.format.names import IMAGES, LAYERS, RW_ORIGIN, STATE_DIR, is_id, origin_of
+from graftfs.linux import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+from graftfs.view.hides import HideStore
+from graftfs.view.layout import Layout, VPath
+from graftfs.view.status import HIDDEN_LISTED, RwStatus, ViewStatus
 
 log = logging.getLogger(__name__)
 
-VPath = tuple[str, ...]
-
-#: The private state directory at the top of the RW tree; never part of the view.
-STATE_DIR = STATE_DIR_NAME
 #: Prefix of layer directories being deleted in the private tmp dir.
 TRASH_PREFIX = "trash-"
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
-RENAME_WHITEOUT = 4
-
-
-class Layout(Protocol):
-    """What the namespace needs from a layout adapter (see graftfs.layouts)."""
-
-    name: str
-    trees: list[str]
-
-    def ro_path(self, tree: int, vpath: VPath) -> str | None: ...
-    def ro_names(self, tree: int, vpath: VPath) -> list[str] | None: ...
-    def synthetic(self, vpath: VPath) -> Synthetic | None: ...
-    def synthetic_names(self, vpath: VPath) -> list[str]: ...
-    def missing(self, tree: int, vpath: VPath) -> Attr | None: ...
-    def unavailable(self, tree: int) -> bool: ...
-    def merged(self, vpath: VPath, hides: HideView) -> Synthetic | None: ...
-    def direct_path(self, vpath: VPath) -> bool: ...
-    def absorb(self, vpath: VPath, written: str, hides: HideView, writer: int = 0) -> None: ...
-    def note_read(self, vpath: VPath, reader: int) -> None: ...
-    def status(self) -> dict[str, object]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +58,7 @@ class Source:
 
     @property
     def is_rw(self) -> bool:
-        return self.origin == "rw"
+        return self.origin == RW_ORIGIN
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,21 +93,6 @@ def _lstat(path: str) -> os.stat_result | None:
         return None
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_AT_FDCWD = -100
-
-
-def renameat2(old: str, new: str, flags: int) -> None:
-    """rename(2) with RENAME_* flags, which os.rename cannot pass (overlayfs needs them)."""
-    if flags == 0:
-        os.rename(old, new)
-        return
-    rc = _libc.renameat2(_AT_FDCWD, os.fsencode(old), _AT_FDCWD, os.fsencode(new), ctypes.c_uint(flags))
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), old, None, new)
-
-
 def _memory_file(content: bytes) -> int:
     """A read-only file descriptor holding ``content`` (for files composed in memory)."""
     fd = os.memfd_create("graftfs-merged", os.MFD_CLOEXEC)
@@ -156,8 +116,8 @@ class HungTrees:
     further calls on that tree fail at once with ETIMEDOUT, until the stuck calls return.
     """
 
-    def __init__(self) -> None:
-        self.hang_after: float | None = None  # None: never fail fast
+    def __init__(self, hang_after: float | None) -> None:
+        self.hang_after = hang_after  # None: never fail fast
         self._lock = threading.Lock()
         self._inflight: dict[int, dict[int, float]] = {}  # tree -> {call number: start time}
         self._next = 0
@@ -213,7 +173,7 @@ def _enoent(vpath: VPath) -> OSError:
 class Namespace:
     """The union of one RW tree and the RO trees a layout presents (see module docstring)."""
 
-    def __init__(self, rw_root: str, layout: Layout, hides: HideStore) -> None:
+    def __init__(self, rw_root: str, layout: Layout, hides: HideStore, hang_after: float | None = None) -> None:
         self.rw_root = rw_root
         self.layout = layout
         self.hides = hides
@@ -223,8 +183,8 @@ class Namespace:
         # publishing a copy and the remove/hide/rename steps are serialized, so that a copy-up
         # never replaces a newer RW entry or brings back an entry deleted meanwhile.
         self._mutating = threading.RLock()
-        #: shared trees with calls stuck past the time limit (set by the FUSE adapter)
-        self.hung = HungTrees()
+        #: shared trees with calls stuck past ``hang_after`` seconds (the mount's time limit)
+        self.hung = HungTrees(hang_after)
 
     # -- resolution -------------------------------------------------------------------------
 
@@ -252,11 +212,11 @@ class Namespace:
                     raise
                 st = None
             if st is not None:
-                found.append(Source(f"ro:{root}", Attr.from_stat(st), path, tree))
+                found.append(Source(origin_of(root), Attr.from_stat(st), path, tree))
                 continue
             remembered = self.layout.missing(tree, vpath)  # an unavailable share: last known, or EIO
             if remembered is not None:
-                found.append(Source(f"ro:{root}", remembered, path, tree))
+                found.append(Source(origin_of(root), remembered, path, tree))
         synth = self.layout.synthetic(vpath)
         if synth is not None:
             found.append(Source(synth.origin, synth.attr, link_target=synth.link_target))
@@ -281,7 +241,7 @@ class Namespace:
         rw_path = self.rw_path(vpath)
         rw = _lstat(rw_path)
         if rw is not None:
-            sources.append(Source("rw", Attr.from_stat(rw), rw_path))
+            sources.append(Source(RW_ORIGIN, Attr.from_stat(rw), rw_path))
         ro: list[Source] = []
         if not (vpath and self.hides.covers(vpath)):
             try:
@@ -311,7 +271,7 @@ class Namespace:
         The kernel resolves an overlay mount's lowerdir/upperdir/workdir with symlinks followed,
         so linking each layer's diff/ and work/ to its backing directory puts every read and
         write of a container on the backing filesystem itself, with no FUSE request and no
-        Python (DESIGN.md section 4); what must be merged (index files) still goes through
+        Python; what must be merged (index files) still goes through
         graftfs. A path walk through a link costs one readlink request, not open/read/release.
         Only a directory that one tree alone holds is linked: where the node's RW tree and a
         share both hold part of it (a copy-up into a shared layer, a layer this node published),
@@ -712,31 +672,23 @@ class Namespace:
 
     # -- status -----------------------------------------------------------------------------
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> ViewStatus:
         """Counts for `graftfs status`: what each origin shows, what is hidden or skipped."""
-        from graftfs.layouts.isulad import IMAGES, LAYERS
-
-        def count_rw(managed: str) -> int:
-            try:
-                return sum(1 for n in os.listdir(self.rw_path((managed,))) if len(n) == 64)
-            except OSError:
-                return 0
-
-        info = dict(self.layout.status())
-        ro = info.get("ro")
-        if isinstance(ro, list):
-            for entry in ro:
-                tree = self.layout.trees.index(entry["tree"])
-                entry["layers"] = self._visible_count(tree, LAYERS)
-                entry["images"] = self._visible_count(tree, IMAGES)
+        layout = self.layout.status()
+        layout.ro = [dataclasses.replace(t, layers=self._visible_count(ti, LAYERS),
+                                         images=self._visible_count(ti, IMAGES))
+                     for ti, t in enumerate(layout.ro)]
         hidden = self.hides.sorted_paths()
-        info.update({
-            "rw": {"tree": self.rw_root, "layers": count_rw(LAYERS), "images": count_rw(IMAGES)},
-            "hidden": ["/".join(p) for p in hidden[:200]],
-            "hidden_count": len(hidden),
-        })
-        return info
+        rw = RwStatus(self.rw_root, self._count_rw(LAYERS), self._count_rw(IMAGES))
+        return ViewStatus(layout, rw, ["/".join(p) for p in hidden[:HIDDEN_LISTED]], len(hidden))
+
+    def _count_rw(self, managed: str) -> int:
+        try:
+            return sum(1 for n in os.listdir(self.rw_path((managed,))) if is_id(n))
+        except OSError:
+            return 0
 
     def _visible_count(self, tree: int, managed: str) -> int:
+        """Entries of ``managed`` that shared tree ``tree`` shows on this node (its hides left out)."""
         names = self.layout.ro_names(tree, (managed,)) or []
         return sum(1 for n in names if not self.hides.covers((managed, n)))

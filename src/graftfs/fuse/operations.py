@@ -1,8 +1,8 @@
 """The FUSE adapter: pyfuse3 Operations over the merged namespace, and nothing more.
 
-Each handler turns inode numbers into view paths (graftfs.inodes), runs the namespace operation
-in a worker thread with a time limit (graftfs.workers), updates the inode table, and converts
-attributes for the kernel. Every handler is wrapped by graftfs.errors.fuse_boundary, so that an
+Each handler turns inode numbers into view paths (graftfs.fuse.inodes), runs the namespace operation
+in a worker thread with a time limit (graftfs.fuse.workers), updates the inode table, and converts
+attributes for the kernel. Every handler is wrapped by graftfs.fuse.errors.fuse_boundary, so that an
 unexpected exception becomes EIO instead of ending the mount.
 
 Virtual extended attributes let operators ask the mount about itself with plain getfattr:
@@ -21,33 +21,28 @@ import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import pyfuse3
 
-from graftfs.attrs import Attr
-from graftfs.errors import REQUEST_SECONDS, REQUESTS, fuse_boundary
-from graftfs.inodes import InodeTable, Node
-from graftfs.lock_tokens import LOCK_FILES, TOKEN_LOCKS, write_token_fd
-from graftfs.namespace import RENAME_EXCHANGE, Namespace, NeedsCopyUp, Resolved
-from graftfs.workers import Workers
+from graftfs.format.attrs import Attr
+from graftfs.format.names import ORIGIN_XATTRS, PID_XATTR, STATUS_XATTR
+from graftfs.fuse.errors import REQUEST_SECONDS, REQUESTS, fuse_boundary
+from graftfs.fuse.inodes import InodeTable, Node
+from graftfs.fuse.kernel_cache import ViewGeneration
+from graftfs.fuse.workers import Workers
+from graftfs.linux import RENAME_EXCHANGE
+from graftfs.view.lock_tokens import write_token_fd
+from graftfs.view.namespace import Namespace, NeedsCopyUp, Resolved
 
 log = logging.getLogger(__name__)
 
 VPath = tuple[str, ...]
 
-ORIGIN_XATTRS = ("user.graftfs.origin", "trusted.graftfs.origin")
-STATUS_XATTR = "user.graftfs.status"
-PID_XATTR = "user.graftfs.pid"
 OWN_XATTR_PREFIXES = ("user.graftfs.", "trusted.graftfs.")
 STATUS_MAX_BYTES = 60_000
-#: The index files a layout may compose in memory (graftfs.layouts.containers_storage).
-MERGED_PATHS = frozenset({("overlay-layers", "layers.json"), ("overlay-images", "images.json")})
-#: containers/storage lock files whose first bytes are a "last writer" token that readers compare
-#: to decide whether to reload (graftfs.lock_tokens): served uncached where no bind covers them.
-LOCK_PATHS = frozenset(LOCK_FILES)
 
-#: With the watcher telling the kernel exactly what changed (graftfs.watcher), the kernel may
+#: With the watcher telling the kernel exactly what changed (graftfs.fuse.watcher), the kernel may
 #: keep entries, attributes and file pages for long, so warm lookups never reach Python.
 WATCHED_CACHE_TIMEOUT = 300.0
 #: Without a watcher (plain layout, or -o poll=0) changes behind the mount show after this.
@@ -63,8 +58,41 @@ class DirHandle:
     generation: int = 0  # of the view when the listing was taken
 
 
+class ViewListener(Protocol):
+    """Who wants to know what the kernel learns and forgets (the watcher, when there is one)."""
+
+    def watch_rw_dir(self, node: Node, path: str) -> None:
+        """The kernel learned of a directory with an RW part at ``path``: changes made there
+        behind the mount must reach it."""
+
+    def forget_rw_dir(self, node: Node) -> None:
+        """The kernel forgot a watched directory (nothing below it is cached any more)."""
+
+    def stale_entry(self, parent: VPath, name: str) -> None:
+        """The kernel may hold this entry with a wrong type or link target: re-check it after
+        the request that found out (graftfs.fuse.kernel_cache decides how)."""
+
+
+class Unwatched:
+    """The listener of a mount without a watcher: nothing to tell."""
+
+    def watch_rw_dir(self, node: Node, path: str) -> None:
+        return None
+
+    def forget_rw_dir(self, node: Node) -> None:
+        return None
+
+    def stale_entry(self, parent: VPath, name: str) -> None:
+        return None
+
+
 class GraftOperations(pyfuse3.Operations):
-    """pyfuse3 handlers for one graftfs mount."""
+    """pyfuse3 handlers for one graftfs mount.
+
+    ``inodes`` and ``generation`` are shared with the watcher (``listener``), which keeps the
+    kernel's caches exact; without one (``watched`` False) the kernel caches for a second only.
+    ``info`` adds the daemon's part to the status the root's ``user.graftfs.status`` answers.
+    """
 
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -74,28 +102,23 @@ class GraftOperations(pyfuse3.Operations):
         self,
         ns: Namespace,
         workers: Workers,
+        inodes: InodeTable,
+        generation: ViewGeneration,
+        listener: ViewListener | None = None,
         info: Callable[[], dict[str, Any]] | None = None,
-        watched: bool = False,
     ) -> None:
         super().__init__()
         self.ns = ns
         self.workers = workers
-        ns.hung.hang_after = workers.timeout  # calls stuck past graftfs' limit: fail the next at once
-        self.inodes = InodeTable()
+        self.inodes = inodes
         self.info = info or (lambda: {})
+        watched = listener is not None
         self.cache_timeout = WATCHED_CACHE_TIMEOUT if watched else UNWATCHED_CACHE_TIMEOUT
         self.keep_cache = watched
         #: Bumped by the watcher around every change of the view; a reply whose answer was
         #: computed across a bump is cached only briefly (it may predate the invalidation).
-        self.generation = 0
-        #: Called with (node, RW path) for each directory with an RW part the kernel learns of,
-        #: so the watcher can see changes made there behind the mount's back.
-        self.on_rw_dir: Callable[[Node, str], None] = lambda node, path: None
-        #: Called for a watched directory the kernel forgot (nothing below it is cached any more).
-        self.on_dir_forgotten: Callable[[Node], None] = lambda node: None
-        #: Called with (parent view path, name) for an entry the kernel may hold with a wrong type
-        #: or link target; the watcher re-checks it after the request (kernel_cache decides).
-        self.on_stale_entry: Callable[[VPath, str], None] = lambda parent, name: None
+        self.generation = generation
+        self.listener: ViewListener = listener or Unwatched()
         self._files: dict[int, tuple[Node, bool]] = {}  # fd -> (node, fd is on the RW tree)
         self._dirs: dict[int, DirHandle] = {}
         self._next_dir_fh = 1
@@ -119,7 +142,7 @@ class GraftOperations(pyfuse3.Operations):
         e = pyfuse3.EntryAttributes()
         e.st_ino = node.ino
         e.generation = 0
-        timeout = self.cache_timeout if generation in (None, self.generation) else RACED_CACHE_TIMEOUT
+        timeout = self.cache_timeout if generation in (None, self.generation.value) else RACED_CACHE_TIMEOUT
         e.entry_timeout = timeout
         e.attr_timeout = timeout
         node.sig = attr.sig
@@ -165,13 +188,13 @@ class GraftOperations(pyfuse3.Operations):
         if res.is_dir and node.wd == 0:
             for src in res.sources:
                 if src.is_rw and src.path is not None:
-                    self.on_rw_dir(node, src.path)
+                    self.listener.watch_rw_dir(node, src.path)
 
     def _negative(self, generation: int) -> pyfuse3.EntryAttributes:
         """A "no such entry" answer the kernel may cache (the watcher drops it if the name appears)."""
         e = pyfuse3.EntryAttributes()
         e.st_ino = 0
-        e.entry_timeout = self.cache_timeout if generation == self.generation else RACED_CACHE_TIMEOUT
+        e.entry_timeout = self.cache_timeout if generation == self.generation.value else RACED_CACHE_TIMEOUT
         return e
 
     # -- lookup and attributes --------------------------------------------------------------
@@ -190,7 +213,7 @@ class GraftOperations(pyfuse3.Operations):
             node.lookups += 1
             return self._reply(node, res)
         parent, sname, vpath = self._child_path(parent_inode, name)
-        generation = self.generation
+        generation = self.generation.value
         try:
             res = await self.workers.run(self.ns.resolve, vpath)
         except FileNotFoundError:
@@ -204,7 +227,7 @@ class GraftOperations(pyfuse3.Operations):
         for ino, count in inode_list:
             node = self.inodes.forget(ino, count)
             if node is not None and node.lookups == 0 and node.wd:
-                self.on_dir_forgotten(node)
+                self.listener.forget_rw_dir(node)
 
     @fuse_boundary
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -325,8 +348,9 @@ class GraftOperations(pyfuse3.Operations):
         parent, sname, vpath = self._child_path(parent_inode, name)
         with self.inodes.busy((parent, sname)):
             fd, res = await self.workers.run(self.ns.create, vpath, mode, flags, ctx.uid, ctx.gid)
+            policy = self.ns.layout.file_policy(vpath, in_rw=True)
             try:
-                if vpath in TOKEN_LOCKS:
+                if policy.token:
                     await self.workers.run(write_token_fd, fd)  # never shorter than a token (lock_tokens)
                 node = self.inodes.child(parent, sname)
                 entry = self._created_entry(parent, sname, vpath, res)
@@ -335,7 +359,7 @@ class GraftOperations(pyfuse3.Operations):
                 raise
         node.open_fds.add(fd)
         self._files[fd] = (node, True)
-        if vpath in LOCK_PATHS:
+        if policy.direct_io:
             return pyfuse3.FileInfo(fh=fd, direct_io=True), entry
         return pyfuse3.FileInfo(fh=fd, keep_cache=self.keep_cache), entry
 
@@ -370,15 +394,16 @@ class GraftOperations(pyfuse3.Operations):
         """A rename can turn a directory into a link the view shows instead (or back), under
         the number the kernel holds (e.g. a staged layer renamed to ``<id>/diff``), and moves
         links whose targets were derived from their old path: have the kernel look them up
-        again once this request is over (never from here: see DESIGN.md, invalidate_entry)."""
+        again once this request is over (never from here: a synchronous invalidation of an entry
+        from inside a request on its directory deadlocks the mount)."""
         if moved is None:
             return
         if self.ns.is_direct(src) or self.ns.is_direct(dst):
-            self.on_stale_entry(dst[:-1], dst[-1])
+            self.listener.stale_entry(dst[:-1], dst[-1])
         for name, child in moved.children.items():
             if child.link is not None:
                 child.link = None
-                self.on_stale_entry(dst, name)
+                self.listener.stale_entry(dst, name)
 
     # -- files ------------------------------------------------------------------------------
 
@@ -392,11 +417,8 @@ class GraftOperations(pyfuse3.Operations):
             fd, in_rw = await self.workers.run_thread(self.ns.open, vpath, flags, ctx.pid)
         node.open_fds.add(fd)
         self._files[fd] = (node, in_rw)
-        if in_rw and vpath in LOCK_PATHS:
-            return pyfuse3.FileInfo(fh=fd, direct_io=True)  # every token read must see the file
-        if not in_rw and vpath in MERGED_PATHS:
-            # composed in memory per open: never serve another open's pages
-            return pyfuse3.FileInfo(fh=fd, direct_io=True)
+        if self.ns.layout.file_policy(vpath, in_rw).direct_io:
+            return pyfuse3.FileInfo(fh=fd, direct_io=True)  # a lock token, a file composed per open
         return pyfuse3.FileInfo(fh=fd, keep_cache=self.keep_cache)
 
     @fuse_boundary
@@ -438,7 +460,7 @@ class GraftOperations(pyfuse3.Operations):
         if handle.entries is None or start_id == 0:
             # one snapshot per listing keeps offsets stable while entries come and go; the path
             # is taken now, not at opendir, since the directory may have been renamed since
-            handle.generation = self.generation
+            handle.generation = self.generation.value
             handle.entries = await self.workers.run(self.ns.listdir, self._path(handle.node.ino))
         for index in range(start_id, len(handle.entries)):
             name, res = handle.entries[index]
@@ -535,7 +557,8 @@ class GraftOperations(pyfuse3.Operations):
 
     async def _status_json(self) -> bytes:
         info = dict(self.info())
-        info.update(await self.workers.run_thread(self.ns.status))
+        view = await self.workers.run_thread(self.ns.status)
+        info.update(view.as_dict())
         info["inodes"] = len(self.inodes)
         info["open_files"] = len(self._files)
         info["requests"] = {op: {"count": n, "seconds": round(REQUEST_SECONDS[op], 3)} for op, n in REQUESTS.items()}

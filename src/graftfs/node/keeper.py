@@ -14,39 +14,31 @@ import logging
 import os
 import threading
 import time
-from typing import Protocol
 
 import trio
 
-from graftfs.errors import BackingTimeout
-from graftfs.layouts.isulad import Catalog
+from graftfs.catalog.live import LiveCatalog
+from graftfs.format.names import CONTAINERS_JSON, IMAGES_JSON, LAYERS_JSON
+from graftfs.fuse.errors import BackingTimeout
+from graftfs.fuse.workers import Workers
 from graftfs.share.leases import TTL_PERIODS, in_use, write_lease
 from graftfs.share.pins import collect_pins, wait_until
 from graftfs.share.state import ShareError
-from graftfs.workers import Workers
 
 log = logging.getLogger(__name__)
 
 #: The runtime's files whose change may change what the node uses.
-WATCHED = ("overlay-layers/layers.json", "overlay-images/images.json", "overlay-containers/containers.json")
+WATCHED = (LAYERS_JSON, IMAGES_JSON, CONTAINERS_JSON)
 CHECK_SECONDS = 1.0
 
 
-class CatalogSource(Protocol):
-    catalog: Catalog
-    pin_tree: int | None
-
-    @property
-    def acked_catalog(self) -> Catalog: ...
-
-    def pinned_images(self) -> set[str]: ...
-    def unpinned_waiting(self) -> bool: ...
-
-
 class LeaseKeeper:
-    def __init__(self, layout: CatalogSource, rw_root: str, shares: list[str], node: str, period: float,
+    """Keeps node ``node``'s lease in each of ``shares`` (see the module docstring); ``live`` is
+    the mount's catalog, ``rw_root`` the node's RW tree holding the runtime's files."""
+
+    def __init__(self, live: LiveCatalog, rw_root: str, shares: list[str], node: str, period: float,
                  workers: Workers) -> None:
-        self.layout = layout
+        self.live = live
         self.rw_root = rw_root
         self.shares = shares
         self.node = node
@@ -61,20 +53,20 @@ class LeaseKeeper:
         self._writing = {s: threading.Lock() for s in shares}
 
     def _key(self) -> tuple[object, ...]:
-        sigs: list[object] = [id(self.layout.catalog)]
+        sigs: list[object] = [id(self.live.catalog)]
         for rel in WATCHED:
             try:
-                st = os.stat(os.path.join(self.rw_root, rel))
+                st = os.stat(os.path.join(self.rw_root, *rel))
                 sigs.append((st.st_ino, st.st_size, st.st_mtime_ns))
             except FileNotFoundError:
                 sigs.append(None)
         return tuple(sigs)
 
     def _compute(self) -> tuple[set[str], set[str], set[str]]:
-        cat = self.layout.catalog
+        cat = self.live.catalog
         parents = {lid: entry.parent for lid, (_, entry) in cat.layers.items()}
         tops = {iid: entry.top_layer for iid, (_, entry) in cat.images.items()}
-        pins = self.layout.pinned_images()
+        pins = self.live.pinned_images()
         layers, images = in_use(self.rw_root, parents, tops, pins)
         return layers, images, pins
 
@@ -104,7 +96,7 @@ class LeaseKeeper:
                     if now != (self.layers, self.images, self.pins):
                         self.layers, self.images, self.pins = now
                         due = list(self.shares)
-                    if self.layout.unpinned_waiting():
+                    if self.live.unpinned_waiting():
                         await self._collect_pins()
             for share in due:
                 await self._renew(share)
@@ -121,8 +113,8 @@ class LeaseKeeper:
 
     def _shows_pinned(self, lid: str) -> bool:
         """Does the view, as the kernel was last told, show this layer from the pin tree?"""
-        entry = self.layout.acked_catalog.layers.get(lid)
-        return entry is not None and entry[0] == self.layout.pin_tree
+        entry = self.live.acked.layers.get(lid)
+        return entry is not None and entry[0] == self.live.pin_tree
 
     async def _renew(self, share: str) -> None:
         try:

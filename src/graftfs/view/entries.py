@@ -1,0 +1,163 @@
+"""The per-entry part of the view: shared layers and images shown one directory per entry.
+
+Both runtimes' layouts show a shared layer as ``overlay/<id>/`` with ``overlay/l/<short>``
+pointing at its ``diff``, only while the catalog lists it as complete; the iSulad layout also
+shows ``overlay-layers/<id>/`` and ``overlay-images/<id>/`` record directories. ``EntryView``
+answers those paths from the catalog (dictionary reads, no directory scans) and is held by the
+presenters that need it (graftfs.view.isulad, graftfs.view.containers_storage).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from graftfs.catalog.catalog import CatalogDiff
+from graftfs.catalog.live import LiveCatalog
+from graftfs.format.attrs import Attr
+from graftfs.format.names import (
+    IMAGES,
+    LAYERS,
+    MANAGED_DIRS,
+    OVERLAY,
+    SHARE_PRIVATE_PREFIX,
+    SHORT_DIR,
+    is_id,
+    origin_of,
+)
+from graftfs.view.layout import Synthetic, ViewChange, VPath
+from graftfs.view.status import SKIPPED_LISTED, LayoutStatus
+
+#: The directories of a layer that the kernel's overlay mount uses as lower, upper and work.
+DIRECT_NAMES = frozenset({"diff", "work"})
+
+
+class EntryView:
+    """Shared entries at their per-entry paths, from ``live``'s current catalog.
+
+    ``direct``: each layer's ``diff/`` and ``work/`` are shown as links to their backing
+    directories, so the kernel's overlay mounts (and everything a container does) bypass
+    graftfs (graftfs.view.namespace, Namespace._direct).
+    """
+
+    def __init__(self, live: LiveCatalog, direct: bool) -> None:
+        self.live = live
+        self.trees = live.trees
+        self.direct = direct
+
+    def entry_base(self, tree: int, top: str, name: str) -> str | None:
+        """The backing directory of entry ``name`` of managed dir ``top`` when ``tree`` is the one
+        that shows it (None otherwise)."""
+        cat = self.live.catalog
+        if top == IMAGES:
+            image = cat.images.get(name)
+            return image[1].record_dir if image and image[0] == tree else None
+        layer = cat.layers.get(name)
+        if layer is None or layer[0] != tree:
+            return None
+        return layer[1].overlay_dir if top == OVERLAY else layer[1].record_dir
+
+    def ro_path(self, tree: int, vpath: VPath) -> str | None:
+        root = self.trees[tree]
+        if not vpath:
+            return root
+        top = vpath[0]
+        if top.startswith(SHARE_PRIVATE_PREFIX):
+            return None
+        if top not in MANAGED_DIRS or len(vpath) == 1:
+            return os.path.join(root, *vpath)
+        if top == OVERLAY and vpath[1] == SHORT_DIR:
+            return None  # overlay/l is synthesized from the link files
+        base = self.entry_base(tree, top, vpath[1])
+        if base is None:
+            return None
+        return os.path.join(base, *vpath[2:])
+
+    def ro_names(self, tree: int, vpath: VPath) -> list[str] | None:
+        if not vpath:
+            return list(self.live.shared[tree].top_names)
+        if len(vpath) == 1 and vpath[0] in MANAGED_DIRS:
+            if vpath[0] == IMAGES:
+                return self.live.catalog.image_ids_in(tree)
+            return self.live.catalog.layer_ids_in(tree)
+        return None
+
+    def synthetic(self, vpath: VPath) -> Synthetic | None:
+        """``overlay/l`` and its links to the shared layers' diffs."""
+        if len(vpath) < 2 or vpath[0] != OVERLAY or vpath[1] != SHORT_DIR:
+            return None
+        cat = self.live.catalog
+        if not cat.shorts:
+            return None
+        if len(vpath) == 2:
+            return Synthetic(origin_of(self.trees[0]), Attr.synthetic_dir(cat.shorts_mtime_ns))
+        if len(vpath) == 3 and vpath[2] in cat.shorts:
+            tree, entry = cat.shorts[vpath[2]]
+            target = f"../{entry.id}/diff"
+            attr = Attr.synthetic_symlink(target, entry.mtime_ns)
+            return Synthetic(origin_of(self.trees[tree]), attr, target)
+        return None
+
+    def synthetic_names(self, vpath: VPath) -> list[str]:
+        if not self.live.catalog.shorts:
+            return []
+        if vpath == (OVERLAY,):
+            return [SHORT_DIR]
+        if vpath == (OVERLAY, SHORT_DIR):
+            return list(self.live.catalog.shorts)
+        return []
+
+    def missing(self, tree: int, vpath: VPath) -> Attr | None:
+        """Called when a backing entry is missing: the attributes to show instead, if any.
+
+        For an available tree the entry is simply absent (None). For an unavailable one the last
+        known top of the tree is shown as it was, and anything deeper fails with EIO: the share
+        cannot tell, and ENOENT could make a runtime drop an image that is only out of reach.
+        """
+        shared = self.live.shared[tree]
+        if shared.available:
+            return None
+        if len(vpath) <= 1:
+            return shared.top_attrs.get(vpath[0] if vpath else "")
+        if vpath[0] not in MANAGED_DIRS and vpath[0] not in shared.top_attrs:
+            return None  # nothing of that name at the top when last seen: nothing below it either
+        if len(vpath) == 2 and vpath[0] in MANAGED_DIRS and self.entry_base(tree, vpath[0], vpath[1]):
+            # an entry the catalog still lists: keep showing it (its contents are out of reach)
+            managed = shared.top_attrs.get(vpath[0])
+            return Attr.synthetic_dir(managed.mtime_ns if managed else 0, 0o755)
+        raise OSError(errno.EIO, f"shared tree {shared.root} is unavailable ({shared.unavailable_reason})",
+                      "/".join(vpath))
+
+    def unavailable(self, tree: int) -> bool:
+        """Is shared tree ``tree`` out of reach (its last known view is shown: see missing)?"""
+        return not self.live.available(tree)
+
+    def direct_path(self, vpath: VPath) -> bool:
+        """True for ``overlay/<id>/diff`` and ``overlay/<id>/work`` when direct is on (layers only:
+        containers/storage's own overlay checks make other directories there)."""
+        return (self.direct and len(vpath) == 3 and vpath[0] == OVERLAY and vpath[2] in DIRECT_NAMES
+                and is_id(vpath[1]))
+
+    def view_changes(self, diff: CatalogDiff) -> list[ViewChange]:
+        """The view names to re-check after the catalog changed."""
+        changes: list[ViewChange] = []
+        moved = set(diff.moved)
+        for lid in diff.layers:
+            changes.append(ViewChange((OVERLAY,), lid))
+            changes.append(ViewChange((LAYERS,), lid, deep=True))
+            changes.extend(ViewChange((OVERLAY, lid), name) for name in ("link", "lower"))
+            if lid in moved:
+                # another shared tree holds it now (a pin, or the share after an unpin): diff/ and
+                # work/, shown as links, must point there
+                changes.extend(ViewChange((OVERLAY, lid), name) for name in sorted(DIRECT_NAMES))
+        changes.extend(ViewChange((IMAGES,), iid, deep=True) for iid in diff.images)
+        changes.extend(ViewChange((OVERLAY, SHORT_DIR), short) for short in diff.shorts)
+        if diff.shorts:
+            changes.append(ViewChange((OVERLAY,), SHORT_DIR))
+        changes.extend(ViewChange((), name) for name in sorted(diff.top_names | diff.managed))
+        return changes
+
+    def status(self, name: str) -> LayoutStatus:
+        problems = self.live.catalog.problems
+        skipped = [{"tree": p.tree, "kind": p.kind, "id": p.id, "reason": p.reason} for p in problems[:SKIPPED_LISTED]]
+        return LayoutStatus(name, self.live.tree_status(), skipped, len(problems))

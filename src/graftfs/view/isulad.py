@@ -1,0 +1,97 @@
+"""The iSulad layout: shared trees presented as iSulad's per-entry graph, complete entries only.
+
+iSulad (and the legacy containers/storage per-entry layout) keeps one directory per entry:
+
+    overlay/<id>/{diff,link,lower,work,merged}     the layer's files and its short link name
+    overlay/l/<short> -> ../<id>/diff               short names that keep mount(2) options short
+    overlay-layers/<id>/layer.json                  the layer record (parent, digests, ...)
+    overlay-images/<id>/images.json                 the image record (top layer, names, ...)
+
+A shared tree may also be an iSulad *remote-RO* share, where the same entries sit one level down
+in ``overlay/RO/<id>`` and ``overlay-layers/RO/<id>`` and iSulad keeps real symlinks beside them.
+graftfs presents both shapes in this layout and never shows the ``RO`` directories. A reader
+only ever sees *complete* entries (graftfs.catalog); everything else is left out of the view and
+reported, with the reason, by ``graftfs status``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from graftfs.catalog.catalog import CatalogDiff
+from graftfs.catalog.live import LiveCatalog
+from graftfs.catalog.scan import entry_dirs
+from graftfs.format.attrs import Attr
+from graftfs.format.names import LAYERS, STATE_DIR
+from graftfs.view.entries import EntryView
+from graftfs.view.layout import CACHED, FilePolicy, HideView, Synthetic, ViewChange, VPath
+from graftfs.view.status import LayoutStatus
+
+
+def own_layers(rw_root: str) -> set[str]:
+    """Layer ids an iSulad graph holds itself: its record directories."""
+    return set(entry_dirs(rw_root, LAYERS))
+
+
+def isulad_catalog(trees: list[str], rw_root: str) -> LiveCatalog:
+    """The catalog of an iSulad mount: its RW tree's own layers are its record directories."""
+    return LiveCatalog(trees, os.path.join(rw_root, STATE_DIR), lambda: own_layers(rw_root))
+
+
+class IsuladLayout:
+    """Presents shared trees in iSulad's per-entry layout (see the module docstring).
+
+    ``direct`` is off by default: iSulad's driver is untested with layer directories as links.
+    """
+
+    name = "isulad"
+    binds = False
+    leases = False  # iSulad's state is not read: its nodes write no leases
+
+    def __init__(self, live: LiveCatalog, direct: bool = False) -> None:
+        self.live = live
+        self.trees = live.trees
+        self.entries = EntryView(live, direct)
+
+    def ro_path(self, tree: int, vpath: VPath) -> str | None:
+        return self.entries.ro_path(tree, vpath)
+
+    def ro_names(self, tree: int, vpath: VPath) -> list[str] | None:
+        return self.entries.ro_names(tree, vpath)
+
+    def synthetic(self, vpath: VPath) -> Synthetic | None:
+        return self.entries.synthetic(vpath)
+
+    def synthetic_names(self, vpath: VPath) -> list[str]:
+        return self.entries.synthetic_names(vpath)
+
+    def missing(self, tree: int, vpath: VPath) -> Attr | None:
+        return self.entries.missing(tree, vpath)
+
+    def unavailable(self, tree: int) -> bool:
+        return self.entries.unavailable(tree)
+
+    def direct_path(self, vpath: VPath) -> bool:
+        return self.entries.direct_path(vpath)
+
+    def merged(self, vpath: VPath, hides: HideView) -> Synthetic | None:
+        return None  # iSulad keeps one record per entry: nothing to compose
+
+    def absorb(self, vpath: VPath, written: str, hides: HideView, writer: int = 0) -> None:
+        raise OSError(errno.EPERM, "not a merged file", "/".join(vpath))
+
+    def note_read(self, vpath: VPath, reader: int) -> None:
+        return None
+
+    def file_policy(self, vpath: VPath, in_rw: bool) -> FilePolicy:
+        return CACHED
+
+    def view_changes(self, diff: CatalogDiff) -> list[ViewChange]:
+        return self.entries.view_changes(diff)
+
+    def announce(self, wait: float | None = None) -> None:
+        """After a change of the share's part of the view: nothing to tell iSulad (it rescans)."""
+
+    def status(self) -> LayoutStatus:
+        return self.entries.status(self.name)

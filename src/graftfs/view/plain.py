@@ -1,0 +1,71 @@
+"""The plain layout: every shared tree shown as it is, apart from graftfs' own files.
+
+No image rules and no catalog: changes in a shared tree show once the kernel's (short) caches
+expire.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from graftfs.catalog.catalog import CatalogDiff
+from graftfs.catalog.scan import list_share_root
+from graftfs.format.attrs import Attr
+from graftfs.format.names import SHARE_PRIVATE_PREFIX
+from graftfs.view.layout import CACHED, FilePolicy, HideView, Synthetic, ViewChange, VPath
+from graftfs.view.status import LayoutStatus
+
+
+class PlainLayout:
+    name = "plain"
+    live = None
+    binds = False
+    leases = False
+
+    def __init__(self, trees: list[str]) -> None:
+        self.trees = trees
+
+    def ro_path(self, tree: int, vpath: VPath) -> str | None:
+        if vpath and vpath[0].startswith(SHARE_PRIVATE_PREFIX):
+            return None
+        return os.path.join(self.trees[tree], *vpath)
+
+    def ro_names(self, tree: int, vpath: VPath) -> list[str] | None:
+        return list_share_root(self.trees[tree]) if not vpath else None
+
+    def synthetic(self, vpath: VPath) -> Synthetic | None:
+        return None
+
+    def synthetic_names(self, vpath: VPath) -> list[str]:
+        return []
+
+    def missing(self, tree: int, vpath: VPath) -> Attr | None:
+        return None
+
+    def unavailable(self, tree: int) -> bool:
+        return False
+
+    def merged(self, vpath: VPath, hides: HideView) -> Synthetic | None:
+        return None
+
+    def direct_path(self, vpath: VPath) -> bool:
+        return False
+
+    def absorb(self, vpath: VPath, written: str, hides: HideView, writer: int = 0) -> None:
+        raise OSError(errno.EPERM, "not a merged file", "/".join(vpath))
+
+    def note_read(self, vpath: VPath, reader: int) -> None:
+        return None
+
+    def file_policy(self, vpath: VPath, in_rw: bool) -> FilePolicy:
+        return CACHED
+
+    def view_changes(self, diff: CatalogDiff) -> list[ViewChange]:
+        return []
+
+    def announce(self, wait: float | None = None) -> None:
+        return None
+
+    def status(self) -> LayoutStatus:
+        return LayoutStatus(self.name)
