@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from graftfs.cli.status import fetch_status
-from graftfs.node.mounts import MNT_DETACH, find_mount, umount
+from graftfs.linux import MNT_DETACH, umount
+from graftfs.node.mounts import find_mount
 from graftfs.share.sample import DemoIds, build_demo
 
 REPO = Path(__file__).resolve().parent.parent

@@ -36,7 +36,8 @@ from pathlib import Path
 
 import pytest
 
-from graftfs.node.mounts import MNT_DETACH, find_mount, umount
+from graftfs.linux import MNT_DETACH, umount
+from graftfs.node.mounts import find_mount
 
 SSHD = "/usr/sbin/sshd"
 START_TIMEOUT = 15.0

@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 
 from conftest import GraftMount, graftfs_cmd, needs_mount, wait_for
-from graftfs.node.mounts import MNT_DETACH, find_mount, mount_table, umount
+from graftfs.linux import MNT_DETACH, umount
+from graftfs.node.mounts import find_mount, mount_table
 from graftfs.share.sample import BUSYBOX, busybox_image_tar
 
 pytestmark = [needs_mount, pytest.mark.skipif(shutil.which("podman") is None, reason="podman is not installed")]

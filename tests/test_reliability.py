@@ -27,7 +27,8 @@ import pytest
 
 from conftest import REPO, GraftMount, Sample, bind_ro, force_unmount, graftfs_cmd, needs_mount, sh, wait_for
 from graftfs.cli.status import fetch_status
-from graftfs.node.mounts import MNT_DETACH, find_mount, mount_table, pid_alive, read_runtime, umount
+from graftfs.linux import MNT_DETACH, umount
+from graftfs.node.mounts import find_mount, mount_table, pid_alive, read_runtime
 from graftfs.share.sample import build_demo, digest
 from residue import assert_no_residue
 from sshshare import SshShare, needs_sshfs, ssh_share

@@ -18,6 +18,7 @@ from conftest import graftfs_cmd
 from graftfs.format.names import INTENTS_DIR, MARKER_NAME, RETIRED_DIR, STAGING_DIR
 from graftfs.share import gc as share_gc
 from graftfs.share.fsck import check
+from graftfs.share.gc import Ref
 from graftfs.share.leases import in_use, read_claims, write_lease
 from graftfs.share.sample import SampleLayer, chain, digest, publish_sample_image, write_image, write_layer
 from graftfs.share.state import ShareError, ShareState
@@ -74,14 +75,14 @@ def test_gc_keeps_leased_layers_and_deletes_them_once_the_lease_is_gone(share: s
     write_lease(share, "node-b", 60.0, [top[-1].id], [app])
     p = share_gc.collect(share, grace=3600)
     assert p.images == [] and p.layers == []
-    assert p.kept[f"image {app}"] == "leased by node node-b"
-    assert p.kept[f"layer {top[0].id}"] == "leased by node node-b"
+    assert p.kept[Ref("image", app)] == "leased by node node-b"
+    assert p.kept[Ref("layer", top[0].id)] == "leased by node node-b"
     assert os.path.isdir(os.path.join(share, "overlay", top[0].id))
     # the node renews its lease without the layers (its container is gone)
     write_lease(share, "node-b", 60.0, [], [])
     p = share_gc.collect(share, grace=3600)
     # retired just now, and node-b's lease lives 60 s: nodes may not have noticed the retirement yet
-    assert p.images == [] and "retired 0 s ago" in p.kept[f"image {app}"]
+    assert p.images == [] and "retired 0 s ago" in p.kept[Ref("image", app)]
     write_lease(share, "node-b", 0.5, [], [])
     time.sleep(1.0)
     p = share_gc.collect(share, grace=3600)
@@ -125,7 +126,7 @@ def test_claims_made_while_gc_moves_entries_are_honoured(share: str) -> None:
         json.dump({"ttl": 60, "layers": [layers[0].id], "images": [], "staging": "x"}, f)
     said: list[str] = []
     share_gc.Collector(state, said.append).run(plan)
-    assert plan.restored == [f"layer {layers[0].id}"], said
+    assert plan.restored == [Ref("layer", layers[0].id)], said
     assert os.path.isfile(os.path.join(share, "overlay", layers[0].id, "link"))
     assert os.path.isfile(os.path.join(share, "overlay-layers", layers[0].id, "layer.json"))
     assert not os.path.exists(os.path.join(share, "overlay", layers[1].id))
@@ -161,7 +162,7 @@ def test_debris_of_killed_publishers_is_collected_after_the_grace_period(share: 
     # (entries placed in the very clock tick gc reads the share's time in are never debris)
     time.sleep(0.1)
     p = share_gc.collect(share, grace=0)
-    assert p.layers == [orphan.id] and set(p.debris) == {f"layer {orphan.id}", f"layer {half.id}"}
+    assert p.layers == [orphan.id] and set(p.debris) == {Ref("layer", orphan.id), Ref("layer", half.id)}
     assert p.staging == ["dead-publisher"]
     assert not os.path.exists(stage) and not os.path.exists(os.path.join(share, "overlay", half.id))
     assert check(share).problems == []

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from conftest import GraftMount, Sample, needs_mount, sh, wait_for
-from graftfs.node.mounts import umount
+from graftfs.linux import umount
 from graftfs.share.sample import chain, digest, publish_sample_image, short_name
 
 pytestmark = needs_mount

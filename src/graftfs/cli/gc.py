@@ -33,20 +33,13 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"dry_run": args.dry_run, **p.as_dict()}))
         return 0
     verb = "would delete" if args.dry_run else "deleted"
-    restored = set(p.restored)
-    for iid in p.images:
-        if f"image {iid}" not in restored:
-            print(f"{verb} image {iid[:12]}")
-    for lid in p.layers:
-        if f"layer {lid}" not in restored:
-            print(f"{verb} layer {lid[:12]}")
-    for item in p.debris:
-        if item not in restored and not (item.startswith("layer ") and item[6:] in p.layers):
-            print(f"{verb} {item[:18]} (left by a killed publisher)")
+    debris = set(p.debris)
+    for ref in p.deletes():
+        print(f"{verb} {ref.short()}" + (" (left by a killed publisher)" if ref in debris else ""))
     for name in p.staging + p.old_trash:
         print(f"{verb} leftover {name}")
     for what, why in sorted(p.kept.items()):
-        print(f"kept {what[:18]}: {why}")
+        print(f"kept {what.short()}: {why}")
     print(f"{len(p.images)} images, {len(p.layers)} layers, {p.bytes / 2**20:.1f} MiB "
           f"{'to free' if args.dry_run else 'freed'}")
     return 0

@@ -9,11 +9,11 @@ import signal
 import sys
 import time
 
+from graftfs.linux import MNT_DETACH, umount
 from graftfs.node.binds import unbind_all
 from graftfs.node.mounts import (
     DEAD_MOUNT_ERRNOS,
     FSTYPE,
-    MNT_DETACH,
     call_with_timeout,
     canonical,
     find_mount,
@@ -22,7 +22,6 @@ from graftfs.node.mounts import (
     pid_alive,
     read_runtime,
     remove_runtime,
-    umount,
 )
 
 NAME = "umount"

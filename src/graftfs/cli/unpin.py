@@ -36,5 +36,5 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"unpinned: {len(p.images)} images, {len(p.layers)} layers, {p.bytes / 2**20:.1f} MiB freed")
     for what, why in sorted(p.kept.items()):
-        print(f"kept {what[:18]}: {why}")
+        print(f"kept {what.short()}: {why}")
     return 0

@@ -4,20 +4,20 @@ The watcher uses inotify for trees on local filesystems (the node's RW tree, and
 are local directories), where it reports changes made behind the mount's back at once. Network
 filesystems give no inotify for other clients' changes; those trees are polled instead.
 
-Only ctypes and trio are needed: the file descriptor is non-blocking and read when
+The system calls are in graftfs.linux; the file descriptor is non-blocking and read when
 ``trio.lowlevel.wait_readable`` says it has data, so the trio thread never blocks on it.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 import struct
 from dataclasses import dataclass
 
 import trio
+
+from graftfs import linux
 
 IN_MODIFY = 0x00000002
 IN_ATTRIB = 0x00000004
@@ -38,9 +38,6 @@ IN_CLOEXEC = os.O_CLOEXEC
 DIR_EVENTS = IN_MODIFY | IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
 _HEADER = struct.Struct("iIII")  # wd, mask, cookie, len
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
 @dataclass(frozen=True, slots=True)
 class Event:
     wd: int
@@ -52,26 +49,18 @@ class Event:
         return bool(self.mask & IN_Q_OVERFLOW)
 
 
-def _check(rc: int, what: str) -> int:
-    if rc < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return rc
-
-
 class Inotify:
     """One inotify instance; ``add`` directories, ``await read()`` batches of events."""
 
     def __init__(self) -> None:
-        self.fd = _check(_libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC), "inotify_init1")
+        self.fd = linux.inotify_init()
 
     def add(self, path: str, mask: int = DIR_EVENTS) -> int:
         """Watch directory ``path``; returns its watch descriptor (the same one if already watched)."""
-        return _check(_libc.inotify_add_watch(self.fd, os.fsencode(path), ctypes.c_uint32(mask | IN_ONLYDIR)),
-                      f"inotify_add_watch {path}")
+        return linux.inotify_add_watch(self.fd, path, mask | IN_ONLYDIR)
 
     def remove(self, wd: int) -> None:
-        _libc.inotify_rm_watch(self.fd, wd)  # fails harmlessly when the kernel already dropped it
+        linux.inotify_rm_watch(self.fd, wd)
 
     async def read(self) -> list[Event]:
         """Wait for events and return all that are queued."""
@@ -120,13 +109,7 @@ NETWORK_FS_MAGIC = {
 }
 
 
-class _Statfs(ctypes.Structure):
-    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
-
-
 def is_local_fs(path: str) -> bool:
     """True when ``path`` is on a filesystem where inotify sees every change (not a network fs)."""
-    buf = _Statfs()
-    if _libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
-        return False
-    return (buf.f_type & 0xFFFFFFFF) not in NETWORK_FS_MAGIC
+    magic = linux.fs_type(path)
+    return magic is not None and magic not in NETWORK_FS_MAGIC

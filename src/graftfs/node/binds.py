@@ -20,7 +20,8 @@ import logging
 import os
 import stat
 
-from graftfs.node.mounts import MNT_DETACH, bind_mount, find_mount, umount
+from graftfs.linux import MNT_DETACH, bind_mount, umount
+from graftfs.node.mounts import find_mount
 from graftfs.view.lock_tokens import LOCK_FILES, TOKEN_BYTES, write_token_fd
 
 log = logging.getLogger(__name__)

@@ -7,8 +7,6 @@ daemon is gone ("Transport endpoint is not connected"), without importing pyfuse
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import hashlib
 import json
@@ -18,20 +16,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from graftfs.format.atomic import write_file_atomically
+
 T = TypeVar("T")
 
 #: What the kernel answers on a mount whose daemon is gone: ENOTCONN, or ECONNABORTED for
 #: requests caught in the connection's teardown.
 DEAD_MOUNT_ERRNOS = frozenset({errno.ENOTCONN, errno.ECONNABORTED})
 
-MNT_FORCE = 1
-MNT_DETACH = 2
-MS_BIND = 4096
 RUN_DIR = "/run/graftfs"
 FSTYPE = "fuse.graftfs"
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
 
 @dataclass(frozen=True)
 class MountEntry:
@@ -85,20 +79,6 @@ def canonical(path: str) -> str:
     return os.path.join(os.path.realpath(parent), name)
 
 
-def bind_mount(source: str, target: str) -> None:
-    """mount(2) with MS_BIND: ``source`` shows at ``target``; raises OSError."""
-    if _libc.mount(os.fsencode(source), os.fsencode(target), None, ctypes.c_ulong(MS_BIND), None) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), target)
-
-
-def umount(mountpoint: str, flags: int = 0) -> None:
-    """umount2(2); raises OSError (EBUSY while in use, EINVAL when not a mount)."""
-    if _libc.umount2(os.fsencode(mountpoint), ctypes.c_int(flags)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), mountpoint)
-
-
 def runtime_file(mountpoint: str) -> str:
     """Where the daemon serving ``mountpoint`` records its pid (readable even when it hangs)."""
     digest = hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:16]
@@ -110,10 +90,7 @@ def write_runtime(mountpoint: str, info: dict[str, object]) -> None:
     os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
     os.chmod(RUN_DIR, 0o755)
     path = runtime_file(mountpoint)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), "w", encoding="utf-8") as f:
-        json.dump(info, f)
-    os.rename(tmp, path)
+    write_file_atomically(path, json.dumps(info), sync=False)  # /run is memory: nothing to make durable
 
 
 def read_runtime(mountpoint: str) -> dict[str, object] | None:

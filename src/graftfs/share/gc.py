@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from graftfs.format.atomic import write_file_atomically
 from graftfs.format.names import RETIRED_DIR, STAGING_DIR, TRASH_DIR
+from graftfs.format.records import walk_chain
 from graftfs.share.state import ShareError, ShareState
 
 log = logging.getLogger(__name__)
@@ -80,24 +81,47 @@ def reinstate(share: str, iid: str) -> bool:
     return True
 
 
+@dataclass(frozen=True, order=True)
+class Ref:
+    """An entry gc talks about: ``layer``, ``image`` or ``staging``, and its id or name."""
+
+    kind: str
+    id: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.id}"
+
+    def short(self) -> str:
+        """As a person reads it in a list: the kind and the id's first 12 characters."""
+        return f"{self.kind} {self.id[:12]}"
+
+
 @dataclass
 class Plan:
     """What one gc run deletes, and why the retired things it keeps are kept."""
 
     images: list[str] = field(default_factory=list)
     layers: list[str] = field(default_factory=list)  # children before parents
-    debris: list[str] = field(default_factory=list)  # "layer <id>" / "image <id>": left by killed publishers
+    debris: list[Ref] = field(default_factory=list)  # entries left by killed publishers
     staging: list[str] = field(default_factory=list)
     old_trash: list[str] = field(default_factory=list)
     markers: list[str] = field(default_factory=list)  # retirements of images no longer in the share
-    kept: dict[str, str] = field(default_factory=dict)  # "image <id>" / "layer <id>" -> reason
+    kept: dict[Ref, str] = field(default_factory=dict)  # retired entries that stay -> why
     bytes: int = 0
-    restored: list[str] = field(default_factory=list)
+    restored: list[Ref] = field(default_factory=list)  # moved out, then put back: claimed meanwhile
 
     def as_dict(self) -> dict[str, object]:
-        return {"images": self.images, "layers": self.layers, "debris": self.debris, "staging": self.staging,
-                "old_trash": self.old_trash, "markers": self.markers, "kept": self.kept, "bytes": self.bytes,
-                "restored": self.restored}
+        """The plan as ``graftfs gc --json`` prints it (entries as "kind id")."""
+        return {"images": self.images, "layers": self.layers, "debris": [str(r) for r in self.debris],
+                "staging": self.staging, "old_trash": self.old_trash, "markers": self.markers,
+                "kept": {str(r): why for r, why in self.kept.items()}, "bytes": self.bytes,
+                "restored": [str(r) for r in self.restored]}
+
+    def deletes(self) -> list[Ref]:
+        """Every entry this plan deletes (after a run: that were not put back), each once."""
+        refs = [Ref("image", i) for i in self.images] + [Ref("layer", lid) for lid in self.layers]
+        refs += [r for r in self.debris if r not in refs]
+        return [r for r in refs if r not in self.restored]
 
 
 def _claimed(state: ShareState) -> tuple[set[str], set[str], dict[str, str], set[str]]:
@@ -141,36 +165,36 @@ def plan(state: ShareState, grace: float = DEFAULT_GRACE, settle: float | None =
 
 
 def _doomed_images(state: ShareState, claimed: set[str], who: dict[str, str], settle: float,
-                   kept: dict[str, str]) -> list[str]:
+                   kept: dict[Ref, str]) -> list[str]:
     """Retired images no claim names, retired long enough ago; ``kept`` says why the rest stay."""
     doomed = []
     for iid in state.scan.images.keys() & state.scan.retired:
         age = state.now - state.retired_at.get(iid, state.now)
         if iid in claimed:
-            kept[f"image {iid}"] = who[iid]
+            kept[Ref("image", iid)] = who[iid]
         elif age < settle:
-            kept[f"image {iid}"] = f"retired {age:.0f} s ago; nodes renew leases within {settle:.0f} s"
+            kept[Ref("image", iid)] = f"retired {age:.0f} s ago; nodes renew leases within {settle:.0f} s"
         else:
             doomed.append(iid)
     return sorted(doomed)
 
 
 def _retired_layers(state: ShareState, doomed: list[str], claimed: set[str], who: dict[str, str],
-                    kept: dict[str, str]) -> set[str]:
+                    kept: dict[Ref, str]) -> set[str]:
     """The doomed images' layers that no other image and no claim needs."""
     needed = state.layers_of(i for i in state.scan.images if i not in doomed) | claimed
     candidates = state.layers_of(doomed) - needed
     published = state.layers_of(state.published())
     for lid in state.layers_of(state.scan.images.keys() & state.scan.retired) - candidates:
         if lid in claimed:
-            kept[f"layer {lid}"] = who[lid]
+            kept[Ref("layer", lid)] = who[lid]
         elif lid in published:
-            kept[f"layer {lid}"] = "used by a published image"
+            kept[Ref("layer", lid)] = "used by a published image"
     return candidates
 
 
 def _debris(state: ShareState, claimed_layers: set[str], claimed_images: set[str], grace: float,
-            debris: list[str]) -> set[str]:
+            debris: list[Ref]) -> set[str]:
     """What killed publishers left: complete layers no image references (returned, to delete
     with the others) and incomplete entries (listed in ``debris``), older than ``grace``. An
     entry placed in the very clock tick the share's time was read in is never old enough."""
@@ -178,12 +202,12 @@ def _debris(state: ShareState, claimed_layers: set[str], claimed_images: set[str
     referenced = state.layers_of(scan.images)
     orphans = {lid for lid in scan.layers
                if lid not in referenced and lid not in claimed_layers and state.entry_age("layer", lid) > grace}
-    debris.extend(f"layer {lid}" for lid in sorted(orphans))
+    debris.extend(Ref("layer", lid) for lid in sorted(orphans))
     for kind, eid in sorted(scan.broken):
         if (kind == "layer" and eid in claimed_layers) or (kind == "image" and eid in claimed_images):
             continue
         if state.entry_age(kind, eid) > grace:
-            debris.append(f"{kind} {eid}")
+            debris.append(Ref(kind, eid))
     return orphans
 
 
@@ -198,19 +222,14 @@ class Collector:
         #: a mount whose view falls back to another copy (an unpinned layer) waits for it there
         self.settled = settled
         self.run_dir = os.path.join(state.root, TRASH_DIR, f"gc-{uuid.uuid4().hex}")
-        self.moved: list[tuple[str, str, str]] = []  # (kind and id, original path, trash path)
+        self.moved: list[tuple[Ref, str, str]] = []  # (entry, original path, trash path)
         self.doomed: set[str] = set()
 
     def run(self, p: Plan) -> None:
         self.doomed = set(p.images)
         os.makedirs(self.run_dir)
-        entries = [(f"image {iid}", self.state.entry_paths("image", iid)) for iid in p.images]
-        entries += [(f"layer {lid}", self.state.entry_paths("layer", lid)) for lid in p.layers]
-        for item in p.debris:
-            if not item.startswith("layer ") or item[6:] not in p.layers:
-                kind, eid = item.split(" ", 1)
-                entries.append((item, self.state.entry_paths(kind, eid)))
-        entries += [(f"staging {name}", [os.path.join(self.state.root, STAGING_DIR, name)]) for name in p.staging]
+        entries = [(ref, self.state.entry_paths(ref.kind, ref.id)) for ref in p.deletes()]
+        entries += [(Ref("staging", name), [os.path.join(self.state.root, STAGING_DIR, name)]) for name in p.staging]
         try:
             # first what makes each entry invisible (image dirs, layer records), then the rest
             for what, paths in entries:
@@ -223,13 +242,13 @@ class Collector:
             for name in p.old_trash:
                 shutil.rmtree(os.path.join(self.state.root, TRASH_DIR, name), ignore_errors=True)
             for iid in p.markers:
-                if f"image {iid}" not in p.restored:
+                if Ref("image", iid) not in p.restored:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(self.state.root, RETIRED_DIR, iid))
         finally:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
-    def _move(self, what: str, paths: list[str]) -> None:
+    def _move(self, what: Ref, paths: list[str]) -> None:
         for path in paths:
             label = f"{os.path.basename(os.path.dirname(path))}-{os.path.basename(path)[:12]}"
             dst = os.path.join(self.run_dir, f"{len(self.moved)}-{label}")
@@ -239,7 +258,7 @@ class Collector:
                 continue  # already gone (another gc, or never there)
             self.moved.append((what, path, dst))
 
-    def _put_back_claimed(self) -> list[str]:
+    def _put_back_claimed(self) -> list[Ref]:
         """Put back (parents first) what was claimed, or placed as an image, while entries moved:
         a publisher that found a layer "already published" may have finished, intent gone, by
         now; its image record, placed last, then names the layer instead."""
@@ -254,13 +273,14 @@ class Collector:
         parents.update({lid: e.parent for lid, e in fresh.scan.layers.items()})
         tops = {iid: e.top_layer for iid, e in {**self.state.scan.images, **fresh.scan.images}.items()}
         wanted: set[str] = set(images)
-        for lid in layers | {tops.get(i) or "" for i in images}:
-            while lid and lid not in wanted:
+        for start in layers | {tops.get(i) for i in images}:
+            for lid in walk_chain(start, parents.get):
+                if lid in wanted:
+                    break  # its ancestors are in already
                 wanted.add(lid)
-                lid = parents.get(lid) or ""
-        restored: list[str] = []
+        restored: list[Ref] = []
         for what, path, dst in reversed(self.moved):
-            if what.split(" ", 1)[1] not in wanted:
+            if what.id not in wanted:
                 continue
             try:
                 os.rename(dst, path)

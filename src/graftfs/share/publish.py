@@ -36,7 +36,7 @@ from graftfs.format.names import (
     OVERLAY,
     STAGING_DIR,
 )
-from graftfs.format.records import read_index, record_names
+from graftfs.format.records import read_index, record_names, walk_chain
 from graftfs.format.refs import match_image_ref
 from graftfs.linux import die_with_parent
 from graftfs.share import leases
@@ -106,17 +106,19 @@ class Graph:
 
     def chain(self, image: Record) -> list[Record]:
         """The image's layers, bottom first."""
-        out: list[Record] = []
-        cur = image.get("layer")
-        while cur:
-            layer = self.layers.get(str(cur))
-            if layer is None:
-                raise PublishError(f"layer {str(cur)[:12]} of image {str(image.get('id'))[:12]} is not in the graph")
-            if len(out) > 1000:
-                raise PublishError(f"the layer chain of image {str(image.get('id'))[:12]} loops")
-            out.append(layer)
-            cur = layer.get("parent")
-        return list(reversed(out))
+        top = image.get("layer")
+        ids = list(walk_chain(top if isinstance(top, str) else None, self._parent))
+        label = str(image.get("id"))[:12]
+        missing = [lid for lid in ids if lid not in self.layers]
+        if missing:
+            raise PublishError(f"layer {missing[0][:12]} of image {label} is not in the graph")
+        if ids and self._parent(ids[-1]):
+            raise PublishError(f"the layer chain of image {label} loops")  # the walk stopped at a layer seen
+        return [self.layers[lid] for lid in reversed(ids)]
+
+    def _parent(self, lid: str) -> str | None:
+        parent = self.layers.get(lid, {}).get("parent")
+        return parent if isinstance(parent, str) and parent else None
 
 
 class Publisher:
@@ -142,6 +144,9 @@ class Publisher:
         # sees it and keeps those entries, or deleted them before we looked (and we copy them)
         try:
             with leases.intent(self.share, [str(la["id"]) for la in layers], [iid], os.path.basename(self.staging)):
+                # only now: a gc that read the claims before this intent was written must not find
+                # the staging directory older than its own clock reading (it would take it for debris)
+                os.makedirs(self.staging)
                 for n, layer in enumerate(layers, 1):
                     result.layers.append(self._layer(layer))
                     self.progress(f"layer {n}/{len(layers)} {str(layer['id'])[:12]}: {result.layers[-1].status}")
@@ -161,9 +166,8 @@ class Publisher:
             pass  # a share without a marker (written by iSulad): publish into it as it is
         else:
             write_file_atomically(os.path.join(self.share, MARKER_NAME), MARKER_TEXT)
-        for d in MANAGED_DIRS:
+        for d in (*MANAGED_DIRS, STAGING_DIR):
             os.makedirs(os.path.join(self.share, d), exist_ok=True)
-        os.makedirs(self.staging, exist_ok=True)
 
     def _layer(self, record: Record) -> LayerResult:
         lid = str(record["id"])

@@ -44,7 +44,7 @@ from graftfs.format.names import (
     TAR_SPLIT_SUFFIX,
     is_id,
 )
-from graftfs.format.records import graph_layer_ids, layer_chain, read_index, record_names
+from graftfs.format.records import graph_layer_ids, layer_chain, read_index, record_names, walk_chain
 from graftfs.view import lock_tokens
 from graftfs.view.entries import EntryView
 from graftfs.view.layout import CACHED, FilePolicy, HideView, Synthetic, ViewChange, VPath
@@ -265,21 +265,22 @@ class ContainersStorageLayout:
     def _usable_layers(cat: Catalog, hides: HideView) -> list[str]:
         """Shared layers this node can use, in catalog order: not hidden here, and no hidden
         layer below them."""
+        def shared_parent(lid: str) -> str | None:
+            parent = cat.layers[lid][1].parent
+            return parent if parent in cat.layers else None
+
         usable: dict[str, bool] = {}
         for lid in cat.layers:
             chain: list[str] = []
-            cur: str | None = lid
             ok = True
-            while cur is not None and cur in cat.layers:
+            for cur in walk_chain(lid, shared_parent):
                 if cur in usable:
-                    ok = usable[cur]
+                    ok = usable[cur]  # the rest of the chain is judged already
                     break
                 if hides.covers((LAYERS, cur)):
-                    ok = False
-                    usable[cur] = False
+                    ok = usable[cur] = False
                     break
                 chain.append(cur)
-                cur = cat.layers[cur][1].parent
             for c in chain:
                 usable[c] = ok
         return [lid for lid in cat.layers if usable.get(lid)]

@@ -21,6 +21,8 @@ import os
 import threading
 from collections.abc import Iterator
 
+from graftfs.format.atomic import write_file_atomically
+
 log = logging.getLogger(__name__)
 
 VPath = tuple[str, ...]
@@ -82,13 +84,7 @@ class HideStore:
 
     def _rewrite(self) -> None:
         """Atomically replace the log with the compacted set (at start-up only)."""
-        tmp = self._path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for p in sorted(self._paths):
-                f.write(_encode(p))
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, self._path)
+        write_file_atomically(self._path, "".join(_encode(p) for p in sorted(self._paths)))
 
     def covers(self, vpath: VPath) -> bool:
         """True when ``vpath`` or one of its ancestors is hidden."""
