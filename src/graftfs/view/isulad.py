@@ -16,7 +16,6 @@ reported, with the reason, by ``graftfs status``.
 
 from __future__ import annotations
 
-import errno
 import os
 
 from graftfs.catalog.catalog import CatalogDiff
@@ -25,7 +24,7 @@ from graftfs.catalog.scan import entry_dirs
 from graftfs.format.attrs import Attr
 from graftfs.format.names import LAYERS, STATE_DIR
 from graftfs.view.entries import EntryView
-from graftfs.view.layout import CACHED, FilePolicy, HideView, Synthetic, ViewChange, VPath
+from graftfs.view.layout import NoMergedFiles, Synthetic, ViewChange, VPath
 from graftfs.view.status import LayoutStatus
 
 
@@ -39,10 +38,11 @@ def isulad_catalog(trees: list[str], rw_root: str) -> LiveCatalog:
     return LiveCatalog(trees, os.path.join(rw_root, STATE_DIR), lambda: own_layers(rw_root))
 
 
-class IsuladLayout:
+class IsuladLayout(NoMergedFiles):
     """Presents shared trees in iSulad's per-entry layout (see the module docstring).
 
-    ``direct`` is off by default: iSulad's driver is untested with layer directories as links.
+    iSulad keeps one record per entry, so nothing is composed (NoMergedFiles). ``direct`` is off
+    by default: iSulad's driver is untested with layer directories as links.
     """
 
     name = "isulad"
@@ -74,18 +74,6 @@ class IsuladLayout:
 
     def direct_path(self, vpath: VPath) -> bool:
         return self.entries.direct_path(vpath)
-
-    def merged(self, vpath: VPath, hides: HideView) -> Synthetic | None:
-        return None  # iSulad keeps one record per entry: nothing to compose
-
-    def absorb(self, vpath: VPath, written: str, hides: HideView, writer: int = 0) -> None:
-        raise OSError(errno.EPERM, "not a merged file", "/".join(vpath))
-
-    def note_read(self, vpath: VPath, reader: int) -> None:
-        return None
-
-    def file_policy(self, vpath: VPath, in_rw: bool) -> FilePolicy:
-        return CACHED
 
     def view_changes(self, diff: CatalogDiff) -> list[ViewChange]:
         return self.entries.view_changes(diff)

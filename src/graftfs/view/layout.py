@@ -21,6 +21,7 @@ current, or None), ``binds`` (the daemon bind-mounts the runtime's hot files ove
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -79,6 +80,24 @@ class FilePolicy:
 
 
 CACHED = FilePolicy()
+
+
+class NoMergedFiles:
+    """The part of a layout without composed files: every file is one tree's own, served cached.
+
+    The plain and iSulad layouts take it; containers-storage composes its index files itself."""
+
+    def merged(self, vpath: VPath, hides: HideView) -> Synthetic | None:
+        return None
+
+    def absorb(self, vpath: VPath, written: str, hides: HideView, writer: int = 0) -> None:
+        raise OSError(errno.EPERM, "not a merged file", "/".join(vpath))
+
+    def note_read(self, vpath: VPath, reader: int) -> None:
+        return None
+
+    def file_policy(self, vpath: VPath, in_rw: bool) -> FilePolicy:
+        return CACHED
 
 
 class Layout(Protocol):

@@ -6,18 +6,17 @@ expire.
 
 from __future__ import annotations
 
-import errno
 import os
 
 from graftfs.catalog.catalog import CatalogDiff
 from graftfs.catalog.scan import list_share_root
 from graftfs.format.attrs import Attr
 from graftfs.format.names import SHARE_PRIVATE_PREFIX
-from graftfs.view.layout import CACHED, FilePolicy, HideView, Synthetic, ViewChange, VPath
+from graftfs.view.layout import NoMergedFiles, Synthetic, ViewChange, VPath
 from graftfs.view.status import LayoutStatus
 
 
-class PlainLayout:
+class PlainLayout(NoMergedFiles):
     name = "plain"
     live = None
     binds = False
@@ -46,20 +45,8 @@ class PlainLayout:
     def unavailable(self, tree: int) -> bool:
         return False
 
-    def merged(self, vpath: VPath, hides: HideView) -> Synthetic | None:
-        return None
-
     def direct_path(self, vpath: VPath) -> bool:
         return False
-
-    def absorb(self, vpath: VPath, written: str, hides: HideView, writer: int = 0) -> None:
-        raise OSError(errno.EPERM, "not a merged file", "/".join(vpath))
-
-    def note_read(self, vpath: VPath, reader: int) -> None:
-        return None
-
-    def file_policy(self, vpath: VPath, in_rw: bool) -> FilePolicy:
-        return CACHED
 
     def view_changes(self, diff: CatalogDiff) -> list[ViewChange]:
         return []
