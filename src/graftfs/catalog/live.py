@@ -9,6 +9,7 @@ the lease keeper reads ``acked``. Polls and commits are blocking I/O: worker thr
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +19,34 @@ from graftfs.catalog import scan_cache
 from graftfs.catalog.catalog import Catalog, CatalogDiff, build_catalog, diff_catalogs
 from graftfs.catalog.scan import TreeScan
 from graftfs.catalog.tree import SharedTree, TreeChange
+
+
+class LocalLayers:
+    """The layer ids the node's RW tree holds itself, read again only when ``probe`` changes.
+
+    ``probe`` is the file or directory whose inode, size and mtime move when the node's layers
+    do (containers/storage's layers.json, iSulad's overlay-layers/); ``read`` lists the ids. Asked
+    at every catalog build and whenever the view decides how to show a layer directory, so it
+    must cost one stat, not a parse.
+    """
+
+    def __init__(self, probe: str, read: Callable[[], set[str]]) -> None:
+        self.probe = probe
+        self.read = read
+        self._cached: tuple[tuple[int, int, int] | None, frozenset[str]] | None = None
+
+    def __call__(self) -> frozenset[str]:
+        try:
+            st = os.stat(self.probe)
+            sig: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            sig = None
+        cached = self._cached
+        if cached is not None and cached[0] == sig:
+            return cached[1]
+        ids = frozenset(self.read())
+        self._cached = (sig, ids)
+        return ids
 
 
 @dataclass(frozen=True)
@@ -44,7 +73,7 @@ class LiveCatalog:
     of the node's own pin tree, when it has one (listed first, so its copies win).
     """
 
-    def __init__(self, trees: list[str], state_dir: str, local_layers: Callable[[], set[str]],
+    def __init__(self, trees: list[str], state_dir: str, local_layers: Callable[[], frozenset[str]],
                  pin_tree: int | None = None) -> None:
         self.trees = trees
         self.state_dir = state_dir
@@ -113,7 +142,7 @@ class LiveCatalog:
                 change = tree.take_pending()
                 if change is not None:
                     self._unacked[ti] = change.merged(self._unacked.get(ti))
-            new = build_catalog([t.scan for t in self.shared], self.local_layers(), self.catalog)
+            new = build_catalog([t.scan for t in self.shared], set(self.local_layers()), self.catalog)
             self.catalog = new
             self._seq += 1
             for eid in [*new.layers, *new.images]:

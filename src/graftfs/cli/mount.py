@@ -23,8 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a shared read-only tree (repeat; earlier ones win)")
     p.add_argument("--layout", choices=LAYOUTS, default=None, help="graph layout (default: auto)")
     p.add_argument("-o", dest="options", metavar="OPTS", action="append", default=[],
-                   help="comma-separated options: rw=DIR, ro=DIR, layout=, timeout=SECONDS, log=FILE, "
-                        "and FUSE options (allow_other, default_permissions, ro, nodev, nosuid, ...)")
+                   help="comma-separated options: rw=DIR, ro=DIR, layout=, timeout=SECONDS (a backing call's "
+                        "limit), poll=SECONDS (share polls; 0: no watcher), share_inotify=0|1, lease=SECONDS "
+                        "(0: no leases), direct=0|1|auto, publish=auto|off (publish what this node pulls or "
+                        "builds to the first share), publish_match=GLOB (repeat; !GLOB excludes; default all), "
+                        "log=FILE, and FUSE options (allow_other, default_permissions, ro, nodev, nosuid, ...)")
     p.add_argument("--foreground", "-f", action="store_true", help="serve in this process (do not daemonize)")
     p.add_argument("--log-file", metavar="FILE", help="log here (default: stderr in the foreground, "
                    "RW/.graftfs/graftfs.log otherwise)")

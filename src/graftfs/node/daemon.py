@@ -29,6 +29,7 @@ from graftfs.fuse.operations import GraftOperations
 from graftfs.fuse.watcher import Watcher
 from graftfs.fuse.workers import Workers, all_local, guarded
 from graftfs.node import binds
+from graftfs.node.autopublish import AutoPublisher
 from graftfs.node.keeper import LeaseKeeper
 from graftfs.node.mounts import find_mount, remove_runtime, write_runtime
 from graftfs.node.options import ConfigError, MountConfig
@@ -47,6 +48,8 @@ def detect_layout(cfg: MountConfig) -> str:
     """Pick the layout for ``auto``: containers-storage keeps one layers.json, iSulad one dir per entry."""
     if cfg.layout != "auto":
         return cfg.layout
+    if cfg.publish:
+        return "containers-storage"  # the only layout whose runtime records say what to publish
     assert cfg.rw is not None
     for tree in [cfg.rw, *cfg.ro]:
         if os.path.exists(os.path.join(tree, *LAYERS_JSON)):
@@ -144,25 +147,48 @@ class BindState:
 BIND_REMOVE_SECONDS = 10.0
 
 
-async def _serve(watcher: Watcher | None, bound: BindState, workers: Workers, trees: list[str],
-                 keeper: LeaseKeeper | None) -> None:
+@dataclass
+class Background:
+    """What runs beside the FUSE loop, and what ``graftfs status`` reports of it."""
+
+    bound: BindState
+    workers: Workers
+    trees: list[str]
+    watcher: Watcher | None = None
+    keeper: LeaseKeeper | None = None
+    autopublish: AutoPublisher | None = None
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"inline_io": self.workers.inline}
+        out["watcher"] = self.watcher.status() if self.watcher is not None else {"enabled": False}
+        if self.keeper is not None:
+            out["leases"] = self.keeper.status()
+        if self.autopublish is not None:
+            out["autopublish"] = self.autopublish.status()
+        return out
+
+
+async def _serve(bg: Background) -> None:
     async with trio.open_nursery() as nursery:
 
         async def stop_on_signal() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async for signum in signals:
                     log.info("signal %d: unmounting", signum)
-                    await bound.remove()  # they would keep the mount busy
+                    await bg.bound.remove()  # they would keep the mount busy
                     session.stop()
                     return
 
         nursery.start_soon(stop_on_signal)
-        nursery.start_soon(bound.make)
-        nursery.start_soon(workers.follow_locality, trees, is_local_fs)
-        if watcher is not None:
-            nursery.start_soon(watcher.run)
-        if keeper is not None:
-            nursery.start_soon(guarded, "leases", keeper.run, 2.0)
+        nursery.start_soon(bg.bound.make)
+        nursery.start_soon(bg.workers.follow_locality, bg.trees, is_local_fs)
+        if bg.watcher is not None:
+            nursery.start_soon(bg.watcher.run)
+        if bg.keeper is not None:
+            nursery.start_soon(guarded, "leases", bg.keeper.run, 2.0)
+        if bg.autopublish is not None:
+            publisher = bg.autopublish
+            nursery.start_soon(guarded, "auto-publish", lambda: publisher.run(bg.bound.made), 5.0)
         await session.serve()
         nursery.cancel_scope.cancel()
 
@@ -188,6 +214,16 @@ def make_watcher(cfg: MountConfig, ns: Namespace, inodes: InodeTable, generation
     watcher = Watcher(live, ns.layout, ns.rw_root, inodes, kernel, generation, workers, cfg.poll, cfg.share_inotify)
     watcher.open()
     return watcher
+
+
+def make_autopublisher(cfg: MountConfig, ns: Namespace, workers: Workers) -> AutoPublisher | None:
+    """The auto-publish task (``publish=auto``), publishing to the first share."""
+    if not cfg.publish:
+        return None
+    if not ns.layout.leases:  # the layouts that read the runtime's records
+        raise ConfigError("publish=auto needs the containers-storage layout")
+    return AutoPublisher(cfg.mountpoint, ns.rw_root, cfg.ro[0], list(cfg.publish_match), workers,
+                         os.path.join(ns.rw_root, STATE_DIR))
 
 
 def _save_scans(layout: Layout) -> None:
@@ -216,27 +252,25 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
         cfg.check()
         check_mountable(cfg)
         ns = build_namespace(cfg)
+        # quick backing calls run in the trio thread only when no tree can hang (graftfs.fuse.workers)
+        trees = [ns.rw_root, *cfg.ro]
+        workers = Workers(cfg.timeout, inline=all_local(trees, is_local_fs))
+        autopublish = make_autopublisher(cfg, ns, workers)
     except (ConfigError, OSError) as e:
         log.error("cannot mount: %s", e)
         _tell(ready_fd, f"ERROR {e}")
         return 1
     started = time.time()
-
-    # quick backing calls run in the trio thread only when no tree can hang (graftfs.fuse.workers)
-    trees = [ns.rw_root, *cfg.ro]
-    workers = Workers(cfg.timeout, inline=all_local(trees, is_local_fs))
-    keeper = make_keeper(cfg, ns, workers)
     inodes, generation = InodeTable(), ViewGeneration()
     watcher = make_watcher(cfg, ns, inodes, generation, workers)
+    runtime: dict[str, object] = {"pid": os.getpid(), "rw": cfg.rw, "ro": cfg.ro, "log": cfg.log_file}
+    bound = BindState(ns.layout.binds, ns.rw_root, cfg.mountpoint, runtime, lambda: _tell(ready_fd, "READY"))
+    bg = Background(bound, workers, trees, watcher, make_keeper(cfg, ns, workers), autopublish)
 
     def info() -> dict[str, Any]:
-        out = {"version": __version__, "pid": os.getpid(), "mountpoint": cfg.mountpoint,
-               "started": started, "timeout": cfg.timeout, "fuse_options": sorted(cfg.fuse_option_set()),
-               "cache_timeout": ops.cache_timeout, "inline_io": workers.inline}
-        out["watcher"] = watcher.status() if watcher is not None else {"enabled": False}
-        if keeper is not None:
-            out["leases"] = keeper.status()
-        return out
+        return {"version": __version__, "pid": os.getpid(), "mountpoint": cfg.mountpoint, "started": started,
+                "timeout": cfg.timeout, "fuse_options": sorted(cfg.fuse_option_set()),
+                "cache_timeout": ops.cache_timeout, **bg.status()}
 
     ops = GraftOperations(ns, workers, inodes, generation, listener=watcher, info=info)
     try:
@@ -245,8 +279,6 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
         log.error("cannot mount %s: %s", cfg.mountpoint, e)
         _tell(ready_fd, f"ERROR {e}")
         return 1
-    runtime: dict[str, object] = {"pid": os.getpid(), "rw": cfg.rw, "ro": cfg.ro, "log": cfg.log_file}
-    bound = BindState(ns.layout.binds, ns.rw_root, cfg.mountpoint, runtime, lambda: _tell(ready_fd, "READY"))
     try:
         write_runtime(cfg.mountpoint, runtime)
     except OSError as e:
@@ -259,7 +291,7 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
     try:
         if watcher is not None:
             watcher.watch_rw_dir(ops.inodes.root, ns.rw_root)
-        trio.run(_serve, watcher, bound, workers, trees, keeper)
+        trio.run(_serve, bg)
     except BaseException:
         log.exception("the FUSE loop failed")
         raise

@@ -48,6 +48,7 @@ class LeaseKeeper:
         self.layers: set[str] = set()
         self.images: set[str] = set()
         self.pins: set[str] = set()
+        self.held: dict[str, set[str]] = {}  # share -> layers the node holds itself that it holds too
         self.renewed: dict[str, float] = {}  # share -> time of the last successful write
         self.failing: dict[str, str] = {}  # share -> why the last write failed
         self._writing = {s: threading.Lock() for s in shares}
@@ -62,13 +63,15 @@ class LeaseKeeper:
                 sigs.append(None)
         return tuple(sigs)
 
-    def _compute(self) -> tuple[set[str], set[str], set[str]]:
+    def _compute(self) -> tuple[set[str], set[str], set[str], dict[str, set[str]]]:
         cat = self.live.catalog
         parents = {lid: entry.parent for lid, (_, entry) in cat.layers.items()}
         tops = {iid: entry.top_layer for iid, (_, entry) in cat.images.items()}
         pins = self.live.pinned_images()
         layers, images = in_use(self.rw_root, parents, tops, pins)
-        return layers, images, pins
+        own = self.live.local_layers()
+        held = {t.root: set(own & t.scan.layers.keys()) for t in self.live.shared if t.root in self._writing}
+        return layers, images, pins, held
 
     def _write(self, share: str) -> bool:
         """One renewal in one share; False when an earlier write there is still stuck."""
@@ -76,7 +79,7 @@ class LeaseKeeper:
         if not lock.acquire(blocking=False):
             return False
         try:
-            write_lease(share, self.node, self.ttl, self.layers, self.images, self.pins)
+            write_lease(share, self.node, self.ttl, self.layers, self.images, self.pins, self.held.get(share, ()))
             return True
         finally:
             lock.release()
@@ -93,8 +96,8 @@ class LeaseKeeper:
                 except (ValueError, OSError) as e:  # a runtime file damaged or unreadable: keep the last lease
                     log.warning("leases: %s; keeping the last lease", e)
                 else:
-                    if now != (self.layers, self.images, self.pins):
-                        self.layers, self.images, self.pins = now
+                    if now != (self.layers, self.images, self.pins, self.held):
+                        self.layers, self.images, self.pins, self.held = now
                         due = list(self.shares)
                     if self.live.unpinned_waiting():
                         await self._collect_pins()

@@ -9,6 +9,7 @@ except the ones mount(8) and systemd add for their own use.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 LAYOUTS = ("auto", "isulad", "containers-storage")
@@ -21,6 +22,8 @@ FUSE_KEYS = {"fsname", "subtype", "max_read"}
 MOUNT_NOISE = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser",
                "owner", "group", "nosymfollow"}
 DEFAULT_FUSE_OPTIONS = ("allow_other", "default_permissions", "dev", "suid")
+#: What an image-name pattern may hold: a name's characters and the glob's (``*?[]``), ``!`` first.
+PATTERN_RE = re.compile(r"^!?[A-Za-z0-9._/:@*?\[\]-]+$")
 
 
 def _within(path: str, top: str) -> bool:
@@ -44,6 +47,8 @@ class MountConfig:
     share_inotify: bool = True  # let inotify wake the poller of shared trees on local filesystems
     lease: float = 30.0  # seconds between renewals of this node's leases in the shares; 0: no leases
     direct: bool | None = None  # show layer dirs, lock files... as links to RW/RO; None: the layout's default
+    publish: bool = False  # publish=auto: images this node pulls or builds go to the first share
+    publish_match: list[str] = field(default_factory=list)  # image-name globs; !glob excludes; none: all
     fuse_options: list[str] = field(default_factory=list)
 
     def add_options(self, text: str) -> None:
@@ -103,6 +108,15 @@ class MountConfig:
             if value not in ("0", "1", "auto"):
                 raise ConfigError("direct= must be 0 (serve everything through graftfs), 1 or auto")
             self.direct = None if value == "auto" else value == "1"
+        elif key == "publish":
+            if value not in ("auto", "off"):
+                raise ConfigError("publish= must be auto (publish what this node pulls or builds) or off")
+            self.publish = value == "auto"
+        elif key == "publish_match":
+            if not PATTERN_RE.match(value):
+                raise ConfigError(f"publish_match={value!r} is not an image-name pattern (e.g. docker.io/*, "
+                                  "!registry.example.com/*)")
+            self.publish_match.append(value)
         elif key in FUSE_KEYS:
             self.fuse_options.append(f"{key}={value}")
         elif key.startswith(("x-", "comment")):
@@ -133,6 +147,8 @@ class MountConfig:
         for what, path, real in trees:
             if _within(real, real_mp):
                 raise ConfigError(f"{what} {path} is the mountpoint or inside it; it would be hidden by the mount")
+        if self.publish and self.layout == "isulad":
+            raise ConfigError("publish=auto needs the containers-storage layout (it reads the runtime's image records)")
         if len(set(self.ro)) != len(self.ro):
             raise ConfigError("the same RO directory is given twice")
         for i, (what, _, a) in enumerate(trees):
@@ -159,7 +175,8 @@ class MountConfig:
             argv += ["--ro", r]
         opts = [*self.fuse_options, f"timeout={self.timeout:g}", f"poll={self.poll:g}",
                 f"share_inotify={int(self.share_inotify)}", f"lease={self.lease:g}",
-                "direct=" + ("auto" if self.direct is None else str(int(self.direct)))]
+                "direct=" + ("auto" if self.direct is None else str(int(self.direct))),
+                "publish=" + ("auto" if self.publish else "off"), *(f"publish_match={p}" for p in self.publish_match)]
         argv += ["-o", ",".join(opts)]
         if self.log_file:
             argv += ["--log-file", self.log_file]

@@ -68,6 +68,9 @@ class Claim:
     layers: frozenset[str]
     images: frozenset[str]
     pins: frozenset[str] = frozenset()
+    #: layers the node holds copies of itself that this share holds too (a node that published
+    #: them keeps its own): what the share does not save
+    held: frozenset[str] = frozenset()
     staging: str = ""  # an intent's staging directory name
     host: str = ""
 
@@ -94,7 +97,7 @@ def node_id(state_dir: str) -> str:
 
 
 def write_lease(share: str, node: str, ttl: float, layers: Iterable[str], images: Iterable[str],
-                pins: Iterable[str] = ()) -> str:
+                pins: Iterable[str] = (), held: Iterable[str] = ()) -> str:
     """Renew this node's lease in one share (blocking I/O on a share: worker threads only).
 
     Only into a share whose marker is there: never into the empty directory of an NFS export
@@ -105,7 +108,7 @@ def write_lease(share: str, node: str, ttl: float, layers: Iterable[str], images
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, LEASE_FILE)
     body = {"node": node, "host": socket.gethostname(), "ttl": ttl, "written": time.time(),
-            "layers": sorted(layers), "images": sorted(images), "pins": sorted(pins)}
+            "layers": sorted(layers), "images": sorted(images), "pins": sorted(pins), "held": sorted(held)}
     write_file_atomically(path, json.dumps(body, separators=(",", ":")))
     return path
 
@@ -124,7 +127,7 @@ def _read_claim(kind: str, owner: str, path: str) -> Claim:
         raise ValueError(f"ttl {str(ttl)[:20]!r} is not a number of seconds")
     staging = body.get("staging", "")
     return Claim(kind, owner, path, st.st_mtime, float(ttl), id_list(body.get("layers", [])),
-                 id_list(body.get("images", [])), id_list(body.get("pins", [])),
+                 id_list(body.get("images", [])), id_list(body.get("pins", [])), id_list(body.get("held", [])),
                  staging if isinstance(staging, str) else "", str(body.get("host", ""))[:200])
 
 

@@ -32,7 +32,7 @@ import threading
 from dataclasses import dataclass
 
 from graftfs.catalog.catalog import Catalog, CatalogDiff
-from graftfs.catalog.live import LiveCatalog
+from graftfs.catalog.live import LiveCatalog, LocalLayers
 from graftfs.catalog.scan import TreeScan
 from graftfs.format.attrs import Attr
 from graftfs.format.names import (
@@ -44,7 +44,7 @@ from graftfs.format.names import (
     TAR_SPLIT_SUFFIX,
     is_id,
 )
-from graftfs.format.records import graph_layer_ids, layer_chain, read_index, record_names, walk_chain
+from graftfs.format.records import graph_layer_ids, layer_chain, read_index, record_ids, record_names, walk_chain
 from graftfs.view import lock_tokens
 from graftfs.view.entries import EntryView
 from graftfs.view.layout import CACHED, FilePolicy, HideView, Synthetic, ViewChange, VPath
@@ -80,7 +80,8 @@ def own_layers(rw_root: str) -> set[str]:
 def containers_storage_catalog(trees: list[str], rw_root: str, pin_tree: str) -> LiveCatalog:
     """The catalog of a containers/storage mount: the node's pinned copies first (they win over
     the shares', graftfs.share.pins), then its shares."""
-    return LiveCatalog([pin_tree, *trees], os.path.join(rw_root, STATE_DIR), lambda: own_layers(rw_root),
+    local = LocalLayers(os.path.join(rw_root, *LAYERS_JSON), lambda: own_layers(rw_root))
+    return LiveCatalog([pin_tree, *trees], os.path.join(rw_root, STATE_DIR), local,
                        pin_tree=0)
 
 
@@ -165,6 +166,9 @@ class ContainersStorageLayout:
 
     def direct_path(self, vpath: VPath) -> bool:
         return self.entries.direct_path(vpath)
+
+    def own_layer_dir(self, vpath: VPath) -> bool:
+        return self.entries.own_layer_dir(vpath)
 
     def status(self) -> LayoutStatus:
         out = self.entries.status(self.name)
@@ -288,9 +292,11 @@ class ContainersStorageLayout:
     def absorb(self, vpath: VPath, written: str, hides: HideView, writer: int = 0) -> None:
         """Split an index file the runtime wrote (at RW path ``written``) into this node's part.
 
-        Records identical to a visible shared one stay in the share; a shared record missing
-        from what was written is hidden on this node; all other records go to the RW file,
-        which replaces ``written`` atomically. A file that does not parse is kept as it is.
+        Records identical to a visible shared one stay in the share, unless the node held them
+        already (an entry it pulled or built and then published keeps its own copy: unpublish and
+        gc of the share's copy never take it from this node); a shared record missing from what
+        was written is hidden on this node; all other records go to the RW file, which replaces
+        ``written`` atomically. A file that does not parse is kept as it is.
         """
         if vpath not in MERGED_FILES:
             raise OSError(errno.EPERM, "not a merged file", "/".join(vpath))
@@ -299,7 +305,9 @@ class ContainersStorageLayout:
         entries = cat.layers if vpath == LAYERS_JSON else cat.images
         shared = {eid: entry.record for eid, (_, entry) in entries.items()
                   if entry.record is not None and not hides.covers((vpath[0], eid))}
-        own = [r for r in records if not (r.get("id") in shared and shared[str(r.get("id"))] == r)]
+        held = self._held_ids(vpath)
+        own = [r for r in records
+               if r.get("id") in held or not (r.get("id") in shared and shared[str(r.get("id"))] == r)]
         kept = {r.get("id") for r in records}
         with self._compose_lock:
             read_at = self._reads.get((vpath, writer))
@@ -316,6 +324,13 @@ class ContainersStorageLayout:
                 os.fsync(f.fileno())
         # else the file is the node's part already, as durable as the runtime made it
         os.rename(written, os.path.join(self.rw_root, *vpath))
+
+    def _held_ids(self, vpath: VPath) -> set[str]:
+        """The ids of the records the node's own index file holds now (before it is replaced)."""
+        try:
+            return record_ids(read_index(os.path.join(self.rw_root, *vpath)))
+        except ValueError:
+            return set()
 
     # -- where shared files show ---------------------------------------------------------------
 

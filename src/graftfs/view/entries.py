@@ -138,6 +138,14 @@ class EntryView:
         return (self.direct and len(vpath) == 3 and vpath[0] == OVERLAY and vpath[2] in DIRECT_NAMES
                 and is_id(vpath[1]))
 
+    def own_layer_dir(self, vpath: VPath) -> bool:
+        """Is ``vpath`` a layer directory of a layer the node holds itself (its RW copy whole)?
+
+        The node that pulled, built or published a layer keeps its own copy: where a share holds
+        the same layer (the node published it), the view links to the RW copy alone, so the node's
+        containers stay off FUSE and the entry never turns from a link into a merged directory."""
+        return self.direct_path(vpath) and vpath[1] in self.live.local_layers()
+
     def view_changes(self, diff: CatalogDiff) -> list[ViewChange]:
         """The view names to re-check after the catalog changed."""
         changes: list[ViewChange] = []

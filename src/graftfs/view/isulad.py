@@ -35,7 +35,8 @@ def own_layers(rw_root: str) -> set[str]:
 
 def isulad_catalog(trees: list[str], rw_root: str) -> LiveCatalog:
     """The catalog of an iSulad mount: its RW tree's own layers are its record directories."""
-    return LiveCatalog(trees, os.path.join(rw_root, STATE_DIR), lambda: own_layers(rw_root))
+    # listed each time: a directory's mtime may not move for a second entry within one tick
+    return LiveCatalog(trees, os.path.join(rw_root, STATE_DIR), lambda: frozenset(own_layers(rw_root)))
 
 
 class IsuladLayout(NoMergedFiles):
@@ -74,6 +75,9 @@ class IsuladLayout(NoMergedFiles):
 
     def direct_path(self, vpath: VPath) -> bool:
         return self.entries.direct_path(vpath)
+
+    def own_layer_dir(self, vpath: VPath) -> bool:
+        return self.entries.own_layer_dir(vpath)
 
     def view_changes(self, diff: CatalogDiff) -> list[ViewChange]:
         return self.entries.view_changes(diff)

@@ -274,14 +274,18 @@ class Namespace:
         Python; what must be merged (index files) still goes through
         graftfs. A path walk through a link costs one readlink request, not open/read/release.
         Only a directory that one tree alone holds is linked: where the node's RW tree and a
-        share both hold part of it (a copy-up into a shared layer, a layer this node published),
-        or something below it is hidden, it stays a merged directory served by graftfs, since a
-        link could show only one of the parts.
+        share both hold part of it (a copy-up into a shared layer), or something below it is
+        hidden, it stays a merged directory served by graftfs, since a link could show only one
+        of the parts. A layer the node holds itself and has published is linked to its RW copy:
+        the share's is the same bytes (Layout.own_layer_dir).
         """
         top = res.top
         # several shared trees only while a layer moves between them (a pin): the same bytes in
-        # each, so the first is as good as a merge; RW and shared parts must be merged
+        # each, so the first is as good as a merge; RW and shared parts must be merged, unless the
+        # RW part is the node's own whole copy of a layer it published (the same bytes again)
         merged = len(res.sources) > 1 and any(src.is_rw for src in res.sources)
+        if merged and top.is_rw and self.layout.own_layer_dir(res.vpath):
+            merged = False
         if top.path is None or merged or (not top.is_rw and self.hides.hides_below(res.vpath)):
             return res
         a = top.attr

@@ -48,6 +48,9 @@ class PlainLayout(NoMergedFiles):
     def direct_path(self, vpath: VPath) -> bool:
         return False
 
+    def own_layer_dir(self, vpath: VPath) -> bool:
+        return False
+
     def view_changes(self, diff: CatalogDiff) -> list[ViewChange]:
         return []
 
