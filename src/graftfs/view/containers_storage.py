@@ -158,6 +158,9 @@ class ContainersStorageLayout:
     def synthetic(self, vpath: VPath) -> Synthetic | None:
         return self.entries.synthetic(vpath)
 
+    def known_attr(self, tree: int, vpath: VPath) -> Attr | None:
+        return self.entries.known_attr(tree, vpath)
+
     def missing(self, tree: int, vpath: VPath) -> Attr | None:
         return self.entries.missing(tree, vpath)
 

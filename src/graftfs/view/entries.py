@@ -64,6 +64,12 @@ class EntryView:
         top = vpath[0]
         if top.startswith(SHARE_PRIVATE_PREFIX):
             return None
+        known = self.live.shared[tree].top_attrs
+        if known and top not in known:
+            # the tree's top as its last poll saw it (a new name there shows once polled): names
+            # of the node's own (the runtime's files at the graph root, its directories) never
+            # ask a share that may hang
+            return None
         if top not in MANAGED_DIRS or len(vpath) == 1:
             return os.path.join(root, *vpath)
         if top == OVERLAY and vpath[1] == SHORT_DIR:
@@ -81,6 +87,15 @@ class EntryView:
                 return self.live.catalog.image_ids_in(tree)
             return self.live.catalog.layer_ids_in(tree)
         return None
+
+    def known_attr(self, tree: int, vpath: VPath) -> Attr | None:
+        """The attributes of a shared tree's root and of the directories at its top, as its last
+        poll saw them: answered without asking the tree, so a lookup at the top of the graph (the
+        runtime does many) never waits on a share that hangs. None: ask the tree."""
+        if len(vpath) > 1:
+            return None
+        attr = self.live.shared[tree].top_attrs.get(vpath[0] if vpath else "")
+        return attr if attr is not None and attr.is_dir else None
 
     def synthetic(self, vpath: VPath) -> Synthetic | None:
         """``overlay/l`` and its links to the shared layers' diffs."""

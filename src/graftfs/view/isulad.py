@@ -64,6 +64,9 @@ class IsuladLayout(NoMergedFiles):
     def synthetic(self, vpath: VPath) -> Synthetic | None:
         return self.entries.synthetic(vpath)
 
+    def known_attr(self, tree: int, vpath: VPath) -> Attr | None:
+        return self.entries.known_attr(tree, vpath)
+
     def synthetic_names(self, vpath: VPath) -> list[str]:
         return self.entries.synthetic_names(vpath)
 

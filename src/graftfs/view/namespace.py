@@ -201,6 +201,10 @@ class Namespace:
             path = self.layout.ro_path(tree, vpath)
             if path is None:
                 continue
+            known = self.layout.known_attr(tree, vpath)
+            if known is not None:
+                found.append(Source(origin_of(root), known, path, tree))
+                continue
             try:
                 with self.hung.call(tree, root):
                     st = _lstat(path)

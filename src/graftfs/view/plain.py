@@ -42,6 +42,9 @@ class PlainLayout(NoMergedFiles):
     def missing(self, tree: int, vpath: VPath) -> Attr | None:
         return None
 
+    def known_attr(self, tree: int, vpath: VPath) -> Attr | None:
+        return None
+
     def unavailable(self, tree: int) -> bool:
         return False
 
