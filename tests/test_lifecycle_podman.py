@@ -40,6 +40,8 @@ def _gc(share: str) -> dict[str, object]:
 def _lease_layers(share: str, node: Node) -> set[str]:
     """The layers a node's lease in the share names right now."""
     nodes = os.path.join(share, ".graftfs-nodes")
+    if not os.path.isdir(nodes):
+        return set()  # no node has written its lease yet (each renews within a second)
     for name in os.listdir(nodes):
         with open(os.path.join(nodes, name, "lease.json")) as f:
             lease = json.load(f)
@@ -135,8 +137,9 @@ def test_pinned_image_runs_while_the_share_is_away(make_node: MakeNode, share: s
         started = time.monotonic()
         res = b.podman("run", "--rm", "localhost/other:1", "cat", "/o", check=False, timeout=60)
         assert res.returncode != 0 and time.monotonic() - started < 30, res
-        # podman names the image and the file it cannot reach (then tries a registry, also away)
-        assert "localhost/other:1" in res.stderr and "manifest" in res.stderr, res.stderr
+        # its records and small files are on the node (listed, inspectable); its layers are not:
+        # podman names the layer file it cannot reach, at once
+        assert "input/output error" in res.stderr and "/overlay/" in res.stderr, res.stderr
     finally:
         os.rename(away, share)
     wait_for(lambda: not any(t.get("unavailable_since") for t in b.mount.status()["ro"]),  # type: ignore[union-attr]

@@ -2,7 +2,8 @@
 server, as an NFS hard mount sees it: sshfs without keepalives, so nothing fails fast on its
 own), what the node owns or the view already knows answers from the first second: the runtime's
 files at the graph root, creating and renaming in the managed directories, lookups of names the
-share's last known view does not hold, and `podman ps`, `exec` and `run` of a node-local image.
+share's last known view does not hold, `podman ps`, `exec` and `run` of a node-local image, and
+`podman images` / `image inspect` of a shared image (its small files are kept on the node).
 Measured from the moment the server stops, each bounded well below graftfs' own time limit.
 """
 
@@ -16,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, GraftMount, needs_mount, sh, wait_for
+from conftest import REPO, GraftMount, graftfs_cmd, needs_mount, sh, wait_for
 from graftfs.share.sample import BUSYBOX, busybox_image_tar
 from residue import assert_no_residue
 from sshshare import ssh_share
+from test_reliability import _unmount_below
 
 pytestmark = [needs_mount, pytest.mark.skipif(not os.path.exists("/usr/sbin/sshd"), reason="needs openssh-server")]
 
@@ -42,8 +44,21 @@ def test_node_local_work_never_waits_on_a_hung_share(tmp_path: Path, mount_facto
     from graftfs_soak.load import Node
 
     tar = busybox_image_tar(str(tmp_path / "image"))
+    # the node's own image differs from the shared one: with the same content podman would reuse
+    # the shared layer, and a container on it reads the share itself
+    Path(tmp_path, "image", "rootfs", "node-local").write_text("this node's own layer\n")
+    local_tar = str(tmp_path / "image" / "local.tar")
+    subprocess.run(["tar", "-C", str(tmp_path / "image" / "rootfs"), "-cf", local_tar, "."], check=True, timeout=60)
     export = tmp_path / "share"
     export.mkdir()
+    writer = Node.create("writer", str(tmp_path / "writer-graph"), str(tmp_path / "writer"))
+    try:
+        writer.must("import", "-q", tar, "localhost/shared:1")
+        pub = graftfs_cmd("publish", "--graph", writer.graph, "--share", str(export), "localhost/shared:1", timeout=120)
+        assert pub.returncode == 0, pub.stderr
+    finally:
+        writer.clean()
+        _unmount_below(str(tmp_path / "writer-graph"))
     with ssh_share(tmp_path, str(export), keepalive=False) as ssh:
         rw = tmp_path / "rw"
         rw.mkdir()
@@ -52,7 +67,11 @@ def test_node_local_work_never_waits_on_a_hung_share(tmp_path: Path, mount_facto
         node = Node.create("node", g.mnt, str(tmp_path / "node"))
         daemon = g.proc.pid if g.proc else 0
         try:
-            node.must("import", "-q", tar, "localhost/local:1")
+            node.must("import", "-q", local_tar, "localhost/local:1")
+            # listing and inspecting the shared image keeps its small files on the node
+            images = sorted(node.must("images", "--format", "{{.Repository}}:{{.Tag}}").split())
+            assert images == ["localhost/local:1", "localhost/shared:1"], images
+            inspected = node.must("image", "inspect", "--format", "{{.Id}} {{.Architecture}}", "localhost/shared:1")
             node.must("run", "-d", "--name", "up", "localhost/local:1", "sleep", "1000")
             assert node.must("run", "--rm", "localhost/local:1", "echo", "ok") == "ok\n"
             assert os.path.exists(g.path("defaultNetworkBackend"))  # the runtime's own file at the root
@@ -75,7 +94,18 @@ def test_node_local_work_never_waits_on_a_hung_share(tmp_path: Path, mount_facto
             assert ps.code == 0 and ps.out.split() == ["up"], ps
             execd = node.podman("exec", "up", "echo", "still up", timeout=60)
             assert execd.code == 0 and execd.out == "still up\n", execd
+            # the shared image stays listed and inspectable, from the first second and on
+            listed = node.podman("images", "--format", "{{.Repository}}:{{.Tag}}", timeout=60)
+            assert listed.code == 0 and sorted(listed.out.split()) == images, listed
+            again = node.podman("image", "inspect", "--format", "{{.Id}} {{.Architecture}}", "localhost/shared:1")
+            assert again.code == 0 and again.out == inspected, again
             assert time.monotonic() - hung_at < LIMIT, "the node's own work waited for graftfs' time limit"
+            wait_for(lambda: not g.status()["ro"][1]["available"], 3 * LIMIT,  # type: ignore[index]
+                     "graftfs to call the hung share unavailable")
+            later = node.podman("images", "--format", "{{.Repository}}:{{.Tag}}", timeout=60)
+            assert later.code == 0 and sorted(later.out.split()) == images, later
+            cache = g.status()["cache"]
+            assert cache["images"] == 1 and cache["hits"] > 0, cache  # type: ignore[index]
             ssh.resume()
             wait_for(lambda: node.podman("run", "--rm", "localhost/local:1", "true", timeout=60).code == 0, 30,
                      "runs after the share is back")

@@ -98,8 +98,10 @@ def _is_dir_entry(item: os.DirEntry[str]) -> bool:
 
 # -- change detection ---------------------------------------------------------------------
 
-#: (st_ino, st_size, st_mtime_ns, st_ctime_ns): what changes when a file or directory changes.
-Sig = tuple[int, int, int, int]
+#: (st_ino, st_size, st_mtime_ns, st_ctime_ns, st_mode, st_nlink, st_uid, st_gid): what changes when
+#: a file or directory changes, and the rest of its attributes (an entry's directory is shown with
+#: them without asking a share that may hang: graftfs.view.entries)
+Sig = tuple[int, int, int, int, int, int, int, int]
 #: A layer or image: ("layer", id) or ("image", id).
 EntryKey = tuple[str, str]
 
@@ -115,7 +117,9 @@ def probe_paths(root: str) -> list[str]:
 
 
 def sig_of(st: os.stat_result | None) -> Sig | None:
-    return None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if st is None:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode, st.st_nlink, st.st_uid, st.st_gid)
 
 
 def fresh_stat(path: str) -> os.stat_result | None:
@@ -160,7 +164,7 @@ def entry_sig(paths: list[str]) -> tuple[Sig | None, ...]:
                 raise
             out.append(None)
             continue
-        out.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        out.append(sig_of(st))
     return tuple(out)
 
 

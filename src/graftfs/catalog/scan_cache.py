@@ -23,7 +23,7 @@ from graftfs.format.records import ImageEntry, LayerEntry, Problem
 log = logging.getLogger(__name__)
 
 FILE_NAME = "scan-cache.json"
-VERSION = 1
+VERSION = 2  # 2: signatures hold the attributes too
 
 
 def _layer(e: LayerEntry) -> list[Any]:
@@ -71,9 +71,9 @@ def _dirs(root: str, data: object) -> dict[str, str]:
 def _sig(value: object) -> Sig | None:
     if value is None:
         return None
-    if not isinstance(value, list) or len(value) != 4 or not all(isinstance(v, int) for v in value):
+    if not isinstance(value, list) or len(value) != 8 or not all(isinstance(v, int) for v in value):
         raise ValueError("bad signature")
-    return (value[0], value[1], value[2], value[3])
+    return (value[0], value[1], value[2], value[3], value[4], value[5], value[6], value[7])
 
 
 def scan_from_json(root: str, data: dict[str, Any]) -> TreeScan:

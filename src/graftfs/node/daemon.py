@@ -40,6 +40,7 @@ from graftfs.view.isulad import IsuladLayout, isulad_catalog
 from graftfs.view.layout import Layout
 from graftfs.view.namespace import Namespace
 from graftfs.view.plain import PlainLayout
+from graftfs.view.small_files import CACHE_DIR, SmallFiles
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +94,21 @@ def build_namespace(cfg: MountConfig) -> Namespace:
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     layout = make_layout(detect_layout(cfg), cfg)
     # calls stuck past the mount's time limit: further calls on that tree fail at once
-    ns = Namespace(cfg.rw, layout, HideStore(state_dir), hang_after=cfg.timeout)
+    ns = Namespace(cfg.rw, layout, HideStore(state_dir), hang_after=cfg.timeout,
+                   small_files=small_files(layout, state_dir))
     ns.sweep_tmp()
     # the share may have changed while unmounted; briefly: a client holding a lock now gets the
     # token beside it (it reloads once more)
     layout.announce(wait=1.0)
     return ns
+
+
+def small_files(layout: Layout, state_dir: str) -> SmallFiles | None:
+    """Node-local copies of shared images' small files, for a layout with a catalog."""
+    live = layout.live
+    if live is None:
+        return None
+    return SmallFiles(os.path.join(state_dir, CACHE_DIR), lambda iid: iid in live.catalog.images)
 
 
 def setup_logging(log_file: str | None, verbose: bool = False) -> None:

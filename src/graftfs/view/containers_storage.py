@@ -161,6 +161,9 @@ class ContainersStorageLayout:
     def known_attr(self, tree: int, vpath: VPath) -> Attr | None:
         return self.entries.known_attr(tree, vpath)
 
+    def cache_key(self, tree: int, vpath: VPath) -> str | None:
+        return self.entries.cache_key(tree, vpath)
+
     def missing(self, tree: int, vpath: VPath) -> Attr | None:
         return self.entries.missing(tree, vpath)
 

@@ -14,6 +14,7 @@ import os
 
 from graftfs.catalog.catalog import CatalogDiff
 from graftfs.catalog.live import LiveCatalog
+from graftfs.catalog.scan import Sig
 from graftfs.format.attrs import Attr
 from graftfs.format.names import (
     IMAGES,
@@ -89,13 +90,49 @@ class EntryView:
         return None
 
     def known_attr(self, tree: int, vpath: VPath) -> Attr | None:
-        """The attributes of a shared tree's root and of the directories at its top, as its last
-        poll saw them: answered without asking the tree, so a lookup at the top of the graph (the
-        runtime does many) never waits on a share that hangs. None: ask the tree."""
-        if len(vpath) > 1:
+        """Attributes answered without asking the tree, so that what the view already knows
+        never waits on a share that hangs: the tree's root and the directories at its top as its
+        last poll saw them (the runtime looks them up all the time), and the directory of each
+        image the catalog shows from it, as its scan saw it (a share's image directory is placed
+        whole and never changed). None: ask the tree."""
+        if len(vpath) <= 1:
+            attr = self.live.shared[tree].top_attrs.get(vpath[0] if vpath else "")
+            return attr if attr is not None and attr.is_dir else None
+        if len(vpath) == 2 and vpath[0] == IMAGES:
+            sig = self._image_dir_sig(tree, vpath[1])
+            if sig is not None:
+                _, size, mtime, ctime, mode, nlink, uid, gid = sig
+                return Attr(mode, nlink, uid, gid, size, 0, (size + 511) // 512, 4096, mtime, mtime, ctime)
+        return None
+
+    def cache_key(self, tree: int, vpath: VPath) -> str | None:
+        """Where a node-local copy of a file in a shared image's directory is kept
+        (graftfs.view.small_files): under the image and its directory's identity, so a directory
+        placed anew is never answered from an old copy. None for anything else."""
+        if len(vpath) != 3 or vpath[0] != IMAGES:
             return None
-        attr = self.live.shared[tree].top_attrs.get(vpath[0] if vpath else "")
-        return attr if attr is not None and attr.is_dir else None
+        sigs = self._image_sigs(tree, vpath[1])
+        if sigs is None or len(sigs) < 2:
+            return None
+        directory, record = sigs[0], sigs[1]
+        if directory is None or record is None:
+            return None
+        (dir_ino, _, dir_mtime, *_), (rec_ino, rec_size, rec_mtime, *_) = directory, record
+        # the record's own signature too: one rewritten in place (which the scan notices) must not
+        # be answered from the copy of the old one
+        return f"{vpath[1]}/{dir_ino}-{dir_mtime}-{rec_ino}-{rec_size}-{rec_mtime}/{vpath[2]}"
+
+    def _image_dir_sig(self, tree: int, iid: str) -> Sig | None:
+        """The scan's signature of the directory of image ``iid`` when ``tree`` shows it."""
+        sigs = self._image_sigs(tree, iid)
+        return sigs[0] if sigs else None
+
+    def _image_sigs(self, tree: int, iid: str) -> tuple[Sig | None, ...] | None:
+        """The scan's signatures of image ``iid``'s directory and record when ``tree`` shows it."""
+        image = self.live.catalog.images.get(iid)
+        if image is None or image[0] != tree:
+            return None
+        return self.live.shared[tree].scan.sigs.get(("image", iid))
 
     def synthetic(self, vpath: VPath) -> Synthetic | None:
         """``overlay/l`` and its links to the shared layers' diffs."""

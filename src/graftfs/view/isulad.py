@@ -67,6 +67,9 @@ class IsuladLayout(NoMergedFiles):
     def known_attr(self, tree: int, vpath: VPath) -> Attr | None:
         return self.entries.known_attr(tree, vpath)
 
+    def cache_key(self, tree: int, vpath: VPath) -> str | None:
+        return self.entries.cache_key(tree, vpath)
+
     def synthetic_names(self, vpath: VPath) -> list[str]:
         return self.entries.synthetic_names(vpath)
 

@@ -36,6 +36,7 @@ from graftfs.format.names import IMAGES, LAYERS, RW_ORIGIN, STATE_DIR, is_id, or
 from graftfs.linux import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 from graftfs.view.hides import HideStore
 from graftfs.view.layout import Layout, VPath
+from graftfs.view.small_files import SmallFiles
 from graftfs.view.status import HIDDEN_LISTED, RwStatus, ViewStatus
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,8 @@ def _enoent(vpath: VPath) -> OSError:
 class Namespace:
     """The union of one RW tree and the RO trees a layout presents (see module docstring)."""
 
-    def __init__(self, rw_root: str, layout: Layout, hides: HideStore, hang_after: float | None = None) -> None:
+    def __init__(self, rw_root: str, layout: Layout, hides: HideStore, hang_after: float | None = None,
+                 small_files: SmallFiles | None = None) -> None:
         self.rw_root = rw_root
         self.layout = layout
         self.hides = hides
@@ -185,6 +187,8 @@ class Namespace:
         self._mutating = threading.RLock()
         #: shared trees with calls stuck past ``hang_after`` seconds (the mount's time limit)
         self.hung = HungTrees(hang_after)
+        #: node-local copies of shared images' small files (graftfs.view.small_files)
+        self.small_files = small_files
 
     # -- resolution -------------------------------------------------------------------------
 
@@ -204,6 +208,10 @@ class Namespace:
             known = self.layout.known_attr(tree, vpath)
             if known is not None:
                 found.append(Source(origin_of(root), known, path, tree))
+                continue
+            copy = self._cached_copy(tree, vpath)
+            if copy is not None:
+                found.append(Source(origin_of(root), Attr.from_stat(copy[1]), copy[0], tree))
                 continue
             try:
                 with self.hung.call(tree, root):
@@ -561,7 +569,22 @@ class Namespace:
             return os.open(self.copy_up(vpath, with_data=not flags & os.O_TRUNC), flags), True
         if res.top.path is None:
             raise OSError(errno.ELOOP, "cannot open a symlink", "/".join(vpath))
-        return os.open(res.top.path, flags), res.top.is_rw
+        return os.open(self._local_copy(res) or res.top.path, flags), res.top.is_rw
+
+    def _cached_copy(self, tree: int, vpath: VPath) -> tuple[str, os.stat_result] | None:
+        """The node-local copy of a shared image's small file, when there is one."""
+        key = self.layout.cache_key(tree, vpath) if self.small_files is not None else None
+        return self.small_files.get(key) if key is not None and self.small_files is not None else None
+
+    def _local_copy(self, res: Resolved) -> str | None:
+        """Make the node-local copy of a shared image's small file as it is first read."""
+        top = res.top
+        if self.small_files is None or top.is_rw or top.tree is None or self.small_files.holds(top.path):
+            return None
+        key = self.layout.cache_key(top.tree, res.vpath)
+        if key is None or top.path is None:
+            return None
+        return self.small_files.fill(key, top.path)
 
     # -- removal and rename -----------------------------------------------------------------
 
@@ -688,7 +711,8 @@ class Namespace:
                      for ti, t in enumerate(layout.ro)]
         hidden = self.hides.sorted_paths()
         rw = RwStatus(self.rw_root, self._count_rw(LAYERS), self._count_rw(IMAGES))
-        return ViewStatus(layout, rw, ["/".join(p) for p in hidden[:HIDDEN_LISTED]], len(hidden))
+        cache = self.small_files.status() if self.small_files is not None else None
+        return ViewStatus(layout, rw, ["/".join(p) for p in hidden[:HIDDEN_LISTED]], len(hidden), cache)
 
     def _count_rw(self, managed: str) -> int:
         try:

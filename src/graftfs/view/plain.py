@@ -45,6 +45,9 @@ class PlainLayout(NoMergedFiles):
     def known_attr(self, tree: int, vpath: VPath) -> Attr | None:
         return None
 
+    def cache_key(self, tree: int, vpath: VPath) -> str | None:
+        return None
+
     def unavailable(self, tree: int) -> bool:
         return False
 

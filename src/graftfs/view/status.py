@@ -43,6 +43,7 @@ class ViewStatus:
     rw: RwStatus
     hidden: list[str]  # the first HIDDEN_LISTED hidden paths
     hidden_count: int
+    cache: dict[str, object] | None = None  # node-local copies of shared images' small files
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -56,6 +57,8 @@ class ViewStatus:
         }
         if self.layout.pins is not None:
             out["pins"] = self.layout.pins
+        if self.cache is not None:
+            out["cache"] = self.cache
         return out
 
 
