@@ -2,8 +2,9 @@
 image keeps its own copy: its containers stay on its RW tree, unpublish and gc of the share's
 copy never take the image from it, and nothing of it is left orphaned.
 
-Real podman on graftfs nodes, images made without a registry (the registry tests are in
-test_pull.py). Nodes renew leases every 0.5 s (TTL 2 s) to keep gc quick."""
+Real podman on graftfs nodes; images made without a registry, and pulled from a real one for the
+first wave (three nodes pulling one new image at once). Nodes renew leases every 0.5 s (TTL 2 s)
+to keep gc quick."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import json
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from conftest import graftfs_cmd, wait_for
+from registry import Images, Registry, pushed_images, registry  # noqa: F401  (fixtures)
 from test_podman import Node, busybox_tar, make_node, needs_mount, share  # noqa: F401  (fixtures)
 
 pytestmark = [needs_mount, pytest.mark.timeout(300)]
@@ -151,3 +154,38 @@ def test_bad_publish_options_are_one_line_errors(tmp_path: str) -> None:
         assert res.returncode != 0 and words in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
     res = graftfs_cmd("mount", "--rw", "/tmp", "--ro", "/srv", "--layout", "isulad", "-o", "publish=auto", "/mnt")
     assert res.returncode != 0 and "containers-storage" in res.stderr, res.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/docker-registry"), reason="docker-registry is not installed")
+def test_first_wave_pulls_end_with_one_copy_on_the_share(make_node: MakeNode, share: str, registry: Registry,
+                                                         pushed_images: Images) -> None:
+    """Three publishing nodes pull the same new image at the same moment: every pull succeeds,
+    the share ends up with one copy, and a node pulling after that fetches no layer blob."""
+    nodes = [make_node(name, share, *AUTO) for name in ("a", "b", "c")]
+    image = pushed_images.multi
+    mark = registry.mark()
+    with ThreadPoolExecutor(len(nodes)) as pool:
+        results = list(pool.map(lambda n: n.podman("pull", "-q", "--tls-verify=false", image.ref, check=False),
+                                nodes))
+    assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+    wave = registry.blob_gets(since=mark)
+    iid = _image_id(nodes[0], image.ref)
+    wait_for(lambda: iid in _share_images(share), 30, "the pulled image on the share")
+    wait_for(lambda: all(_autopublish(n)["pending"] == [] and _autopublish(n)["running"] is None for n in nodes),
+             60, "every node's auto-publish to settle")
+    for n in nodes:
+        st = _autopublish(n)
+        assert st["failures"] == 0, st
+        assert [r["result"] for r in st["recent"]] in (["published"], ["already on the share"]), st  # type: ignore[attr-defined]
+    layer_dirs = [d for d in os.listdir(os.path.join(share, "overlay")) if len(d) == 64]
+    assert len(layer_dirs) == len(image.layers) and _share_images(share) == {iid}
+    fsck = graftfs_cmd("fsck", "--share", share, "--json")
+    assert fsck.returncode == 0 and json.loads(fsck.stdout)["problems"] == [], fsck.stdout
+    late = make_node("d", share, *LEASE)
+    wait_for(lambda: image.ref in late.images(), 30, "the late node to list the image")
+    mark = registry.mark()
+    assert late.podman("pull", "-q", "--tls-verify=false", image.ref).returncode == 0
+    fetched = registry.blob_gets(since=mark)
+    assert not set(fetched) & set(image.layers), fetched  # no layer blob for the late node
+    assert late.podman("run", "--rm", image.ref, "cat", *image.files).returncode == 0
+    print(f"first wave: {sum(wave.values())} blob fetches for 3 nodes; late node: {dict(fetched)}")
