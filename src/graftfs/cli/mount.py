@@ -69,10 +69,10 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"graftfs mount: {e}", file=sys.stderr)
         return 1
-    return _spawn_daemon(cfg, args.verbose)
+    return spawn_daemon(cfg, args.verbose)
 
 
-def _spawn_daemon(cfg: MountConfig, verbose: bool) -> int:
+def spawn_daemon(cfg: MountConfig, verbose: bool) -> int:
     """Start the daemon in its own session and wait for its READY/ERROR line."""
     assert cfg.rw is not None
     if cfg.log_file is None:

@@ -273,7 +273,9 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
     started = time.time()
     inodes, generation = InodeTable(), ViewGeneration()
     watcher = make_watcher(cfg, ns, inodes, generation, workers)
-    runtime: dict[str, object] = {"pid": os.getpid(), "rw": cfg.rw, "ro": cfg.ro, "log": cfg.log_file}
+    # argv: what `graftfs remount` mounts again
+    runtime: dict[str, object] = {"pid": os.getpid(), "rw": cfg.rw, "ro": cfg.ro, "log": cfg.log_file,
+                                  "argv": cfg.to_argv()}
     bound = BindState(ns.layout.binds, ns.rw_root, cfg.mountpoint, runtime, lambda: _tell(ready_fd, "READY"))
     bg = Background(bound, workers, trees, watcher, make_keeper(cfg, ns, workers), autopublish)
 
