@@ -24,12 +24,14 @@ class Attr:
     atime_ns: int
     mtime_ns: int
     ctime_ns: int
+    dev: int = 0  # the backing file's device and inode number (0 for synthesized entries): the
+    ino: int = 0  # names of one hard-linked file share one inode in the view (graftfs.fuse.inodes)
 
     @classmethod
     def from_stat(cls, st: os.stat_result) -> Attr:
         return cls(
             st.st_mode, st.st_nlink, st.st_uid, st.st_gid, st.st_size, st.st_rdev,
-            st.st_blocks, st.st_blksize, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns,
+            st.st_blocks, st.st_blksize, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns, st.st_dev, st.st_ino,
         )
 
     @classmethod
@@ -49,6 +51,13 @@ class Attr:
     def sig(self) -> tuple[int, int, int, int]:
         """What changes when the entry changes (type and mode, size, times): see graftfs.fuse.kernel_cache."""
         return (self.mode, self.size, self.mtime_ns, self.ctime_ns)
+
+    @property
+    def identity(self) -> tuple[int, int] | None:
+        """The backing file a hard-linked regular file is (its names share one view inode), else None."""
+        if stat.S_ISREG(self.mode) and self.nlink > 1 and self.ino:
+            return (self.dev, self.ino)
+        return None
 
     @property
     def is_dir(self) -> bool:

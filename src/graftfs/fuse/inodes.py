@@ -6,6 +6,10 @@ while the entry exists, whichever backing tree it comes from and even when it is
 RO to RW. Nodes are kept after the kernel forgets them so numbers stay stable; a node is dropped
 only when its entry is removed from the view and the kernel holds no reference to it.
 
+The names of one hard-linked file share one node (and so one inode number and link count, as on
+the backing filesystem: tar, rsync -H and du compare them): the node keeps its first name and
+lists the others as aliases; when its first name goes, an alias takes its place.
+
 Only the trio thread touches this table, so it needs no locking.
 """
 
@@ -33,6 +37,8 @@ class Node:
     sig: tuple[int, int, int, int] | None = None  # Attr.sig last told to the kernel
     wd: int = 0  # inotify watch on the directory's RW part (graftfs.fuse.watcher), 0 when none
     link: bytes | None = None  # target of a link graftfs made up, as last told (readlink answers it)
+    identity: tuple[int, int] | None = None  # (st_dev, st_ino) of a hard-linked file's backing file
+    aliases: list[tuple[Node, str]] = field(default_factory=list)  # its other names (parent, name)
 
 
 class InodeTable:
@@ -41,6 +47,7 @@ class InodeTable:
         self._by_ino: dict[int, Node] = {self.root.ino: self.root}
         self._next = pyfuse3.ROOT_INODE + 1
         self._busy: dict[tuple[int, str], int] = {}  # (parent ino, name) -> requests changing it
+        self._by_identity: dict[tuple[int, int], Node] = {}  # hard-linked files' nodes
 
     def __len__(self) -> int:
         return len(self._by_ino)
@@ -92,16 +99,31 @@ class InodeTable:
             node = child
         return node
 
-    def child(self, parent: Node, name: str) -> Node:
-        """The node for ``name`` in ``parent``, numbered on first sight."""
+    def child(self, parent: Node, name: str, identity: tuple[int, int] | None = None) -> Node:
+        """The node for ``name`` in ``parent``, numbered on first sight; a name of a hard-linked
+        file (``identity``) the table already knows under another name gets that file's node."""
         if parent.detached:
             raise FileNotFoundError(errno.ENOENT, "the directory was removed from the view")
         node = parent.children.get(name)
+        if node is None and identity is not None:
+            known = self._by_identity.get(identity)
+            if known is not None and not known.detached and known.identity == identity:
+                return self.alias(parent, name, known)
         if node is None:
             node = Node(self._next, name, parent)
             self._next += 1
             parent.children[name] = node
             self._by_ino[node.ino] = node
+        if identity is not None and node.identity != identity:
+            node.identity = identity
+            self._by_identity[identity] = node
+        return node
+
+    def alias(self, parent: Node, name: str, node: Node) -> Node:
+        """Give ``node`` (a hard-linked file) the further name ``name`` in ``parent``."""
+        self.detach(parent, name)
+        parent.children[name] = node
+        node.aliases.append((parent, name))
         return node
 
     def forget(self, ino: int, count: int) -> Node | None:
@@ -116,17 +138,31 @@ class InodeTable:
     def _maybe_drop(self, node: Node) -> None:
         if node.detached and node.lookups == 0 and not node.open_fds and not node.children:
             self._by_ino.pop(node.ino, None)
+            if node.identity is not None and self._by_identity.get(node.identity) is node:
+                del self._by_identity[node.identity]
 
     def detach(self, parent: Node, name: str) -> None:
         """The entry ``name`` left the view (unlink, rmdir, replaced by a rename)."""
         node = parent.children.pop(name, None)
         if node is None:
             return
+        if self._drop_name(node, parent, name):
+            return  # another name of the same file remains
         for sub in list(node.children.values()):
             self.detach(node, sub.name)
         node.detached = True
         node.parent = None
         self._maybe_drop(node)
+
+    def _drop_name(self, node: Node, parent: Node, name: str) -> bool:
+        """Forget one name of a hard-linked node; True while it has another."""
+        if (parent, name) in node.aliases:
+            node.aliases.remove((parent, name))
+            return True
+        if node.aliases:
+            node.parent, node.name = node.aliases.pop(0)  # the next name becomes its own
+            return True
+        return False
 
     def move(self, parent: Node, name: str, new_parent: Node, new_name: str) -> None:
         """Follow a rename: the node keeps its number, and its subtree moves with it."""
@@ -138,8 +174,11 @@ class InodeTable:
             parent.children[name] = node
             self.detach(parent, name)
             return
-        node.name = new_name
-        node.parent = new_parent
+        if (parent, name) in node.aliases:
+            node.aliases[node.aliases.index((parent, name))] = (new_parent, new_name)
+        else:
+            node.name = new_name
+            node.parent = new_parent
         new_parent.children[new_name] = node
 
     def exchange(self, parent: Node, name: str, new_parent: Node, new_name: str) -> None:

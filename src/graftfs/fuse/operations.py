@@ -178,7 +178,7 @@ class GraftOperations(pyfuse3.Operations):
 
     def _new_entry(self, parent: Node, name: str, res: Resolved, generation: int | None = None
                    ) -> pyfuse3.EntryAttributes:
-        node = self.inodes.child(parent, name)
+        node = self.inodes.child(parent, name, res.attr.identity)
         node.lookups += 1
         self._seen(node, res)
         return self._reply(node, res, generation)
@@ -336,10 +336,13 @@ class GraftOperations(pyfuse3.Operations):
     @fuse_boundary
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        src = self._path(inode)
+        src, source = self._path(inode), self._node(inode)
         parent, sname, vpath = self._child_path(new_parent_inode, new_name)
         with self.inodes.busy((parent, sname)):
             res = await self.workers.run_thread(self.ns.link, src, vpath)
+            # the kernel holds the source under its number: the new name is that file too
+            if res.attr.identity is not None and source.identity is None:
+                self.inodes.child(source.parent or self.inodes.root, source.name, res.attr.identity)
             return self._new_entry(parent, sname, res)
 
     @fuse_boundary
