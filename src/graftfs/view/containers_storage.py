@@ -130,7 +130,7 @@ def _sig_of(st: os.stat_result | None) -> tuple[int, ...]:
     return () if st is None else (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-class ContainersStorageLayout:
+class ContainersStorageLayout(EntryView):
     """Shared trees presented with containers/storage's index files (see the module docstring).
 
     ``direct`` (on by default, measured with podman 4.3: runs, commits and removes layers through
@@ -142,10 +142,8 @@ class ContainersStorageLayout:
     leases = True
 
     def __init__(self, live: LiveCatalog, rw_root: str, direct: bool = True) -> None:
-        self.live = live
-        self.trees = live.trees
+        super().__init__(live, direct)
         self.rw_root = rw_root
-        self.entries = EntryView(live, direct)
         self.binds = direct
         self._composed: dict[VPath, _Composed] = {}
         self._compose_lock = threading.Lock()
@@ -153,31 +151,8 @@ class ContainersStorageLayout:
         # shared ids its writer had seen (LiveCatalog.appeared_at)
         self._reads: dict[tuple[VPath, int], int] = {}
 
-    # -- the per-entry part ----------------------------------------------------------------------
-
-    def synthetic(self, vpath: VPath) -> Synthetic | None:
-        return self.entries.synthetic(vpath)
-
-    def known_attr(self, tree: int, vpath: VPath) -> Attr | None:
-        return self.entries.known_attr(tree, vpath)
-
-    def cache_key(self, tree: int, vpath: VPath) -> str | None:
-        return self.entries.cache_key(tree, vpath)
-
-    def missing(self, tree: int, vpath: VPath) -> Attr | None:
-        return self.entries.missing(tree, vpath)
-
-    def unavailable(self, tree: int) -> bool:
-        return self.entries.unavailable(tree)
-
-    def direct_path(self, vpath: VPath) -> bool:
-        return self.entries.direct_path(vpath)
-
-    def own_layer_dir(self, vpath: VPath) -> bool:
-        return self.entries.own_layer_dir(vpath)
-
     def status(self) -> LayoutStatus:
-        out = self.entries.status(self.name)
+        out = self.entry_status(self.name)
         pins = self.live.pin_scan()
         if pins is not None:
             out.pins = pin_sizes(pins)
@@ -186,7 +161,7 @@ class ContainersStorageLayout:
     # -- telling clients -------------------------------------------------------------------------
 
     def view_changes(self, diff: CatalogDiff) -> list[ViewChange]:
-        changes = self.entries.view_changes(diff)
+        changes = super().view_changes(diff)
         if changes:
             changes += [ViewChange((LAYERS,), LAYERS_JSON[1]), ViewChange((IMAGES,), IMAGES_JSON[1])]
         return changes
@@ -343,7 +318,7 @@ class ContainersStorageLayout:
     def ro_path(self, tree: int, vpath: VPath) -> str | None:
         if len(vpath) >= 2 and vpath[0] == LAYERS:
             return self._tar_split(tree, vpath)
-        return self.entries.ro_path(tree, vpath)
+        return super().ro_path(tree, vpath)
 
     def _tar_split(self, tree: int, vpath: VPath) -> str | None:
         """overlay-layers/<id>.tar-split.gz of a shared layer; nothing else below overlay-layers."""
@@ -359,11 +334,11 @@ class ContainersStorageLayout:
     def ro_names(self, tree: int, vpath: VPath) -> list[str] | None:
         if vpath == (LAYERS,):
             return [lid + TAR_SPLIT_SUFFIX for lid in self.live.catalog.layer_ids_in(tree)]
-        return self.entries.ro_names(tree, vpath)
+        return super().ro_names(tree, vpath)
 
     def synthetic_names(self, vpath: VPath) -> list[str]:
         if vpath == (LAYERS,):
             return [LAYERS_JSON[1]]
         if vpath == (IMAGES,):
             return [IMAGES_JSON[1]]
-        return self.entries.synthetic_names(vpath)
+        return super().synthetic_names(vpath)

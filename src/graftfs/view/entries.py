@@ -4,7 +4,8 @@ Both runtimes' layouts show a shared layer as ``overlay/<id>/`` with ``overlay/l
 pointing at its ``diff``, only while the catalog lists it as complete; the iSulad layout also
 shows ``overlay-layers/<id>/`` and ``overlay-images/<id>/`` record directories. ``EntryView``
 answers those paths from the catalog (dictionary reads, no directory scans) and is held by the
-presenters that need it (graftfs.view.isulad, graftfs.view.containers_storage).
+presenters that show entries so: graftfs.view.isulad and graftfs.view.containers_storage build on
+it (neither on the other), the latter changing what it shows below ``overlay-layers/``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class EntryView:
         self.live = live
         self.trees = live.trees
         self.direct = direct
+
+
 
     def entry_base(self, tree: int, top: str, name: str) -> str | None:
         """The backing directory of entry ``name`` of managed dir ``top`` when ``tree`` is the one
@@ -217,7 +220,7 @@ class EntryView:
         changes.extend(ViewChange((), name) for name in sorted(diff.top_names | diff.managed))
         return changes
 
-    def status(self, name: str) -> LayoutStatus:
+    def entry_status(self, name: str) -> LayoutStatus:
         problems = self.live.catalog.problems
         skipped = [{"tree": p.tree, "kind": p.kind, "id": p.id, "reason": p.reason} for p in problems[:SKIPPED_LISTED]]
         return LayoutStatus(name, self.live.tree_status(), skipped, len(problems))

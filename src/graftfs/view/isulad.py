@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import os
 
-from graftfs.catalog.catalog import CatalogDiff
 from graftfs.catalog.live import LiveCatalog
 from graftfs.catalog.scan import entry_dirs
-from graftfs.format.attrs import Attr
 from graftfs.format.names import LAYERS, STATE_DIR
 from graftfs.view.entries import EntryView
-from graftfs.view.layout import NoMergedFiles, Synthetic, ViewChange, VPath
+from graftfs.view.layout import NoMergedFiles
 from graftfs.view.status import LayoutStatus
 
 
@@ -39,7 +37,7 @@ def isulad_catalog(trees: list[str], rw_root: str) -> LiveCatalog:
     return LiveCatalog(trees, os.path.join(rw_root, STATE_DIR), lambda: frozenset(own_layers(rw_root)))
 
 
-class IsuladLayout(NoMergedFiles):
+class IsuladLayout(EntryView, NoMergedFiles):
     """Presents shared trees in iSulad's per-entry layout (see the module docstring).
 
     iSulad keeps one record per entry, so nothing is composed (NoMergedFiles). ``direct`` is off
@@ -51,45 +49,10 @@ class IsuladLayout(NoMergedFiles):
     leases = False  # iSulad's state is not read: its nodes write no leases
 
     def __init__(self, live: LiveCatalog, direct: bool = False) -> None:
-        self.live = live
-        self.trees = live.trees
-        self.entries = EntryView(live, direct)
-
-    def ro_path(self, tree: int, vpath: VPath) -> str | None:
-        return self.entries.ro_path(tree, vpath)
-
-    def ro_names(self, tree: int, vpath: VPath) -> list[str] | None:
-        return self.entries.ro_names(tree, vpath)
-
-    def synthetic(self, vpath: VPath) -> Synthetic | None:
-        return self.entries.synthetic(vpath)
-
-    def known_attr(self, tree: int, vpath: VPath) -> Attr | None:
-        return self.entries.known_attr(tree, vpath)
-
-    def cache_key(self, tree: int, vpath: VPath) -> str | None:
-        return self.entries.cache_key(tree, vpath)
-
-    def synthetic_names(self, vpath: VPath) -> list[str]:
-        return self.entries.synthetic_names(vpath)
-
-    def missing(self, tree: int, vpath: VPath) -> Attr | None:
-        return self.entries.missing(tree, vpath)
-
-    def unavailable(self, tree: int) -> bool:
-        return self.entries.unavailable(tree)
-
-    def direct_path(self, vpath: VPath) -> bool:
-        return self.entries.direct_path(vpath)
-
-    def own_layer_dir(self, vpath: VPath) -> bool:
-        return self.entries.own_layer_dir(vpath)
-
-    def view_changes(self, diff: CatalogDiff) -> list[ViewChange]:
-        return self.entries.view_changes(diff)
+        super().__init__(live, direct)
 
     def announce(self, wait: float | None = None) -> None:
         """After a change of the share's part of the view: nothing to tell iSulad (it rescans)."""
 
     def status(self) -> LayoutStatus:
-        return self.entries.status(self.name)
+        return self.entry_status(self.name)
