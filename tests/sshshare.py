@@ -240,6 +240,9 @@ class SshShare:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=STOP_TIMEOUT)
+            # its ssh client may outlive it for a moment: it is in sshfs' process group
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
     def close(self) -> None:
         """Teardown, whatever state the test left things in."""

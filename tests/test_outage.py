@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, GraftMount, graftfs_cmd, needs_mount, sh, wait_for
-from graftfs.share.sample import BUSYBOX, busybox_image_tar
+from conftest import GraftMount, needs_mount, sh, wait_for
+from graftfs.share.sample import BUSYBOX
 from residue import assert_no_residue
 from sshshare import ssh_share
-from test_reliability import _unmount_below
+from test_reliability import shared_and_local_images
 
 pytestmark = [needs_mount, pytest.mark.skipif(not os.path.exists("/usr/sbin/sshd"), reason="needs openssh-server")]
 
@@ -40,25 +39,8 @@ def _timed(*argv: str) -> tuple[float, subprocess.CompletedProcess[str]]:
 @pytest.mark.timeout(240)
 @pytest.mark.skipif(not os.path.exists(BUSYBOX), reason="busybox-static is not installed")
 def test_node_local_work_never_waits_on_a_hung_share(tmp_path: Path, mount_factory: object) -> None:
-    sys.path.insert(0, str(REPO / "tools"))
-    from graftfs_soak.load import Node
-
-    tar = busybox_image_tar(str(tmp_path / "image"))
-    # the node's own image differs from the shared one: with the same content podman would reuse
-    # the shared layer, and a container on it reads the share itself
-    Path(tmp_path, "image", "rootfs", "node-local").write_text("this node's own layer\n")
-    local_tar = str(tmp_path / "image" / "local.tar")
-    subprocess.run(["tar", "-C", str(tmp_path / "image" / "rootfs"), "-cf", local_tar, "."], check=True, timeout=60)
-    export = tmp_path / "share"
-    export.mkdir()
-    writer = Node.create("writer", str(tmp_path / "writer-graph"), str(tmp_path / "writer"))
-    try:
-        writer.must("import", "-q", tar, "localhost/shared:1")
-        pub = graftfs_cmd("publish", "--graph", writer.graph, "--share", str(export), "localhost/shared:1", timeout=120)
-        assert pub.returncode == 0, pub.stderr
-    finally:
-        writer.clean()
-        _unmount_below(str(tmp_path / "writer-graph"))
+    export, local_tar = shared_and_local_images(tmp_path)
+    from graftfs_soak.load import Node  # on the path now
     with ssh_share(tmp_path, str(export), keepalive=False) as ssh:
         rw = tmp_path / "rw"
         rw.mkdir()

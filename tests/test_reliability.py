@@ -661,10 +661,10 @@ def test_unprivileged_user_gets_normal_permission_checks(tmp_path: Path, ro_bind
 @needs_sshfs
 @pytest.mark.skipif(shutil.which("podman") is None, reason="podman is not installed")
 @pytest.mark.timeout(300)
-def test_podman_keeps_working_on_the_node_while_its_share_is_down(tmp_path: Path, mount_factory: MountFactory) -> None:
-    """podman's graph is a graftfs mount over a share served by sshd: with the sshd gone,
-    `podman ps`, `exec` and a run of a node-local image keep working (RW paths), the shared
-    image stays in the view, and everything works again when the sshd is back, no remount."""
+def shared_and_local_images(tmp_path: Path) -> tuple[Path, str]:
+    """A share holding ``localhost/shared:1``, published from a plain podman graph as a writer
+    node would, and the tar of a different image for the node's own use (with the same content
+    podman would reuse the shared layer, and a container on it would read the share itself)."""
     from graftfs.share.sample import BUSYBOX, busybox_image_tar
 
     sys.path.insert(0, str(REPO / "tools"))
@@ -673,14 +673,11 @@ def test_podman_keeps_working_on_the_node_while_its_share_is_down(tmp_path: Path
     if not os.path.exists(BUSYBOX):
         pytest.skip("busybox-static is not installed")
     tar = busybox_image_tar(str(tmp_path / "image"))
-    # the node's own image differs from the shared one: with the same content, podman would reuse
-    # the shared layer, and a container on it reads the share itself (diff links to it)
     Path(tmp_path, "image", "rootfs", "node-local").write_text("this node's own layer\n")
     local_tar = str(tmp_path / "image" / "local.tar")
     subprocess.run(["tar", "-C", str(tmp_path / "image" / "rootfs"), "-cf", local_tar, "."], check=True, timeout=60)
     export = tmp_path / "share"
     export.mkdir()
-    # the share holds one image, published from a plain podman graph as a writer node would
     writer = Node.create("writer", str(tmp_path / "writer-graph"), str(tmp_path / "writer"))
     try:
         writer.must("import", "-q", tar, "localhost/shared:1")
@@ -689,6 +686,15 @@ def test_podman_keeps_working_on_the_node_while_its_share_is_down(tmp_path: Path
     finally:
         writer.clean()
         _unmount_below(str(tmp_path / "writer-graph"))
+    return export, local_tar
+
+
+def test_podman_keeps_working_on_the_node_while_its_share_is_down(tmp_path: Path, mount_factory: MountFactory) -> None:
+    """podman's graph is a graftfs mount over a share served by sshd: with the sshd gone,
+    `podman ps`, `exec` and a run of a node-local image keep working (RW paths), the shared
+    image stays in the view, and everything works again when the sshd is back, no remount."""
+    export, local_tar = shared_and_local_images(tmp_path)
+    from graftfs_soak.load import Node  # on the path now
     with ssh_share(tmp_path, str(export)) as ssh:
         rw = tmp_path / "rw"
         rw.mkdir()

@@ -140,10 +140,12 @@ def fresh_stat(path: str) -> os.stat_result | None:
 
 
 def layer_paths(overlay_dir: str | None, record_dir: str | None) -> list[str]:
-    """The files whose change means a layer must be checked again (link file and record)."""
+    """What a layer's signature covers: its overlay directory (whose attributes the view shows
+    without asking the tree), and the files whose change means it must be checked again (link
+    file and record)."""
     paths = []
     if overlay_dir:
-        paths.append(overlay_dir + "/link")
+        paths += [overlay_dir, overlay_dir + "/link"]
     if record_dir:
         paths.append(record_dir + "/" + LAYER_RECORD)
     return paths

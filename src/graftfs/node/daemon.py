@@ -108,7 +108,8 @@ def small_files(layout: Layout, state_dir: str) -> SmallFiles | None:
     live = layout.live
     if live is None:
         return None
-    return SmallFiles(os.path.join(state_dir, CACHE_DIR), lambda iid: iid in live.catalog.images)
+    return SmallFiles(os.path.join(state_dir, CACHE_DIR),
+                      lambda eid: eid in live.catalog.images or eid in live.catalog.layers)
 
 
 def setup_logging(log_file: str | None, verbose: bool = False) -> None:

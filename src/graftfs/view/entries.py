@@ -32,6 +32,8 @@ from graftfs.view.status import SKIPPED_LISTED, LayoutStatus
 
 #: The directories of a layer that the kernel's overlay mount uses as lower, upper and work.
 DIRECT_NAMES = frozenset({"diff", "work"})
+#: A layer's small files the runtime reads for every container it starts on the layer.
+SMALL_LAYER_FILES = frozenset({"link", "lower"})
 
 
 class EntryView:
@@ -96,46 +98,44 @@ class EntryView:
         """Attributes answered without asking the tree, so that what the view already knows
         never waits on a share that hangs: the tree's root and the directories at its top as its
         last poll saw them (the runtime looks them up all the time), and the directory of each
-        image the catalog shows from it, as its scan saw it (a share's image directory is placed
-        whole and never changed). None: ask the tree."""
+        layer and image the catalog shows from it, as its scan saw it (a share's entry is placed
+        whole and never changed), also for a layer's ``diff`` shown as a link. None: ask the tree."""
         if len(vpath) <= 1:
             attr = self.live.shared[tree].top_attrs.get(vpath[0] if vpath else "")
             return attr if attr is not None and attr.is_dir else None
-        if len(vpath) == 2 and vpath[0] == IMAGES:
-            sig = self._image_dir_sig(tree, vpath[1])
-            if sig is not None:
-                _, size, mtime, ctime, mode, nlink, uid, gid = sig
-                return Attr(mode, nlink, uid, gid, size, 0, (size + 511) // 512, 4096, mtime, mtime, ctime)
-        return None
+        if vpath[0] not in (OVERLAY, IMAGES) or len(vpath) > 3:
+            return None
+        if len(vpath) == 3 and not (vpath[2] == "diff" and self.direct_path(vpath)):
+            return None  # a file of the entry: its own attributes (or its cached copy's)
+        sigs = self._entry_sigs(tree, vpath[0], vpath[1])
+        if not sigs or sigs[0] is None:
+            return None
+        _, size, mtime, ctime, mode, nlink, uid, gid = sigs[0]
+        return Attr(mode, nlink, uid, gid, size, 0, (size + 511) // 512, 4096, mtime, mtime, ctime)
 
     def cache_key(self, tree: int, vpath: VPath) -> str | None:
-        """Where a node-local copy of a file in a shared image's directory is kept
-        (graftfs.view.small_files): under the image and its directory's identity, so a directory
-        placed anew is never answered from an old copy. None for anything else."""
-        if len(vpath) != 3 or vpath[0] != IMAGES:
+        """Where a node-local copy of a small file of a shared entry is kept
+        (graftfs.view.small_files): an image's files, a layer's ``link`` and ``lower``; under the
+        entry and the identity of its directory and record, so an entry placed anew, or a record
+        rewritten in place (which the scan notices), is never answered from an old copy. None
+        for anything else."""
+        if len(vpath) != 3 or not (vpath[0] == IMAGES or (vpath[0] == OVERLAY and vpath[2] in SMALL_LAYER_FILES)):
             return None
-        sigs = self._image_sigs(tree, vpath[1])
-        if sigs is None or len(sigs) < 2:
+        sigs = self._entry_sigs(tree, vpath[0], vpath[1])
+        if not sigs or any(sig is None for sig in sigs):
             return None
-        directory, record = sigs[0], sigs[1]
-        if directory is None or record is None:
-            return None
-        (dir_ino, _, dir_mtime, *_), (rec_ino, rec_size, rec_mtime, *_) = directory, record
-        # the record's own signature too: one rewritten in place (which the scan notices) must not
-        # be answered from the copy of the old one
-        return f"{vpath[1]}/{dir_ino}-{dir_mtime}-{rec_ino}-{rec_size}-{rec_mtime}/{vpath[2]}"
+        # sizes and mtimes only: a network filesystem may number inodes anew (sshfs does)
+        identity = "-".join(f"{sig[1]}.{sig[2]}" for sig in sigs if sig is not None)
+        return f"{vpath[0]}/{vpath[1]}/{identity}/{vpath[2]}"
 
-    def _image_dir_sig(self, tree: int, iid: str) -> Sig | None:
-        """The scan's signature of the directory of image ``iid`` when ``tree`` shows it."""
-        sigs = self._image_sigs(tree, iid)
-        return sigs[0] if sigs else None
-
-    def _image_sigs(self, tree: int, iid: str) -> tuple[Sig | None, ...] | None:
-        """The scan's signatures of image ``iid``'s directory and record when ``tree`` shows it."""
-        image = self.live.catalog.images.get(iid)
-        if image is None or image[0] != tree:
+    def _entry_sigs(self, tree: int, top: str, eid: str) -> tuple[Sig | None, ...] | None:
+        """The scan's signatures of a layer's (``overlay``) or an image's entry when ``tree`` shows
+        it: its directory first, then its files (see graftfs.catalog.scan)."""
+        kind, entries = ("image", self.live.catalog.images) if top == IMAGES else ("layer", self.live.catalog.layers)
+        entry = entries.get(eid)
+        if entry is None or entry[0] != tree:
             return None
-        return self.live.shared[tree].scan.sigs.get(("image", iid))
+        return self.live.shared[tree].scan.sigs.get((kind, eid))
 
     def synthetic(self, vpath: VPath) -> Synthetic | None:
         """``overlay/l`` and its links to the shared layers' diffs."""

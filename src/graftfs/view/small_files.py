@@ -1,15 +1,17 @@
-"""Node-local copies of the small files of shared images, so images stay listed through an outage.
+"""Node-local copies of the small files of shared entries, so images stay usable through an outage.
 
 ``podman images`` and ``podman image inspect`` read each image's manifest and config (big-data
-files in ``overlay-images/<id>/``). Those files are small, and a share's image directory never
-changes once placed (a publisher renames it into place whole; gc removes it whole), so a copy
-read once stays right for as long as the catalog shows that same directory. The first read of
-such a file copies it into ``RW/.graftfs/cache/`` (under the image directory's identity: inode
-and mtime, so a directory placed anew is never answered from an old copy); later lookups and
-reads use the copy and never ask the share, which keeps them fast and keeps them working while
-the share fails or hangs. Only layer *contents* stay out of reach then (pins cover those).
+files in ``overlay-images/<id>/``), and starting any container reads layers' ``link`` and
+``lower`` files, also of layers other than the container's. Those files are small, and a share's
+entry never changes once placed (a publisher renames it into place whole; gc removes it whole),
+so a copy read once stays right for as long as the catalog shows that same entry. The first read
+of such a file copies it into ``RW/.graftfs/cache/`` (under the entry's identity: the sizes and
+mtimes of its directory and record, so an entry placed anew is never answered from an old copy);
+later lookups and reads use the copy and never ask the share, which keeps them fast and keeps
+them working while the share fails or hangs. Only layer *contents* stay out of reach then (pins
+cover those).
 
-The cache is bounded (``limit`` bytes): beyond it, copies of images the catalog no longer shows
+The cache is bounded (``limit`` bytes): beyond it, copies of entries the catalog no longer shows
 go first, then the oldest.
 """
 
@@ -23,6 +25,7 @@ import threading
 from collections.abc import Callable
 
 from graftfs.format.atomic import temp_name
+from graftfs.format.names import IMAGES, OVERLAY
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ class SmallFiles:
 
     def __init__(self, directory: str, shown: Callable[[str], bool], limit: int = DEFAULT_LIMIT) -> None:
         self.directory = directory
-        self.shown = shown  # is this image id still in the catalog (its copies still useful)?
+        self.shown = shown  # is this layer or image id still in the catalog (its copies still useful)?
         self.limit = limit
         self._lock = threading.Lock()
         self._bytes = self._measure()
@@ -95,26 +98,31 @@ class SmallFiles:
                     total += os.lstat(os.path.join(d, f)).st_size
         return total
 
+    def _entries(self) -> list[tuple[str, str, float]]:
+        """(managed directory, entry id, mtime) of every entry with copies."""
+        out = []
+        for top in (IMAGES, OVERLAY):
+            try:
+                with os.scandir(os.path.join(self.directory, top)) as listing:
+                    out += [(top, e.name, e.stat().st_mtime) for e in listing if e.is_dir()]
+            except FileNotFoundError:
+                continue
+        return out
+
     def _make_room(self) -> None:
-        """Drop copies until the cache is below 90 % of its limit: images the catalog no longer
+        """Drop copies until the cache is below 90 % of its limit: entries the catalog no longer
         shows first, then the least recently filled."""
-        try:
-            images = [(e.name, e.stat().st_mtime) for e in os.scandir(self.directory) if e.is_dir()]
-        except FileNotFoundError:
-            return
-        images.sort(key=lambda item: (self.shown(item[0]), item[1]))
-        for name, _ in images:
+        entries = sorted(self._entries(), key=lambda e: (self.shown(e[1]), e[2]))
+        for top, eid, _ in entries:
             if self._bytes <= self.limit * 0.9:
                 break
-            shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            shutil.rmtree(os.path.join(self.directory, top, eid), ignore_errors=True)
             with self._lock:
                 self._bytes = self._measure()
         log.info("small-file cache trimmed to %d bytes", self._bytes)
 
     def status(self) -> dict[str, object]:
-        try:
-            images = sum(1 for e in os.scandir(self.directory) if e.is_dir())
-        except FileNotFoundError:
-            images = 0
-        return {"directory": self.directory, "images": images, "bytes": self._bytes, "limit": self.limit,
-                "hits": self.hits, "fills": self.fills}
+        entries = self._entries()
+        return {"directory": self.directory, "images": sum(1 for top, _, _ in entries if top == IMAGES),
+                "layers": sum(1 for top, _, _ in entries if top == OVERLAY), "bytes": self._bytes,
+                "limit": self.limit, "hits": self.hits, "fills": self.fills}
