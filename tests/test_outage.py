@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import GraftMount, needs_mount, sh, wait_for
-from graftfs.share.sample import BUSYBOX
+from conftest import REPO, GraftMount, graftfs_cmd, needs_mount, sh, wait_for
+from graftfs.share.sample import BUSYBOX, busybox_image_tar
 from residue import assert_no_residue
 from sshshare import ssh_share
-from test_reliability import shared_and_local_images
+from test_reliability import _unmount_below, shared_and_local_images
 
 pytestmark = [needs_mount, pytest.mark.skipif(not os.path.exists("/usr/sbin/sshd"), reason="needs openssh-server")]
 
@@ -97,3 +98,39 @@ def test_node_local_work_never_waits_on_a_hung_share(tmp_path: Path, mount_facto
             assert g.stop() == 0, g.log_text()[-3000:]
     assert_no_residue([str(tmp_path)], rw_trees=[str(rw)], shares=[str(export)], daemons=[daemon],
                       mountpoints=[g.mnt])
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(not os.path.exists(BUSYBOX), reason="busybox-static is not installed")
+def test_publish_onto_a_share_that_cannot_keep_link_owners(tmp_path: Path, mount_factory: object) -> None:
+    """sftp cannot set the owner or times of a symbolic link: publish says so in one line and
+    goes on, keeping everything else; a node runs the image from that share."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from graftfs_soak.load import Node
+
+    tar = busybox_image_tar(str(tmp_path / "image"))
+    export = tmp_path / "share"
+    export.mkdir()
+    writer = Node.create("writer", str(tmp_path / "writer-graph"), str(tmp_path / "writer"))
+    try:
+        writer.must("import", "-q", tar, "localhost/over-sftp:1")
+        with ssh_share(tmp_path, str(export)) as ssh:
+            pub = graftfs_cmd("publish", "--graph", writer.graph, "--share", ssh.mnt, "localhost/over-sftp:1",
+                              timeout=120)
+            assert pub.returncode == 0, pub.stderr
+            notes = [line for line in pub.stderr.splitlines() if "cannot keep" in line]
+            assert len(notes) == 1 and "symbolic links" in notes[0], pub.stderr
+            rw = tmp_path / "rw"
+            rw.mkdir()
+            g: GraftMount = mount_factory(str(rw), [ssh.mnt], "--layout", "containers-storage")  # type: ignore[operator]
+            node = Node.create("node", g.mnt, str(tmp_path / "node"))
+            try:
+                out = node.must("run", "--rm", "localhost/over-sftp:1", "sh", "-c", "stat -c '%a %u' /bin/busybox")
+                local = os.stat(os.path.join(tmp_path, "image", "rootfs", "bin", "busybox"))
+                assert out.split() == [f"{local.st_mode & 0o7777:o}", "0"], out
+            finally:
+                node.clean()
+                assert g.stop() == 0, g.log_text()[-3000:]
+    finally:
+        writer.clean()
+        _unmount_below(str(tmp_path / "writer-graph"))

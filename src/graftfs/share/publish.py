@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import uuid
 from collections.abc import Callable
@@ -131,6 +132,7 @@ class Publisher:
         self.progress = progress or (lambda line: None)
         self.meter = meter
         self.staging = os.path.join(share, STAGING_DIR, uuid.uuid4().hex)
+        self.abilities: Abilities | None = None  # what the share's filesystem can keep (probed once)
 
     def publish(self, ref: str) -> ImageResult:
         image = self.graph.find(ref)
@@ -183,7 +185,7 @@ class Publisher:
         stage = os.path.join(self.staging, f"{lid}.{uuid.uuid4().hex[:8]}")  # a layer may be staged twice
         os.makedirs(stage)
         expected = record.get("diff-size")
-        size = _copy_overlay_dir(src, os.path.join(stage, "overlay"), self.meter,
+        size = _copy_overlay_dir(src, os.path.join(stage, "overlay"), self._abilities(lid, src), self.meter,
                                  expected if isinstance(expected, int) else 0)
         self._write_lower(record, os.path.join(stage, "overlay"))
         rec_dir = os.path.join(stage, "record")
@@ -196,6 +198,21 @@ class Publisher:
         _place(os.path.join(stage, "overlay"), overlay_dst)
         _place(rec_dir, record_dst)
         return LayerResult(lid, "published", size)
+
+    def _abilities(self, lid: str, src: str) -> Abilities:
+        """What the share can keep, probed in the staging directory at the first layer; refuses
+        (PublishError, one line) a layer that needs what the share cannot store."""
+        if self.abilities is None:
+            self.abilities = Abilities.probe(self.staging)
+            if not self.abilities.link_owners:
+                self.progress(f"note: {self.share} cannot keep the owner and times of symbolic links (an sftp "
+                              "share does not); they are published owned by the publishing user and with the time "
+                              "of the copy, everything else as it is")
+        missing = self.abilities.missing_for(os.path.realpath(os.path.join(src, "diff")))
+        if missing:
+            raise PublishError(f"layer {lid[:12]} holds {missing}, which {self.share} cannot store; publish to a "
+                               "filesystem that can (NFS, CephFS, GlusterFS, a local one)")
+        return self.abilities
 
     def _write_lower(self, record: Record, overlay: str) -> None:
         """The layer's ``lower`` as the *share* names its parents: short names are chosen per
@@ -254,7 +271,64 @@ class Publisher:
         return "published" if _place(stage, dst) else "already published"
 
 
-def _copy_overlay_dir(src: str, dst: str, meter: Meter | None = None, expected: int = 0) -> int:
+@dataclass(frozen=True)
+class Abilities:
+    """What a share's filesystem keeps of a layer's files (sshfs, for one, keeps neither the
+    owner of a symbolic link nor extended attributes nor device nodes)."""
+
+    link_owners: bool  # and their times
+    xattrs: bool
+    devices: bool
+
+    @classmethod
+    def probe(cls, directory: str) -> Abilities:
+        probe = os.path.join(directory, ".graftfs-probe")
+        os.makedirs(probe)
+        try:
+            return cls(_can(lambda: _owned_link(probe)), _can(lambda: _xattr_file(probe)),
+                       _can(lambda: os.mknod(os.path.join(probe, "dev"), stat.S_IFCHR | 0o600, 0)))
+        finally:
+            shutil.rmtree(probe, ignore_errors=True)
+
+    def missing_for(self, diff: str) -> str:
+        """What ``diff`` holds that the share cannot store ("" when nothing)."""
+        if self.xattrs and self.devices:
+            return ""
+        for d, dirs, files in os.walk(diff):
+            for name in dirs + files:
+                path = os.path.join(d, name)
+                st = os.lstat(path)
+                if not self.devices and (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                    return f"device nodes ({os.path.relpath(path, diff)}: overlay whiteouts are device nodes)"
+                if not self.xattrs and not stat.S_ISLNK(st.st_mode) and os.listxattr(path, follow_symlinks=False):
+                    return f"extended attributes ({os.path.relpath(path, diff)})"
+        return ""
+
+
+def _can(action: Callable[[], object]) -> bool:
+    try:
+        action()
+    except OSError:
+        return False
+    return True
+
+
+def _owned_link(directory: str) -> None:
+    link = os.path.join(directory, "link")
+    os.symlink("/nonexistent/target", link)  # dangling, like most links in a layer seen from the share
+    os.chown(link, os.getuid(), os.getgid(), follow_symlinks=False)
+    os.utime(link, ns=(0, 0), follow_symlinks=False)
+
+
+def _xattr_file(directory: str) -> None:
+    path = os.path.join(directory, "xattr")
+    with open(path, "w"):
+        pass
+    os.setxattr(path, "user.graftfs.probe", b"1")
+
+
+def _copy_overlay_dir(src: str, dst: str, abilities: Abilities, meter: Meter | None = None,
+                      expected: int = 0) -> int:
     """Copy a layer's overlay directory: diff (everything kept: owners, modes, xattrs, whiteout
     devices, hard links), its link and lower files; an empty work/. Returns the bytes copied.
     With a ``meter``, the copy's progress is measured every METER_INTERVAL seconds."""
@@ -269,7 +343,10 @@ def _copy_overlay_dir(src: str, dst: str, meter: Meter | None = None, expected: 
     # marker) is then an error, not a silently different layer; the copy dies with the publisher
     # a graftfs graph shows diff as a link to the backing directory: copy what it points to
     diff = os.path.realpath(os.path.join(src, "diff"))
-    with subprocess.Popen(["cp", "-a", "--preserve=xattr", "--", diff, os.path.join(dst, "diff")],
+    # a share that cannot keep a link's owner and times: cp keeps no owner and time at all, and
+    # those of everything but links are set after the copy
+    owners = [] if abilities.link_owners else ["--no-preserve=ownership,timestamps"]
+    with subprocess.Popen(["cp", "-a", *owners, "--preserve=xattr", "--", diff, os.path.join(dst, "diff")],
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                           stdin=subprocess.DEVNULL, preexec_fn=die_with_parent) as cp:
         while meter is not None:
@@ -282,10 +359,27 @@ def _copy_overlay_dir(src: str, dst: str, meter: Meter | None = None, expected: 
     if cp.returncode != 0:
         last = err.strip().splitlines()[-1] if err.strip() else f"exit status {cp.returncode}"
         raise PublishError(f"copying {src}/diff failed: {last}")
+    if not abilities.link_owners:
+        _copy_owners(diff, os.path.join(dst, "diff"))
     size = _tree_bytes(os.path.join(dst, "diff"))
     if meter is not None:
         meter(size, max(size, expected))
     return size
+
+
+def _copy_owners(src: str, dst: str) -> None:
+    """Give every entry of ``dst`` but symbolic links the owner and times of its twin in ``src``
+    (directories after what they hold: writing into one moves its mtime)."""
+    for d, dirs, files in os.walk(src, topdown=False):
+        for name in [*files, *dirs, ""]:
+            path = os.path.join(d, name)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            twin = os.path.join(dst, os.path.relpath(path, src))
+            os.chown(twin, st.st_uid, st.st_gid, follow_symlinks=False)
+            os.chmod(twin, stat.S_IMODE(st.st_mode))  # a chown clears set-user-ID and set-group-ID bits
+            os.utime(twin, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
 def _tree_bytes(path: str) -> int:

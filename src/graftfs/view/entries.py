@@ -83,7 +83,13 @@ class EntryView:
         base = self.entry_base(tree, top, vpath[1])
         if base is None:
             return None
+        if vpath[2:] == ("lower",) and top == OVERLAY and self._parentless(vpath[1]):
+            return None  # a layer without a parent has no lower file: no need to ask the tree
         return os.path.join(base, *vpath[2:])
+
+    def _parentless(self, lid: str) -> bool:
+        layer = self.live.catalog.layers.get(lid)
+        return layer is not None and layer[1].parent is None
 
     def ro_names(self, tree: int, vpath: VPath) -> list[str] | None:
         if not vpath:
