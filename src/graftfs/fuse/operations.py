@@ -314,6 +314,9 @@ class GraftOperations(pyfuse3.Operations):
         if not self.ns.is_direct(vpath):
             return self._new_entry(parent, name, res)
         entry = self._new_entry(parent, name, res, generation=-1)
+        node = parent.children.get(name)
+        if node is not None:
+            self.listener.forget_rw_dir(node)  # the link's target is not a directory the kernel knows
         self.inodes.detach(parent, name)
         return entry
 

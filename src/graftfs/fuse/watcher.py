@@ -322,6 +322,12 @@ class Watcher:
                 continue
             if not ev.name or node.detached:
                 continue
+            if node.link is not None:
+                # the kernel knows this directory as a link now (a layer's diff, see
+                # Namespace._direct): it caches nothing below it, and a notification about a name
+                # in it would be refused (ENOTDIR, which libfuse prints)
+                self.forget_rw_dir(node)
+                continue
             try:
                 parent = self.inodes.path(node.ino)
             except (KeyError, OSError):
@@ -329,7 +335,7 @@ class Watcher:
             changes[ViewChange(parent, ev.name)] = None
             if ev.mask & IN_ISDIR:
                 child = node.children.get(ev.name)
-                if child is not None and child.wd == 0:
+                if child is not None and child.wd == 0 and child.link is None:
                     changes.update(dict.fromkeys(self._watch_new_rw_dir(child, (*parent, ev.name))))
         return list(changes)
 
@@ -352,8 +358,8 @@ class Watcher:
             out.extend(ViewChange(dpath, name) for name in names)
             for name in names:
                 child = dnode.children.get(name)
-                if child is not None and child.wd == 0 and not child.detached and child.sig is not None \
-                        and stat.S_ISDIR(child.sig[0]):
+                if child is not None and child.wd == 0 and not child.detached and child.link is None \
+                        and child.sig is not None and stat.S_ISDIR(child.sig[0]):
                     stack.append((child, (*dpath, name)))
         return out
 
