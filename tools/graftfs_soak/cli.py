@@ -11,12 +11,16 @@ Exit status 0 only with zero errors and nothing left behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from graftfs.node.mounts import read_runtime
 from graftfs.share.sample import BUSYBOX, busybox_image_tar
@@ -59,18 +63,78 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=10.0, help="how long to run the load (default 10)")
     p.add_argument("--report", type=float, default=30.0, help="seconds between progress lines (default 30)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs) at the end")
+    p.add_argument("--gluster", action="store_true", help="the share on a GlusterFS replica-3 volume made for the run "
+                   "(three bricks on this host, FUSE client) instead of a local directory")
+    p.add_argument("--brick-outage", metavar="START:END", default=None,
+                   help="with --gluster: kill one brick START minutes after the volume is up, restart it at END")
     args = p.parse_args(argv)
+    outage = _outage(args.brick_outage) if args.brick_outage else None
+    if outage and not args.gluster:
+        raise SystemExit("tools/soak: --brick-outage needs --gluster")
     if os.geteuid() != 0 or not os.access("/dev/fuse", os.R_OK | os.W_OK):
         raise SystemExit("tools/soak needs root and /dev/fuse")
     if shutil.which("podman") is None or not os.path.exists(BUSYBOX):
         raise SystemExit("tools/soak needs podman and busybox-static (tools/install --test)")
     sys.path.insert(0, str(REPO / "tests"))
+    work = Path(tempfile.mkdtemp(prefix="gfs-soak-", dir="/tmp"))
+    with contextlib.ExitStack() as stack:
+        if args.gluster:
+            from glustershare import gluster_share  # type: ignore[import-not-found]  # tests/glustershare.py
+
+            volume = stack.enter_context(gluster_share(work))
+            share = volume.mountpoint
+            if outage:
+                stack.enter_context(_brick_outage(volume, *outage))
+        else:
+            share = str(work / "share")
+            os.mkdir(share)
+        code = _soak(args, work, share)
+    if args.gluster and code == 0 and not args.keep:
+        shutil.rmtree(work, ignore_errors=True)  # after the volume's teardown, which needs its bricks there
+    return code
+
+
+def _outage(text: str) -> tuple[float, float]:
+    start, _, end = text.partition(":")
+    try:
+        begin, finish = float(start), float(end)
+    except ValueError:
+        raise SystemExit(f"tools/soak: --brick-outage {text!r} is not START:END in minutes") from None
+    if not 0 <= begin < finish:
+        raise SystemExit("tools/soak: --brick-outage needs 0 <= START < END")
+    return begin, finish
+
+
+@contextlib.contextmanager
+def _brick_outage(volume: Any, start: float, end: float) -> Iterator[None]:
+    """Kill one brick ``start`` minutes from now and restart it at ``end`` (a replica lost and
+    back), in a thread beside the load; cancelled when the load is over."""
+    stop = threading.Event()
+
+    def run() -> None:
+        if stop.wait(start * 60):
+            return
+        say(f"[{start:5.1f} min] killing brick 0 (pid {volume.kill_brick(0)}): two replicas left")
+        if stop.wait((end - start) * 60):
+            return
+        volume.restart_brick()
+        say(f"[{end:5.1f} min] brick 0 restarted, the client uses it again")
+
+    thread = threading.Thread(target=run, name="brick-outage", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+
+
+def _soak(args: argparse.Namespace, work: Path, share: str) -> int:
     from residue import residue  # type: ignore[import-not-found]  # tests/residue.py, shared with the tests
 
-    work = Path(tempfile.mkdtemp(prefix="gfs-soak-", dir="/tmp"))
-    share = str(work / "share")
-    os.mkdir(share)
-    say(f"tools/soak: {args.minutes:g} min of concurrent podman load on two graftfs nodes; work dir {work}")
+    where = "a GlusterFS volume" if args.gluster else "a local directory"
+    say(f"tools/soak: {args.minutes:g} min of concurrent podman load on two graftfs nodes over {where}; "
+        f"work dir {work}")
     mounts: dict[str, tuple[str, str, int]] = {}
     nodes: list[Node] = []
     load: Load | None = None
@@ -110,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{max(stats.max_seconds.values(), default=0.0):.2f} s, left behind: {len(left)}")
     for line in stats.errors[:50] + left:
         say(f"  {line}")
-    if not args.keep and not left:
+    if not args.keep and not left and not args.gluster:  # the volume's teardown removes its bricks later
         shutil.rmtree(work, ignore_errors=True)
     else:
         say(f"work dir kept: {work}")
