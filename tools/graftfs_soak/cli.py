@@ -168,7 +168,9 @@ def _soak(args: argparse.Namespace, work: Path, share: str) -> int:
     say("daemon RSS over time (MiB): " + "; ".join(
         f"{t / 60:.1f} min " + "/".join(f"{s / 1024:.1f}" if s is not None else "-" for s in sample)
         for t, sample in rss))
-    left = residue([str(work), *(n.short for n in nodes)], rw_trees=[m[0] for m in mounts.values()], shares=[share],
+    # with --gluster the volume (its processes and mount below work/) is torn down after this check
+    tops = [str(work / name) for name in mounts] if args.gluster else [str(work)]
+    left = residue([*tops, *(n.short for n in nodes)], rw_trees=[m[0] for m in mounts.values()], shares=[share],
                    daemons=[m[2] for m in mounts.values()], mountpoints=[m[1] for m in mounts.values()])
     say(f"operations: {stats.total}, errors: {len(stats.errors)}, max latency: "
         f"{max(stats.max_seconds.values(), default=0.0):.2f} s, left behind: {len(left)}")
