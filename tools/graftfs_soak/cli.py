@@ -176,8 +176,8 @@ def _soak(args: argparse.Namespace, work: Path, share: str) -> int:
         f"{max(stats.max_seconds.values(), default=0.0):.2f} s, left behind: {len(left)}")
     for line in stats.errors[:50] + left:
         say(f"  {line}")
-    if not args.keep and not left and not args.gluster:  # the volume's teardown removes its bricks later
-        shutil.rmtree(work, ignore_errors=True)
-    else:
+    if args.keep or left:
         say(f"work dir kept: {work}")
+    elif not args.gluster:  # with --gluster, removed after the volume's teardown (it needs its bricks)
+        shutil.rmtree(work, ignore_errors=True)
     return 0 if not stats.errors and not left else 1
