@@ -16,7 +16,7 @@ import os
 from typing import Any
 
 from graftfs.catalog.scan import Sig, TreeScan
-from graftfs.format.atomic import write_file_atomically
+from graftfs.format.atomic import read_json_state, write_file_atomically
 from graftfs.format.names import MANAGED_DIRS, is_id
 from graftfs.format.records import ImageEntry, LayerEntry, Problem
 
@@ -120,13 +120,8 @@ def save(state_dir: str, scans: list[TreeScan]) -> None:
 def load(state_dir: str, roots: list[str]) -> dict[str, TreeScan]:
     """The saved scans of these trees; {} (a full scan) when missing or unusable."""
     path = os.path.join(state_dir, FILE_NAME)
-    try:
-        with open(path, encoding="utf-8") as f:
-            body = json.load(f)
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        log.warning("%s unreadable (%s): scanning the shares in full", path, e)
+    body = read_json_state(path, "scanning the shares in full")
+    if not isinstance(body, dict):
         return {}
     out = {}
     try:

@@ -1,4 +1,5 @@
-"""The one way graftfs writes a whole file: under a temporary name, durable, renamed into place.
+"""The one way graftfs writes a whole file: under a temporary name, durable, renamed into place;
+and the one way it reads back a JSON state file of its own.
 
 Readers (other nodes, the runtime, the next mount) then see the old file or the new one, never
 part of one. The temporary name starts with a dot and ends in ``.tmp``: never shown by a mount
@@ -9,8 +10,12 @@ crash leaves it.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import uuid
+
+log = logging.getLogger(__name__)
 
 
 def temp_name(path: str) -> str:
@@ -38,3 +43,16 @@ def write_file_atomically(path: str, data: str | bytes, mode: int = 0o644, sync:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def read_json_state(path: str, otherwise: str) -> object | None:
+    """A JSON state file graftfs wrote itself; None when it is missing or damaged (logged, with
+    ``otherwise`` saying what happens instead: such a file never decides anything by itself)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning("%s is unreadable (%s); %s", path, e, otherwise)
+        return None

@@ -115,9 +115,13 @@ class InodeTable:
             parent.children[name] = node
             self._by_ino[node.ino] = node
         if identity is not None and node.identity != identity:
-            node.identity = identity
-            self._by_identity[identity] = node
+            self.set_identity(node, identity)
         return node
+
+    def set_identity(self, node: Node, identity: tuple[int, int]) -> None:
+        """``node`` is the hard-linked file ``identity``: its further names share it."""
+        node.identity = identity
+        self._by_identity[identity] = node
 
     def alias(self, parent: Node, name: str, node: Node) -> Node:
         """Give ``node`` (a hard-linked file) the further name ``name`` in ``parent``."""

@@ -345,7 +345,7 @@ class GraftOperations(pyfuse3.Operations):
             res = await self.workers.run_thread(self.ns.link, src, vpath)
             # the kernel holds the source under its number: the new name is that file too
             if res.attr.identity is not None and source.identity is None:
-                self.inodes.child(source.parent or self.inodes.root, source.name, res.attr.identity)
+                self.inodes.set_identity(source, res.attr.identity)
             return self._new_entry(parent, sname, res)
 
     @fuse_boundary

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from graftfs.format.atomic import write_file_atomically
+from graftfs.format.atomic import read_json_state, write_file_atomically
 from graftfs.format.names import IMAGE_RECORD, IMAGES, IMAGES_JSON, RETIRED_DIR, is_id
 from graftfs.format.records import Record, read_index, record_names
 from graftfs.fuse.errors import BackingTimeout
@@ -140,15 +140,7 @@ class AutoPublisher:
     # -- remembering -----------------------------------------------------------------------------
 
     def _load(self) -> dict[str, str]:
-        path = os.path.join(self.state_dir, STATE_FILE)
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as e:
-            log.warning("auto-publish: %s is unreadable (%s); starting afresh", path, e)
-            return {}
+        data = read_json_state(os.path.join(self.state_dir, STATE_FILE), "auto-publish starts afresh")
         handled = data.get("handled") if isinstance(data, dict) else None
         return {k: str(v) for k, v in handled.items() if is_id(k)} if isinstance(handled, dict) else {}
 
@@ -325,7 +317,7 @@ def _stat_key(path: str) -> tuple[int, int, int] | None:
 def _signature(record: Record, image_dir: str) -> str:
     """What changes when the runtime is still writing an image: its record, its files."""
     try:
-        files = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(image_dir))
+        files = sorted((e.name, st.st_size, st.st_mtime_ns) for e in os.scandir(image_dir) for st in [e.stat()])
     except FileNotFoundError:
         files = []
     return json.dumps([record, files], sort_keys=True, default=str)

@@ -233,7 +233,7 @@ class ContainersStorageLayout(EntryView):
                     shared.append(entry.record)
                     newest = max(newest, entry.mtime_ns)
         else:
-            local = own_layers(self.rw_root)
+            local = self.live.local_layers()  # read again only when layers.json changed
             for iid, (_, image) in cat.images.items():
                 if iid in own_ids or image.record is None or hides.covers((IMAGES, iid)):
                     continue

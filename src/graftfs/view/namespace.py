@@ -573,8 +573,10 @@ class Namespace:
 
     def _cached_copy(self, tree: int, vpath: VPath) -> tuple[str, os.stat_result] | None:
         """The node-local copy of a shared image's small file, when there is one."""
-        key = self.layout.cache_key(tree, vpath) if self.small_files is not None else None
-        return self.small_files.get(key) if key is not None and self.small_files is not None else None
+        if self.small_files is None:
+            return None
+        key = self.layout.cache_key(tree, vpath)
+        return self.small_files.get(key) if key is not None else None
 
     def _local_copy(self, res: Resolved) -> str | None:
         """Make the node-local copy of a shared image's small file as it is first read."""

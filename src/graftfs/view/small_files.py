@@ -90,9 +90,10 @@ class SmallFiles:
             self._make_room()
         return path
 
-    def _measure(self) -> int:
+    def _measure(self, directory: str | None = None) -> int:
+        """Bytes of the copies below ``directory`` (the whole cache by default)."""
         total = 0
-        for d, _, files in os.walk(self.directory):
+        for d, _, files in os.walk(directory or self.directory):
             for f in files:
                 with contextlib.suppress(OSError):
                     total += os.lstat(os.path.join(d, f)).st_size
@@ -116,9 +117,11 @@ class SmallFiles:
         for top, eid, _ in entries:
             if self._bytes <= self.limit * 0.9:
                 break
-            shutil.rmtree(os.path.join(self.directory, top, eid), ignore_errors=True)
+            entry = os.path.join(self.directory, top, eid)
+            size = self._measure(entry)  # only this entry's, not the whole cache's again
+            shutil.rmtree(entry, ignore_errors=True)
             with self._lock:
-                self._bytes = self._measure()
+                self._bytes -= size
         log.info("small-file cache trimmed to %d bytes", self._bytes)
 
     def status(self) -> dict[str, object]:
