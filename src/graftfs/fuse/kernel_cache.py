@@ -81,8 +81,10 @@ class KernelCache:
         items: list[tuple[Node, ViewChange, Node | None]] = []
         for ch in dict.fromkeys(changes):
             parent = self.inodes.find(ch.parent)
-            if parent is not None and not parent.detached and not self.inodes.is_busy(parent, ch.name):
-                # (nothing is cached below an unknown directory; busy names are a request's own)
+            if parent is not None and not parent.detached and may_hold_entries(parent) \
+                    and not self.inodes.is_busy(parent, ch.name):
+                # (nothing is cached below an unknown directory, nor below what the kernel knows
+                # as a link or file; busy names are a request's own)
                 items.append((parent, ch, parent.children.get(ch.name)))
         if not items:
             return 0
@@ -157,6 +159,19 @@ class KernelCache:
         if node.sig is not None and stat.S_ISDIR(node.sig[0]):
             return [Notice(node.ino, attr_only=True)]
         return [Notice(parent.ino, ch.name), Notice(node.ino, attr_only=bool(node.open_fds))]
+
+
+def may_hold_entries(node: Node) -> bool:
+    """Whether the kernel may cache entries below ``node``: it was last told the node is a
+    directory (or was never told its type, like the root before its first getattr).
+
+    What the kernel knows as a link (a layer's ``diff``, see Namespace._direct) has no entries
+    in the kernel even where the backing directory behind it changes, and the kernel refuses an
+    entry notification naming it as the parent (ENOTDIR, which libfuse prints on stderr). The
+    type told is ``node.sig``, which every reply sets; ``node.link`` is no guide, since a
+    change of the link's attributes clears it (_decide) while the kernel still holds a link.
+    """
+    return node.sig is None or stat.S_ISDIR(node.sig[0])
 
 
 #: Marks a name that could not be re-resolved (its tree is unreachable).

@@ -35,7 +35,7 @@ from graftfs.catalog.scan import probe_paths
 from graftfs.fuse.errors import BackingTimeout
 from graftfs.fuse.inodes import InodeTable, Node
 from graftfs.fuse.inotify import IN_IGNORED, IN_ISDIR, Event, Inotify, is_local_fs
-from graftfs.fuse.kernel_cache import KernelCache, ViewGeneration
+from graftfs.fuse.kernel_cache import KernelCache, ViewGeneration, may_hold_entries
 from graftfs.fuse.workers import Workers, guarded
 from graftfs.view.layout import Layout, ViewChange
 from graftfs.view.lock_tokens import LOCK_WAIT_SECONDS
@@ -98,6 +98,7 @@ class Watcher:
         self._commit_wanted = trio.Event()
         self._stale: list[ViewChange] = []
         self._stale_wanted = trio.Event()
+        self._announce_after_stale = False  # a view change in _stale is announced once applied
         self._announce_wanted = trio.Event()
         self._kicks = [trio.Event() for _ in live.trees]
         self._rw_dirs: dict[int, Node] = {}  # inotify wd -> directory node
@@ -165,14 +166,25 @@ class Watcher:
         self._stale.append(ViewChange(parent, name))
         self._stale_wanted.set()
 
+    def view_changed(self, changes: list[ViewChange]) -> None:
+        """A request changed the view itself (``graftfs unhide``): re-check these names once it
+        is over, then tell the runtime's long-running clients, as for a change of a shared tree
+        (trio thread)."""
+        self._stale.extend(changes)
+        self._announce_after_stale = True
+        self._stale_wanted.set()
+
     async def _stale_loop(self) -> None:
         while True:
             await self._stale_wanted.wait()
             self._stale_wanted = trio.Event()
             await trio.sleep(0)  # let the request that asked reply first (its names are busy)
             changes, self._stale = self._stale, []
+            announce, self._announce_after_stale = self._announce_after_stale, False
             self.bump()
             await self._apply("rw", changes, time.monotonic())
+            if announce:
+                self._announce_wanted.set()  # after the kernel was told: clients re-read fresh entries
 
     def close(self) -> None:
         if self.inotify is not None:
@@ -322,7 +334,7 @@ class Watcher:
                 continue
             if not ev.name or node.detached:
                 continue
-            if node.link is not None:
+            if not may_hold_entries(node):
                 # the kernel knows this directory as a link now (a layer's diff, see
                 # Namespace._direct): it caches nothing below it, and a notification about a name
                 # in it would be refused (ENOTDIR, which libfuse prints)
@@ -335,7 +347,7 @@ class Watcher:
             changes[ViewChange(parent, ev.name)] = None
             if ev.mask & IN_ISDIR:
                 child = node.children.get(ev.name)
-                if child is not None and child.wd == 0 and child.link is None:
+                if child is not None and child.wd == 0 and _known_dir(child):
                     changes.update(dict.fromkeys(self._watch_new_rw_dir(child, (*parent, ev.name))))
         return list(changes)
 
@@ -358,14 +370,15 @@ class Watcher:
             out.extend(ViewChange(dpath, name) for name in names)
             for name in names:
                 child = dnode.children.get(name)
-                if child is not None and child.wd == 0 and not child.detached and child.link is None \
-                        and child.sig is not None and stat.S_ISDIR(child.sig[0]):
+                if child is not None and child.wd == 0 and _known_dir(child):
                     stack.append((child, (*dpath, name)))
         return out
 
     def _everything(self) -> list[ViewChange]:
         out: list[ViewChange] = []
         for node in list(self._rw_dirs.values()):
+            if not may_hold_entries(node):
+                continue
             try:
                 parent = self.inodes.path(node.ino)
             except (KeyError, OSError):
@@ -391,3 +404,10 @@ class Watcher:
         if lat:
             out["latency_ms"] = {"p50": round(lat[len(lat) // 2], 1), "max": round(lat[-1], 1), "count": len(lat)}
         return out
+
+
+def _known_dir(node: Node) -> bool:
+    """A node the kernel was last told is a directory (and still in the view). Not one it knows
+    as a link, like a layer's ``diff`` (Namespace._direct): ``node.link`` says nothing once a
+    change of the link's attributes has cleared it (KernelCache._decide), its mode does."""
+    return not node.detached and node.sig is not None and stat.S_ISDIR(node.sig[0])
