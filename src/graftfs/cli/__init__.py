@@ -11,7 +11,7 @@ import sys
 from typing import NoReturn
 
 from graftfs import __version__
-from graftfs.cli import demo, fsck, gc, mount, pin, publish, remount, status, umount, unpin, unpublish
+from graftfs.cli import demo, fsck, gc, mount, pin, publish, remount, status, umount, unhide, unpin, unpublish
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -23,8 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="graftfs", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"graftfs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    for module in (mount, umount, remount, status, publish, unpublish, gc, fsck, pin, unpin, demo):
-        p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+    for module in (mount, umount, remount, status, unhide, publish, unpublish, gc, fsck, pin, unpin, demo):
+        p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP,
+                           epilog=getattr(module, "EPILOG", None), formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
         p.set_defaults(func=module.run)
     return parser

@@ -17,23 +17,45 @@ HELP = "mount a merged view of a local RW tree and shared RO trees"
 READY_TIMEOUT = 120.0  # scanning a large share on a slow network can take a while
 
 
+EPILOG = """\
+options (-o, comma-separated; the same in fstab and `mount -t graftfs`):
+  rw=DIR, ro=DIR          the RW tree and shared trees, as --rw/--ro (ro=A:B or repeated: earlier wins)
+  layout=NAME             as --layout
+  timeout=SECONDS         longest a request waits on a backing tree, then ETIMEDOUT (default 10)
+  poll=SECONDS            how often each shared tree is checked for changes (default 0.5;
+                          0: no watcher, kernel caches of 1 s instead)
+  share_inotify=0|1       1 (default): also watch shared trees on local filesystems with inotify
+  lease=SECONDS           how often this node renews its lease in each share (default 30, valid for
+                          4 periods; 0: no lease, then do not run graftfs gc on that share)
+  direct=0|1|auto         layer directories as links to their backing tree, the runtime's lock files
+                          and node-local directories bind-mounted (auto: on for containers-storage)
+  publish=auto|off        publish images this node pulls or builds to the first share (default off)
+  publish_match=GLOB      which images publish=auto publishes (repeat; !GLOB excludes; default: all named)
+  log=FILE                the daemon's log (default RW/.graftfs/graftfs.log)
+  FUSE options            allow_other, default_permissions, ro, nodev, nosuid, noatime, ...
+                          (default: allow_other,default_permissions,dev,suid, as a graph needs)
+
+example (podman/CRI-O graph):
+  graftfs mount --rw /var/lib/graftfs/rw --ro /mnt/share -o publish=auto /var/lib/containers/storage
+"""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rw", metavar="DIR", help="the node's own read-write tree")
     p.add_argument("--ro", metavar="DIR", action="append", default=[],
                    help="a shared read-only tree (repeat; earlier ones win)")
-    p.add_argument("--layout", choices=LAYOUTS, default=None, help="graph layout (default: auto)")
+    p.add_argument("--layout", choices=LAYOUTS, default=None,
+                   help="what the runtime reads: containers-storage (podman, CRI-O, buildah) or isulad; "
+                        "auto (default) decides from what the runtime wrote, else containers-storage")
     p.add_argument("-o", dest="options", metavar="OPTS", action="append", default=[],
-                   help="comma-separated options: rw=DIR, ro=DIR, layout=, timeout=SECONDS (a backing call's "
-                        "limit), poll=SECONDS (share polls; 0: no watcher), share_inotify=0|1, lease=SECONDS "
-                        "(0: no leases), direct=0|1|auto, publish=auto|off (publish what this node pulls or "
-                        "builds to the first share), publish_match=GLOB (repeat; !GLOB excludes; default all), "
-                        "log=FILE, and FUSE options (allow_other, default_permissions, ro, nodev, nosuid, ...)")
+                   help="comma-separated options (below; repeatable), as in fstab")
     p.add_argument("--foreground", "-f", action="store_true", help="serve in this process (do not daemonize)")
     p.add_argument("--log-file", metavar="FILE", help="log here (default: stderr in the foreground, "
                    "RW/.graftfs/graftfs.log otherwise)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT",
+                   help="where the runtime's graph directory is (e.g. /var/lib/containers/storage)")
 
 
 def config_from_args(args: argparse.Namespace) -> MountConfig:

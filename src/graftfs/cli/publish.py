@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--graph", required=True, help="the graph directory (e.g. /var/lib/containers/storage)")
     p.add_argument("--share", required=True, help="the share's directory (an empty directory starts a share)")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="name (localhost/app:1, app:1), id or unique id prefix")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +29,9 @@ def run(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         if args.json:
             return
-        print(("\r\033[K" if tty else "") + line, end="" if tty else "\n", file=sys.stderr, flush=True)
+        # indented under the image's summary line, which follows on stdout (flushed in turn, so
+        # that `2>&1` keeps them in order)
+        print(("\r\033[K" if tty else "") + "  " + line, end="" if tty else "\n", file=sys.stderr, flush=True)
 
     def meter(done: int, expected: int) -> None:
         width = 30
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
             if not args.json:
                 published = sum(1 for la in result.layers if la.status == "published")
                 print(f"{result.id[:12]} {' '.join(result.names)}: {result.status} "
-                      f"({published} of {len(result.layers)} layers copied)")
+                      f"({published} of {len(result.layers)} layers copied)", flush=True)
     except PublishError as e:
         print(f"graftfs publish: {e}", file=sys.stderr)
         return 1

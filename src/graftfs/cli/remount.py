@@ -27,7 +27,7 @@ OLD_EXIT_SECONDS = 10.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="a graftfs mount; its options are kept")
 
 
 def _config(argv: list[str]) -> MountConfig:

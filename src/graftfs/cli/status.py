@@ -22,13 +22,14 @@ from graftfs.share.stats import format_stats, share_stats
 NAME = "status"
 HELP = "show backing trees, visible layers and images per origin, hidden and skipped entries"
 ANSWER_TIMEOUT = 15.0
+HIDDEN_PATHS_SHOWN = 10
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the raw status JSON")
     p.add_argument("--share", help="instead of a mount: a share's images, layers, nodes' leases and the "
                    "storage sharing saves")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?", help="a graftfs mount")
 
 
 def fetch_status(mountpoint: str, timeout: float = ANSWER_TIMEOUT) -> dict[str, Any]:
@@ -52,13 +53,17 @@ def _age(seconds: float) -> str:
 def format_status(st: dict[str, Any]) -> str:
     """The status as a person reads it."""
     lines = [f"graftfs {st.get('version')} on {st.get('mountpoint')}: pid {st.get('pid')}, "
-             f"up {_age(time.time() - float(st.get('started', time.time())))}, layout {st.get('layout')}"]
+             f"up {_age(time.time() - float(st.get('started', time.time())))}, layout {st.get('layout')}"
+             + (f" ({st['layout_reason']})" if st.get("layout_reason") not in (None, "given") else "")]
+    if st.get("layout_warning"):
+        lines.append(f"WARNING: {st['layout_warning']}")
     rw = st.get("rw", {})
     lines.append("backing trees:")
-    lines.append(f"  rw  {rw.get('tree')}: {rw.get('layers', 0)} layers, {rw.get('images', 0)} images")
+    lines.append(f"  rw   {rw.get('tree')}: {rw.get('layers', 0)} layers, {rw.get('images', 0)} images")
     for tree in st.get("ro", []):
         kind = " (iSulad remote-RO share)" if tree.get("remote_ro") else ""
         role = "pins" if tree.get("pins") else "ro  "
+        role += " "
         kind += " (this node's pinned copies)" if tree.get("pins") else ""
         lines.append(f"  {role}{tree.get('tree')}: {tree.get('layers', 0)} layers, "
                      f"{tree.get('images', 0)} images visible{kind}")
@@ -70,17 +75,32 @@ def format_status(st: dict[str, Any]) -> str:
     lines.extend(_watcher_lines(st.get("watcher", {})))
     lines.extend(_pin_lines(st.get("pins")))
     lines.extend(_lease_lines(st.get("leases")))
-    hidden = st.get("hidden", [])
-    lines.append(f"hidden entries (deleted on this node): {st.get('hidden_count', len(hidden))}")
-    lines.extend(f"  {h}" for h in hidden)
-    if st.get("hidden_count", 0) > len(hidden):
-        lines.append(f"  ... and {st['hidden_count'] - len(hidden)} more")
+    lines.extend(_hidden_lines(st))
     skipped = st.get("skipped", [])
     lines.append(f"skipped entries (incomplete or corrupt): {st.get('skipped_count', len(skipped))}")
     lines.extend(f"  {s['kind']} {s['id'][:12]} in {s['tree']}: {s['reason']}" for s in skipped)
     if st.get("skipped_count", 0) > len(skipped):
         lines.append(f"  ... and {st['skipped_count'] - len(skipped)} more")
     return "\n".join(lines)
+
+
+def _hidden_lines(st: dict[str, Any]) -> list[str]:
+    """Shared images this node deleted, by image: what ``graftfs unhide`` gives back."""
+    images = st.get("hidden_images", [])
+    paths = int(st.get("hidden_count", 0))
+    lines = [f"hidden on this node (deleted here, still on the share): {len(images)} images, "
+             f"{st.get('hidden_layers', 0)} layers, {paths} paths"]
+    lines.extend(f"  image {h['id'][:12]} {' '.join(h.get('names', [])) or '<none>'}: "
+                 f"{h.get('layers', 0)} of its layers hidden" for h in images)
+    if images:
+        lines.append(f"  (graftfs unhide {st.get('mountpoint')} IMAGE gives one back; "
+                     "status --json lists the hidden paths)")
+    elif paths:  # deleted by hand, not by the runtime's rmi: the paths say what
+        shown = st.get("hidden", [])[:HIDDEN_PATHS_SHOWN]
+        lines.extend(f"  {p}" for p in shown)
+        if paths > len(shown):
+            lines.append(f"  ... and {paths - len(shown)} more (status --json)")
+    return lines
 
 
 def _pin_lines(pinned: list[dict[str, Any]] | None) -> list[str]:
@@ -96,12 +116,18 @@ def _pin_lines(pinned: list[dict[str, Any]] | None) -> list[str]:
 def _lease_lines(leases: dict[str, Any] | None) -> list[str]:
     if not leases:
         return ["leases: off (lease=0, or not a containers-storage mount)"]
-    lines = [f"leases: node {leases.get('node')}, {leases.get('layers', 0)} shared layers and "
-             f"{leases.get('images', 0)} images in use, renewed every {leases.get('period')} s "
-             f"(ttl {leases.get('ttl')} s)"]
+    lines = [f"leases: node {leases.get('node')} (this node's name in shares: host name and a random part, "
+             "kept in RW/.graftfs/node-id)",
+             f"  {leases.get('layers', 0)} shared layers and {leases.get('images', 0)} images in use, "
+             f"renewed every {leases.get('period')} s (ttl {leases.get('ttl')} s)"]
     for share, s in sorted(leases.get("shares", {}).items()):
         ago = s.get("renewed_ago")
-        state = f"renewed {ago} s ago" if ago is not None else "not written yet"
+        if ago is not None:
+            state = f"renewed {ago} s ago"
+        elif s.get("empty"):
+            state = "empty share (nothing published yet): the lease is written after the first publish"
+        else:
+            state = "not written yet"
         lines.append(f"  {share}: {state}" + (f", FAILING: {s['failing']}" if s.get("failing") else ""))
     return lines
 

@@ -75,6 +75,8 @@ ORIGIN_XATTRS = ("user.graftfs.origin", "trusted.graftfs.origin")
 STATUS_XATTR = "user.graftfs.status"
 #: On the mount root: the daemon's pid.
 PID_XATTR = "user.graftfs.pid"
+#: Set on the mount root by ``graftfs unhide`` (root only): the id of a shared image to give back
+UNHIDE_XATTR = "user.graftfs.unhide"
 
 RW_ORIGIN = "rw"
 

@@ -26,12 +26,13 @@ from typing import Any, Protocol
 import pyfuse3
 
 from graftfs.format.attrs import Attr
-from graftfs.format.names import ORIGIN_XATTRS, PID_XATTR, STATUS_XATTR
+from graftfs.format.names import ORIGIN_XATTRS, PID_XATTR, STATUS_XATTR, UNHIDE_XATTR, is_id
 from graftfs.fuse.errors import REQUEST_SECONDS, REQUESTS, fuse_boundary
 from graftfs.fuse.inodes import InodeTable, Node
 from graftfs.fuse.kernel_cache import ViewGeneration
 from graftfs.fuse.workers import Workers
 from graftfs.linux import RENAME_EXCHANGE
+from graftfs.view.layout import ViewChange
 from graftfs.view.lock_tokens import write_token_fd
 from graftfs.view.namespace import Namespace, NeedsCopyUp, Resolved
 
@@ -72,6 +73,10 @@ class ViewListener(Protocol):
         """The kernel may hold this entry with a wrong type or link target: re-check it after
         the request that found out (graftfs.fuse.kernel_cache decides how)."""
 
+    def view_changed(self, changes: list[ViewChange]) -> None:
+        """A request changed the view itself (``graftfs unhide``): re-check these names after it
+        and tell the runtime's long-running clients, as for a change of a shared tree."""
+
 
 class Unwatched:
     """The listener of a mount without a watcher: nothing to tell."""
@@ -84,6 +89,9 @@ class Unwatched:
 
     def stale_entry(self, parent: VPath, name: str) -> None:
         return None
+
+    def view_changed(self, changes: list[ViewChange]) -> None:
+        return None  # without a watcher the kernel keeps entries for a second only
 
 
 class GraftOperations(pyfuse3.Operations):
@@ -538,6 +546,9 @@ class GraftOperations(pyfuse3.Operations):
     @fuse_boundary
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         sname = os.fsdecode(name)
+        if inode == pyfuse3.ROOT_INODE and sname == UNHIDE_XATTR:
+            await self._unhide(value, ctx)
+            return
         if sname.startswith(OWN_XATTR_PREFIXES):
             raise pyfuse3.FUSEError(errno.EPERM)
         await self.workers.run_thread(self._setxattr, self._path(inode), sname, value)
@@ -559,6 +570,17 @@ class GraftOperations(pyfuse3.Operations):
         os.getxattr(res.top.path, name, follow_symlinks=False)  # ENODATA before any copy-up
         os.removexattr(self.ns.copy_up(vpath), name, follow_symlinks=False)
 
+    async def _unhide(self, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        """``graftfs unhide``: give a shared image this node deleted back to it (root only)."""
+        if ctx.uid != 0:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        iid = value.decode("ascii", "replace").strip()
+        if not is_id(iid):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        changes = await self.workers.run_thread(self.ns.unhide, iid)
+        if changes:
+            self.listener.view_changed(changes)
+
     # -- status -----------------------------------------------------------------------------
 
     async def _status_json(self) -> bytes:
@@ -573,7 +595,7 @@ class GraftOperations(pyfuse3.Operations):
         data = json.dumps(info, sort_keys=True).encode()
         while len(data) > STATUS_MAX_BYTES:
             # an xattr value is at most 64 KiB: shorten the lists (their *_count fields stay exact)
-            lists = [k for k in ("hidden", "skipped") if isinstance(info.get(k), list) and info[k]]
+            lists = [k for k in ("hidden", "hidden_images", "skipped") if isinstance(info.get(k), list) and info[k]]
             if not lists:
                 break  # nothing left to shorten; the kernel answers E2BIG rather than loop here
             for key in lists:

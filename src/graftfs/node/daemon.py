@@ -20,7 +20,7 @@ from typing import Any
 import trio
 
 from graftfs import __version__
-from graftfs.format.names import LAYERS_JSON, STATE_DIR
+from graftfs.format.names import STATE_DIR
 from graftfs.fuse import session
 from graftfs.fuse.inodes import InodeTable
 from graftfs.fuse.inotify import is_local_fs
@@ -31,6 +31,7 @@ from graftfs.fuse.workers import Workers, all_local, guarded
 from graftfs.node import binds
 from graftfs.node.autopublish import AutoPublisher
 from graftfs.node.keeper import LeaseKeeper
+from graftfs.node.layout_choice import LayoutCheck, LayoutChoice, choose_layout
 from graftfs.node.mounts import find_mount, remove_runtime, write_runtime
 from graftfs.node.options import ConfigError, MountConfig
 from graftfs.share import leases, pins
@@ -43,19 +44,6 @@ from graftfs.view.plain import PlainLayout
 from graftfs.view.small_files import CACHE_DIR, SmallFiles
 
 log = logging.getLogger(__name__)
-
-
-def detect_layout(cfg: MountConfig) -> str:
-    """Pick the layout for ``auto``: containers-storage keeps one layers.json, iSulad one dir per entry."""
-    if cfg.layout != "auto":
-        return cfg.layout
-    if cfg.publish:
-        return "containers-storage"  # the only layout whose runtime records say what to publish
-    assert cfg.rw is not None
-    for tree in [cfg.rw, *cfg.ro]:
-        if os.path.exists(os.path.join(tree, *LAYERS_JSON)):
-            return "containers-storage"
-    return "isulad"
 
 
 def make_layout(name: str, cfg: MountConfig) -> Layout:
@@ -88,11 +76,11 @@ def check_mountable(cfg: MountConfig) -> None:
         raise ConfigError(f"mountpoint {cfg.mountpoint} is busy: {entry.fstype} from {entry.source} is mounted there")
 
 
-def build_namespace(cfg: MountConfig) -> Namespace:
+def build_namespace(cfg: MountConfig, choice: LayoutChoice) -> Namespace:
     assert cfg.rw is not None
     state_dir = os.path.join(cfg.rw, STATE_DIR)
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    layout = make_layout(detect_layout(cfg), cfg)
+    layout = make_layout(choice.name, cfg)
     # calls stuck past the mount's time limit: further calls on that tree fail at once
     ns = Namespace(cfg.rw, layout, HideStore(state_dir), hang_after=cfg.timeout,
                    small_files=small_files(layout, state_dir))
@@ -165,12 +153,13 @@ class Background:
     bound: BindState
     workers: Workers
     trees: list[str]
+    layout_check: LayoutCheck
     watcher: Watcher | None = None
     keeper: LeaseKeeper | None = None
     autopublish: AutoPublisher | None = None
 
     def status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"inline_io": self.workers.inline}
+        out: dict[str, Any] = {"inline_io": self.workers.inline, "layout_warning": self.layout_check.warning}
         out["watcher"] = self.watcher.status() if self.watcher is not None else {"enabled": False}
         if self.keeper is not None:
             out["leases"] = self.keeper.status()
@@ -193,6 +182,7 @@ async def _serve(bg: Background) -> None:
         nursery.start_soon(stop_on_signal)
         nursery.start_soon(bg.bound.make)
         nursery.start_soon(bg.workers.follow_locality, bg.trees, is_local_fs)
+        nursery.start_soon(guarded, "layout check", bg.layout_check.run, 5.0)
         if bg.watcher is not None:
             nursery.start_soon(bg.watcher.run)
         if bg.keeper is not None:
@@ -262,7 +252,9 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
     try:
         cfg.check()
         check_mountable(cfg)
-        ns = build_namespace(cfg)
+        choice = choose_layout(cfg)
+        log.info("layout %s (%s)", choice.name, choice.reason)
+        ns = build_namespace(cfg, choice)
         # quick backing calls run in the trio thread only when no tree can hang (graftfs.fuse.workers)
         trees = [ns.rw_root, *cfg.ro]
         workers = Workers(cfg.timeout, inline=all_local(trees, is_local_fs))
@@ -278,12 +270,13 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
     runtime: dict[str, object] = {"pid": os.getpid(), "rw": cfg.rw, "ro": cfg.ro, "log": cfg.log_file,
                                   "argv": cfg.to_argv()}
     bound = BindState(ns.layout.binds, ns.rw_root, cfg.mountpoint, runtime, lambda: _tell(ready_fd, "READY"))
-    bg = Background(bound, workers, trees, watcher, make_keeper(cfg, ns, workers), autopublish)
+    bg = Background(bound, workers, trees, LayoutCheck(choice.name, ns.rw_root, workers), watcher,
+                    make_keeper(cfg, ns, workers), autopublish)
 
     def info() -> dict[str, Any]:
         return {"version": __version__, "pid": os.getpid(), "mountpoint": cfg.mountpoint, "started": started,
                 "timeout": cfg.timeout, "fuse_options": sorted(cfg.fuse_option_set()),
-                "cache_timeout": ops.cache_timeout, **bg.status()}
+                "cache_timeout": ops.cache_timeout, "layout_reason": choice.reason, **bg.status()}
 
     ops = GraftOperations(ns, workers, inodes, generation, listener=watcher, info=info)
     try:

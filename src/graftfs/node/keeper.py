@@ -18,10 +18,10 @@ import time
 import trio
 
 from graftfs.catalog.live import LiveCatalog
-from graftfs.format.names import CONTAINERS_JSON, IMAGES_JSON, LAYERS_JSON
+from graftfs.format.names import CONTAINERS_JSON, IMAGES_JSON, LAYERS_JSON, MARKER_NAME
 from graftfs.fuse.errors import BackingTimeout
 from graftfs.fuse.workers import Workers
-from graftfs.share.leases import TTL_PERIODS, in_use, write_lease
+from graftfs.share.leases import TTL_PERIODS, NoMarker, in_use, write_lease
 from graftfs.share.pins import collect_pins, wait_until
 from graftfs.share.state import ShareError
 
@@ -51,6 +51,7 @@ class LeaseKeeper:
         self.held: dict[str, set[str]] = {}  # share -> layers the node holds itself that it holds too
         self.renewed: dict[str, float] = {}  # share -> time of the last successful write
         self.failing: dict[str, str] = {}  # share -> why the last write failed
+        self.empty: set[str] = set()  # shares nothing was published to yet (no marker)
         self._writing = {s: threading.Lock() for s in shares}
 
     def _key(self) -> tuple[object, ...]:
@@ -122,25 +123,40 @@ class LeaseKeeper:
     async def _renew(self, share: str) -> None:
         try:
             written = await self.workers.run_thread(self._write, share)
+        except NoMarker:
+            if not (self.layers or self.images or self.pins):
+                # a share nothing was published to yet, and the node uses nothing of it: the
+                # normal start of a cluster, not a failure (the lease follows the first publish)
+                self._set_empty(share)
+                return
+            self._set_failing(share, f"no {MARKER_NAME} marker (share not mounted?)")
+            return
         except (OSError, BackingTimeout) as e:
-            reason = str(e.strerror or e)
-            if self.failing.get(share) != reason:
-                # loud only when it matters: a share not laid out yet (no marker before the first
-                # publish) while the node uses nothing of it is the normal start of a cluster
-                used = self.layers or self.images or self.pins
-                (log.error if used else log.info)(
-                    "cannot renew this node's lease in %s: %s (gc there will not see what this node uses "
-                    "once it lapses, in %g s)", share, reason, self.ttl)
-            self.failing[share] = reason
+            self._set_failing(share, str(e.strerror or e))
             return
         if written:
             self.renewed[share] = time.monotonic()
+            self.empty.discard(share)
             if self.failing.pop(share, None) is not None:
                 log.info("lease in %s renewed again", share)
+
+    def _set_empty(self, share: str) -> None:
+        if share not in self.empty:
+            log.info("%s is an empty share (no %s marker yet): this node's lease is written once something is "
+                     "published there", share, MARKER_NAME)
+        self.empty.add(share)
+        self.failing.pop(share, None)
+
+    def _set_failing(self, share: str, reason: str) -> None:
+        if self.failing.get(share) != reason:
+            log.error("cannot renew this node's lease in %s: %s (gc there will not see what this node uses "
+                      "once it lapses, in %g s)", share, reason, self.ttl)
+        self.failing[share] = reason
+        self.empty.discard(share)
 
     def status(self) -> dict[str, object]:
         now = time.monotonic()
         return {"node": self.node, "period": self.period, "ttl": self.ttl, "layers": len(self.layers),
                 "images": len(self.images), "pins": len(self.pins),
                 "shares": {s: {"renewed_ago": round(now - self.renewed[s], 1) if s in self.renewed else None,
-                               "failing": self.failing.get(s)} for s in self.shares}}
+                               "failing": self.failing.get(s), "empty": s in self.empty} for s in self.shares}}

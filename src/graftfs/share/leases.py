@@ -96,6 +96,10 @@ def node_id(state_dir: str) -> str:
     return name
 
 
+class NoMarker(FileNotFoundError):
+    """The share has no marker file: nothing was ever published to it, or it is not mounted."""
+
+
 def write_lease(share: str, node: str, ttl: float, layers: Iterable[str], images: Iterable[str],
                 pins: Iterable[str] = (), held: Iterable[str] = ()) -> str:
     """Renew this node's lease in one share (blocking I/O on a share: worker threads only).
@@ -103,7 +107,7 @@ def write_lease(share: str, node: str, ttl: float, layers: Iterable[str], images
     Only into a share whose marker is there: never into the empty directory of an NFS export
     that is not mounted (or a share moved away), which would then look like a share."""
     if not os.path.exists(os.path.join(share, MARKER_NAME)):
-        raise FileNotFoundError(errno.ENOENT, f"no {MARKER_NAME} marker (share not mounted?)", share)
+        raise NoMarker(errno.ENOENT, f"no {MARKER_NAME} marker (share not mounted?)", share)
     directory = os.path.join(share, NODES_DIR, node)
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, LEASE_FILE)

@@ -10,7 +10,8 @@ Records live in an append-only log inside the RW tree's private state directory,
 per change, so that a burst of deletes (``rm -rf`` of a shared layer) costs one small append
 each rather than a rewrite of the whole set. The log is compacted when the mount starts.
 Appends are flushed to the kernel at once (they survive the daemon being killed); ``sync()``
-makes them durable and is called when a client fsyncs a directory.
+makes them durable and is called when a client fsyncs a directory. ``remove()`` (``graftfs
+unhide``: the operator gives a deleted shared image back to the node) rewrites the log whole.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from graftfs.format.atomic import write_file_atomically
 
@@ -110,6 +111,21 @@ class HideStore:
             self._paths.add(vpath)
             self._ancestors.update(vpath[:i] for i in range(1, len(vpath)))
             self.generation += 1
+
+    def remove(self, under: Callable[[VPath], bool]) -> list[VPath]:
+        """Take back every hide for which ``under`` answers True; the log is replaced atomically
+        (a crash leaves the old set or the new one) and appends go on into the new file."""
+        with self._lock:
+            gone = sorted(p for p in self._paths if under(p))
+            if not gone:
+                return []
+            self._paths.difference_update(gone)
+            self._ancestors = {p[:i] for p in self._paths for i in range(1, len(p))}
+            self._file.close()
+            self._rewrite()
+            self._file = open(self._path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for appends
+            self.generation += 1
+            return gone
 
     def sync(self) -> None:
         with self._lock:

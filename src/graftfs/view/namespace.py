@@ -34,8 +34,9 @@ from dataclasses import dataclass
 from graftfs.format.attrs import Attr
 from graftfs.format.names import IMAGES, LAYERS, RW_ORIGIN, STATE_DIR, is_id, origin_of
 from graftfs.linux import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+from graftfs.view.hidden import HiddenImage, hidden_images, unhiding
 from graftfs.view.hides import HideStore
-from graftfs.view.layout import Layout, VPath
+from graftfs.view.layout import Layout, ViewChange, VPath
 from graftfs.view.small_files import SmallFiles
 from graftfs.view.status import HIDDEN_LISTED, RwStatus, ViewStatus
 
@@ -703,6 +704,28 @@ class Namespace:
     def statfs(self) -> os.statvfs_result:
         return os.statvfs(self.rw_root)
 
+    # -- hidden shared images ---------------------------------------------------------------
+
+    def hidden_images(self) -> tuple[list[HiddenImage], int]:
+        """Shared images this node deleted (graftfs.view.hidden), and its hidden shared layers."""
+        live = self.layout.live
+        if live is None:
+            return [], 0
+        return hidden_images(live.catalog, self.hides)
+
+    def unhide(self, iid: str) -> list[ViewChange]:
+        """Give shared image ``iid`` back to this node (``graftfs unhide``): the view names to
+        re-check, none when nothing of it was hidden. ENOENT when no shared tree shows it."""
+        live = self.layout.live
+        if live is None or iid not in live.catalog.images:
+            raise FileNotFoundError(errno.ENOENT, "no shared tree holds this image", iid)
+        with self._mutating:  # not between a delete's hide and its RW step
+            plan = unhiding(live.catalog, iid, live.local_layers())
+            if not self.hides.remove(plan.covers):
+                return []
+        log.info("image %s given back to this node (graftfs unhide)", iid[:12])
+        return self.layout.view_changes(plan.diff)
+
     # -- status -----------------------------------------------------------------------------
 
     def status(self) -> ViewStatus:
@@ -714,7 +737,9 @@ class Namespace:
         hidden = self.hides.sorted_paths()
         rw = RwStatus(self.rw_root, self._count_rw(LAYERS), self._count_rw(IMAGES))
         cache = self.small_files.status() if self.small_files is not None else None
-        return ViewStatus(layout, rw, ["/".join(p) for p in hidden[:HIDDEN_LISTED]], len(hidden), cache)
+        images, layers = self.hidden_images()
+        return ViewStatus(layout, rw, ["/".join(p) for p in hidden[:HIDDEN_LISTED]], len(hidden), cache,
+                          [h.as_dict() for h in images[:HIDDEN_LISTED]], layers)
 
     def _count_rw(self, managed: str) -> int:
         try:

@@ -44,6 +44,8 @@ class ViewStatus:
     hidden: list[str]  # the first HIDDEN_LISTED hidden paths
     hidden_count: int
     cache: dict[str, object] | None = None  # node-local copies of shared images' small files
+    hidden_images: list[dict[str, object]] = field(default_factory=list)  # graftfs.view.hidden
+    hidden_layers: int = 0  # shared layers hidden on this node
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -54,6 +56,8 @@ class ViewStatus:
             "rw": dataclasses.asdict(self.rw),
             "hidden": self.hidden,
             "hidden_count": self.hidden_count,
+            "hidden_images": self.hidden_images,
+            "hidden_layers": self.hidden_layers,
         }
         if self.layout.pins is not None:
             out["pins"] = self.layout.pins
