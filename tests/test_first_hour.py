@@ -5,12 +5,13 @@ shared image deleted on one node given back with `graftfs unhide` (no remount)."
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from conftest import graftfs_cmd, wait_for
+from conftest import GraftMount, Sample, force_unmount, graftfs_cmd, wait_for
 from test_podman import Node, busybox_tar, make_node, needs_mount, share  # noqa: F401  (fixtures)
 
 pytestmark = [needs_mount, pytest.mark.timeout(240)]
@@ -73,9 +74,7 @@ def test_an_empty_share_is_empty_not_failing(make_node: Callable[..., Node], sha
 
 
 def _lease(node: Node) -> dict[str, object]:
-    leases = node.mount.status()["leases"]
-    assert isinstance(leases, dict)
-    return dict(next(iter(leases["shares"].values())))
+    return _lease_of(node.mount)
 
 
 def test_unhide_gives_a_deleted_shared_image_back(make_node: Callable[..., Node], share: str, busybox_tar: str,
@@ -112,3 +111,31 @@ def test_unhide_gives_a_deleted_shared_image_back(make_node: Callable[..., Node]
              for lid in os.listdir(os.path.join(share, "overlay")) if len(lid) == 64]
     assert links and all(t.startswith(share) for t in links), links
     assert "localhost/app:1" in a.images()
+
+
+def test_a_read_only_share_with_its_nodes_dir_writable(sample: Sample, mount_factory: Callable[..., GraftMount],
+                                                       tmp_path: Path) -> None:
+    """README's strict set-up: the share read-only on the node, its .graftfs-nodes/ read-write
+    over it; the lease is written there and nothing else can be."""
+    nodes = os.path.join(sample.share, ".graftfs-nodes")
+    os.makedirs(nodes, exist_ok=True)
+    over = os.path.join(sample.share_ro, ".graftfs-nodes")
+    subprocess.run(["mount", "--bind", nodes, over], check=True, timeout=30)
+    try:
+        rw = tmp_path / "rw-empty"
+        rw.mkdir()
+        node = mount_factory(str(rw), [sample.share_ro], "--layout", "containers-storage", "-o", "lease=0.5")
+        wait_for(lambda: _lease_of(node)["renewed_ago"] is not None, 10, "the lease")
+        assert not _lease_of(node)["failing"]
+        assert [d for d in os.listdir(nodes) if os.path.exists(os.path.join(nodes, d, "lease.json"))]
+        with pytest.raises(OSError):  # the rest of the share stays read-only
+            os.mkdir(os.path.join(sample.share_ro, "overlay", "x"))
+        node.stop()
+    finally:
+        force_unmount(over)
+
+
+def _lease_of(node: GraftMount) -> dict[str, object]:
+    leases = node.status()["leases"]
+    assert isinstance(leases, dict)
+    return dict(next(iter(leases["shares"].values())))
