@@ -123,6 +123,20 @@ def test_mount_errors_are_one_line(sample: Sample, mnt: str, tmp_path: Path) -> 
     assert graftfs_cmd("umount", mnt).returncode == 0
 
 
+@needs_mount
+def test_a_daemon_dying_before_ready_is_reported_at_once(sample: Sample, mnt: str, tmp_path: Path) -> None:
+    """A daemon that cannot even start (here: its trio import fails; the command itself loads no
+    trio) is reported with its exit status, not after the 120 s readiness timeout."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "trio.py").write_text("raise ImportError('trio is broken on purpose')\n")
+    env = {**os.environ, "PYTHONPATH": f"{broken}:{REPO / 'src'}"}
+    res = subprocess.run([sys.executable, "-m", "graftfs", "mount", "--rw", sample.rw, "--ro", sample.share_ro, mnt],
+                         capture_output=True, text=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
+    assert res.returncode == 1 and "exited with status 1 before the mount was ready" in res.stderr, res.stderr
+    assert find_mount(mnt) is None
+
+
 def test_bad_cli_arguments_get_one_line() -> None:
     for argv in (["mount"], ["frobnicate"], ["status"], ["umount", "a", "b"]):
         res = graftfs_cmd(*argv)

@@ -10,6 +10,7 @@ import sys
 import time
 
 from graftfs.format.names import STATE_DIR
+from graftfs.node.mounts import check_mountable
 from graftfs.node.options import LAYOUTS, ConfigError, MountConfig
 
 NAME = "mount"
@@ -81,13 +82,13 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"graftfs mount: {e}", file=sys.stderr)
         return 2
-    from graftfs.node import daemon  # pyfuse3 is only needed once we really mount
-
     if args.foreground:
+        from graftfs.node import daemon  # pyfuse3 and trio only in the process that serves
+
         daemon.setup_logging(cfg.log_file, args.verbose)
         return daemon.run(cfg, args.ready_fd)
     try:
-        daemon.check_mountable(cfg)
+        check_mountable(cfg)
     except ConfigError as e:
         print(f"graftfs mount: {e}", file=sys.stderr)
         return 1
@@ -112,29 +113,32 @@ def spawn_daemon(cfg: MountConfig, verbose: bool) -> int:
     os.close(read_end)
     if line == "READY":
         return 0
-    if line.startswith("ERROR "):
+    if line is not None and line.startswith("ERROR "):
         print(f"graftfs mount: {line[6:]}", file=sys.stderr)
-    elif line == "":
-        code = proc.poll()
-        if code is None:
+    elif line is None:
+        proc.kill()
+        print(f"graftfs mount: the daemon did not get ready in {READY_TIMEOUT:g} s; see {cfg.log_file}",
+              file=sys.stderr)
+    else:  # the pipe closed without a word: the daemon died (its exit follows the close)
+        try:
+            code: int | str = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
             proc.kill()
-            print(f"graftfs mount: the daemon did not get ready in {READY_TIMEOUT:g} s; "
-                  f"see {cfg.log_file}", file=sys.stderr)
-        else:
-            print(f"graftfs mount: the daemon exited with status {code} before the mount was ready; "
-                  f"see {cfg.log_file}", file=sys.stderr)
+            code = "unknown"
+        print(f"graftfs mount: the daemon exited with status {code} before the mount was ready; "
+              f"see {cfg.log_file}", file=sys.stderr)
     proc.wait(timeout=10) if proc.poll() is None else None
     return 1
 
 
-def _read_line(fd: int, timeout: float) -> str:
-    """Read one line from ``fd`` within ``timeout`` seconds ("" on EOF or timeout)."""
+def _read_line(fd: int, timeout: float) -> str | None:
+    """Read one line from ``fd`` within ``timeout`` seconds ("" on EOF, None on timeout)."""
     deadline = time.monotonic() + timeout
     data = b""
     while b"\n" not in data:
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([fd], [], [], left)[0]:
-            return ""
+            return None
         chunk = os.read(fd, 4096)
         if not chunk:
             break

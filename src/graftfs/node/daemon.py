@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+from sdnotify import SystemdNotifier
 
 from graftfs import __version__
 from graftfs.format.names import STATE_DIR
@@ -32,7 +33,7 @@ from graftfs.node import binds
 from graftfs.node.autopublish import AutoPublisher
 from graftfs.node.keeper import LeaseKeeper
 from graftfs.node.layout_choice import LayoutCheck, LayoutChoice, choose_layout
-from graftfs.node.mounts import find_mount, remove_runtime, write_runtime
+from graftfs.node.mounts import check_mountable, remove_runtime, write_runtime
 from graftfs.node.options import ConfigError, MountConfig
 from graftfs.share import leases, pins
 from graftfs.view.containers_storage import ContainersStorageLayout, containers_storage_catalog
@@ -65,15 +66,6 @@ def make_layout(name: str, cfg: MountConfig) -> Layout:
             log.error("shared tree %s did not answer within %g s: mounting with it empty; its images show "
                       "once it answers", root, cfg.timeout)
     return layout
-
-
-def check_mountable(cfg: MountConfig) -> None:
-    """Refuse early, with one line, what would make the kernel mount fail."""
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        raise ConfigError("/dev/fuse is missing or not accessible (load the fuse module, run as root)")
-    entry = find_mount(cfg.mountpoint)
-    if entry is not None:
-        raise ConfigError(f"mountpoint {cfg.mountpoint} is busy: {entry.fstype} from {entry.source} is mounted there")
 
 
 def build_namespace(cfg: MountConfig, choice: LayoutChoice) -> Namespace:
@@ -175,6 +167,7 @@ async def _serve(bg: Background) -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async for signum in signals:
                     log.info("signal %d: unmounting", signum)
+                    SystemdNotifier().notify("STOPPING=1")
                     await bg.bound.remove()  # they would keep the mount busy
                     session.stop()
                     return
@@ -246,6 +239,13 @@ def _tell(ready_fd: int | None, line: str) -> None:
         pass
 
 
+def _ready(ready_fd: int | None, mountpoint: str) -> None:
+    """The mount and its binds are ready: tell `graftfs mount` (its pipe) and systemd (a
+    Type=notify service: NOTIFY_SOCKET; nothing is sent without it)."""
+    _tell(ready_fd, "READY")
+    SystemdNotifier().notify(f"READY=1\nSTATUS=serving {mountpoint}")
+
+
 def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
     """Mount and serve in this process until unmounted; returns the exit status."""
     os.umask(0)  # modes come from the clients' requests, already masked by the kernel
@@ -269,7 +269,7 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
     # argv: what `graftfs remount` mounts again
     runtime: dict[str, object] = {"pid": os.getpid(), "rw": cfg.rw, "ro": cfg.ro, "log": cfg.log_file,
                                   "argv": cfg.to_argv()}
-    bound = BindState(ns.layout.binds, ns.rw_root, cfg.mountpoint, runtime, lambda: _tell(ready_fd, "READY"))
+    bound = BindState(ns.layout.binds, ns.rw_root, cfg.mountpoint, runtime, lambda: _ready(ready_fd, cfg.mountpoint))
     bg = Background(bound, workers, trees, LayoutCheck(choice.name, ns.rw_root, workers), watcher,
                     make_keeper(cfg, ns, workers), autopublish)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from graftfs.format.atomic import write_file_atomically
+from graftfs.node.options import ConfigError, MountConfig
 
 T = TypeVar("T")
 
@@ -293,3 +294,12 @@ def mount_users(mount_ids: frozenset[int], under: str) -> list[MountUser]:
         if use is not None:
             users.append(MountUser(int(name), _command(int(name)), *use))
     return users
+
+
+def check_mountable(cfg: MountConfig) -> None:
+    """Refuse early, with one line, what would make the kernel mount fail."""
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise ConfigError("/dev/fuse is missing or not accessible (load the fuse module, run as root)")
+    entry = find_mount(cfg.mountpoint)
+    if entry is not None:
+        raise ConfigError(f"mountpoint {cfg.mountpoint} is busy: {entry.fstype} from {entry.source} is mounted there")
