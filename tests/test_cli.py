@@ -160,7 +160,7 @@ def test_every_command_and_argument_has_help() -> None:
         assert res.returncode == 0 and res.stdout.startswith("usage: graftfs " + name), res.stderr
     mount_help = graftfs_cmd("mount", "--help").stdout
     for key in ("rw=", "ro=", "layout=", "timeout=", "poll=", "share_inotify=", "lease=", "direct=", "publish=",
-                "publish_match=", "log="):
+                "publish_match=", "log=", "metrics="):
         assert key in mount_help, key
 
 

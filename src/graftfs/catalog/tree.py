@@ -82,6 +82,7 @@ class SharedTree:
         self.unavailable_since: float | None = None
         self.unavailable_reason = ""
         self.polls = 0
+        self.last_success: float | None = None  # time.monotonic() of the last poll the tree answered
         #: a poll still running after this many seconds means the tree hangs (an NFS hard mount,
         #: a stopped server): it is then unavailable like a failing one (None: never)
         self.hang_after: float | None = None
@@ -222,6 +223,7 @@ class SharedTree:
         self.unavailable_reason = reason
 
     def _set_available(self) -> None:
+        self.last_success = time.monotonic()
         if self.unavailable_since is not None:
             log.warning("shared tree %s is available again after %.1f s", self.root,
                         time.time() - self.unavailable_since)

@@ -32,6 +32,8 @@ options (-o, comma-separated; the same in fstab and `mount -t graftfs`):
                           and node-local directories bind-mounted (auto: on for containers-storage)
   publish=auto|off        publish images this node pulls or builds to the first share (default off)
   publish_match=GLOB      which images publish=auto publishes (repeat; !GLOB excludes; default: all named)
+  metrics=HOST:PORT       serve Prometheus metrics at http://HOST:PORT/metrics (default: none;
+                          [::1]:PORT for IPv6; see docs/metrics.md)
   log=FILE                the daemon's log (default RW/.graftfs/graftfs.log)
   FUSE options            allow_other, default_permissions, ro, nodev, nosuid, noatime, ...
                           (default: allow_other,default_permissions,dev,suid, as a graph needs)

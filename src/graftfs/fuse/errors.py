@@ -13,6 +13,7 @@ import errno
 import functools
 import logging
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
@@ -25,6 +26,14 @@ log = logging.getLogger(__name__)
 REQUESTS: collections.Counter[str] = collections.Counter()
 #: Seconds spent in each handler (wall clock, including waits for worker threads).
 REQUEST_SECONDS: dict[str, float] = collections.defaultdict(float)
+#: Upper bounds (seconds) of the latency buckets below: few, since each request pays for finding
+#: its bucket; from a request answered from memory (~50 us) to one that waited out ``timeout=``.
+REQUEST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.1, 1.0, 10.0)
+#: Requests per handler per latency bucket (the last one: slower than every bound), each request
+#: counted in its own bucket only; `graftfs_fuse_request_duration_seconds` (graftfs.node.metrics)
+#: cumulates them when scraped. A handler's list exists from the moment it is decorated, so the
+#: dict never grows while a scrape reads it from another thread.
+REQUEST_HISTOGRAM: dict[str, list[int]] = {}
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -53,6 +62,7 @@ def fuse_boundary(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Corout
     """Decorate an async FUSE handler so that only FUSEError can leave it."""
 
     name = fn.__name__
+    buckets = REQUEST_HISTOGRAM.setdefault(name, [0] * (len(REQUEST_BUCKETS) + 1))
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -63,6 +73,8 @@ def fuse_boundary(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Corout
         except Exception as exc:
             raise to_fuse_error(exc, fn.__name__) from None
         finally:
-            REQUEST_SECONDS[name] += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            REQUEST_SECONDS[name] += elapsed
+            buckets[bisect_left(REQUEST_BUCKETS, elapsed)] += 1
 
     return wrapper

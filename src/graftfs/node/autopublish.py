@@ -50,6 +50,8 @@ FIRST_BACKOFF = 5.0
 MAX_BACKOFF = 300.0
 #: A single publish taking longer than this is stopped (and retried).
 PUBLISH_LIMIT = 3600.0
+#: How an attempt ended, for the durations: copied, nothing to copy (on the share or retired), failed.
+OUTCOME_KINDS = ("published", "skipped", "failed")
 
 
 def matches(names: Sequence[str], patterns: Sequence[str]) -> bool:
@@ -133,6 +135,9 @@ class AutoPublisher:
     running: str | None = None
     published: int = 0
     failures: int = 0
+    layers_copied: int = 0
+    #: (count, seconds) of the attempts ending each way since the mount (metrics: a summary)
+    durations: dict[str, tuple[int, float]] = field(default_factory=lambda: dict.fromkeys(OUTCOME_KINDS, (0, 0.0)))
 
     def __post_init__(self) -> None:
         self.handled = self._load()
@@ -240,6 +245,7 @@ class AutoPublisher:
                 self.running = None
             if not error:
                 self.published += 1
+                self.layers_copied += copied
                 self._done(p, "published", started, copied)
                 return
         self._failed(p, error, started)
@@ -293,6 +299,9 @@ class AutoPublisher:
 
     def _note(self, outcome: Outcome) -> None:
         self.recent = [*self.recent[-9:], outcome]
+        kind = outcome_kind(outcome.result)
+        count, seconds = self.durations[kind]
+        self.durations[kind] = (count + 1, seconds + outcome.seconds)
 
     def status(self) -> dict[str, object]:
         now = time.monotonic()
@@ -303,7 +312,16 @@ class AutoPublisher:
                          "next_try_in": round(max(0.0, p.next_try - now), 1)} for p in self.pending.values()],
             "gave_up": [{"id": iid, "error": err} for iid, err in self.gave_up.items()],
             "recent": [vars(o) for o in self.recent],
+            "layers_copied": self.layers_copied,
+            "durations": {k: {"count": n, "seconds": round(t, 3)} for k, (n, t) in self.durations.items()},
         }
+
+
+def outcome_kind(result: str) -> str:
+    """One of OUTCOME_KINDS for an Outcome's result."""
+    if result == "published":
+        return "published"
+    return "failed" if result.startswith("failed") else "skipped"
 
 
 def _stat_key(path: str) -> tuple[int, int, int] | None:

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from sdnotify import SystemdNotifier
@@ -33,7 +33,7 @@ from graftfs.node import binds
 from graftfs.node.autopublish import AutoPublisher
 from graftfs.node.keeper import LeaseKeeper
 from graftfs.node.layout_choice import LayoutCheck, LayoutChoice, choose_layout
-from graftfs.node.mounts import check_mountable, remove_runtime, write_runtime
+from graftfs.node.mounts import check_mountable, is_graftfs_daemon, read_runtime, remove_runtime, write_runtime
 from graftfs.node.options import ConfigError, MountConfig
 from graftfs.share import leases, pins
 from graftfs.view.containers_storage import ContainersStorageLayout, containers_storage_catalog
@@ -43,6 +43,9 @@ from graftfs.view.layout import Layout
 from graftfs.view.namespace import Namespace
 from graftfs.view.plain import PlainLayout
 from graftfs.view.small_files import CACHE_DIR, SmallFiles
+
+if TYPE_CHECKING:
+    from graftfs.node.metrics import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +134,14 @@ class BindState:
         keep the mount busy forever)."""
         with trio.move_on_after(BIND_REMOVE_SECONDS):
             await self.made.wait()
-            if self.targets:
+            if self.targets and self._still_ours():
                 await trio.to_thread.run_sync(binds.unbind_all, self.targets, abandon_on_cancel=True)
+
+    def _still_ours(self) -> bool:
+        """Binds are removed by path: after `graftfs remount` the paths hold the new daemon's
+        binds (its runtime record names it), which this one, detached, must leave alone."""
+        pid = (read_runtime(self.mountpoint) or {}).get("pid")
+        return pid is None or pid == os.getpid()
 
 
 BIND_REMOVE_SECONDS = 10.0
@@ -220,6 +229,40 @@ def make_autopublisher(cfg: MountConfig, ns: Namespace, workers: Workers) -> Aut
                          os.path.join(ns.rw_root, STATE_DIR))
 
 
+def start_metrics(cfg: MountConfig) -> MetricsServer | None:
+    """The ``metrics=`` endpoint, listening before the shares are scanned: an address that cannot
+    be listened on fails the mount at once, in one line (ConfigError)."""
+    if cfg.metrics is None:
+        return None
+    from graftfs.node.metrics import MetricsServer  # prometheus_client only where metrics are served
+
+    server = MetricsServer(*cfg.metrics)
+    server.start(lambda: _predecessor_alive(cfg.mountpoint))
+    return server
+
+
+def _predecessor_alive(mountpoint: str) -> bool:
+    """Is the daemon this mountpoint's runtime record names another live graftfs daemon (the one
+    ``graftfs remount`` replaces, still serving its detached mount)?"""
+    pid = (read_runtime(mountpoint) or {}).get("pid")
+    return isinstance(pid, int) and pid != os.getpid() and is_graftfs_daemon(pid)
+
+
+def watch_metrics(metrics: MetricsServer | None, cfg: MountConfig, started: float, layout: str, ops: GraftOperations,
+                  bg: Background) -> None:
+    """Let the endpoint serve this mount's figures (graftfs.node.metrics)."""
+    if metrics is not None:
+        from graftfs.node.metrics import Sources
+
+        metrics.watch(Sources(__version__, cfg.mountpoint, layout, started, ops, ops.ns, ops.generation, bg.status,
+                              bg.watcher, bg.keeper))
+
+
+def _stop_metrics(metrics: MetricsServer | None) -> None:
+    if metrics is not None:
+        metrics.stop()
+
+
 def _save_scans(layout: Layout) -> None:
     """Keep the shares' scans for a quick next mount; losing them only costs a full scan."""
     if layout.live is not None:
@@ -249,9 +292,11 @@ def _ready(ready_fd: int | None, mountpoint: str) -> None:
 def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
     """Mount and serve in this process until unmounted; returns the exit status."""
     os.umask(0)  # modes come from the clients' requests, already masked by the kernel
+    metrics: MetricsServer | None = None
     try:
         cfg.check()
         check_mountable(cfg)
+        metrics = start_metrics(cfg)
         choice = choose_layout(cfg)
         log.info("layout %s (%s)", choice.name, choice.reason)
         ns = build_namespace(cfg, choice)
@@ -260,6 +305,7 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
         workers = Workers(cfg.timeout, inline=all_local(trees, is_local_fs))
         autopublish = make_autopublisher(cfg, ns, workers)
     except (ConfigError, OSError) as e:
+        _stop_metrics(metrics)
         log.error("cannot mount: %s", e)
         _tell(ready_fd, f"ERROR {e}")
         return 1
@@ -279,15 +325,18 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
                 "cache_timeout": ops.cache_timeout, "layout_reason": choice.reason, **bg.status()}
 
     ops = GraftOperations(ns, workers, inodes, generation, listener=watcher, info=info)
+    watch_metrics(metrics, cfg, started, ns.layout.name, ops, bg)
     try:
         session.mount(ops, cfg.mountpoint, cfg.fuse_option_set())
     except OSError as e:
+        _stop_metrics(metrics)
         log.error("cannot mount %s: %s", cfg.mountpoint, e)
         _tell(ready_fd, f"ERROR {e}")
         return 1
     try:
         write_runtime(cfg.mountpoint, runtime)
     except OSError as e:
+        _stop_metrics(metrics)
         log.error("cannot record the daemon in %s: %s", cfg.mountpoint, e)
         session.unmount()
         _tell(ready_fd, f"ERROR cannot write the runtime record: {e}")
@@ -302,6 +351,7 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
         log.exception("the FUSE loop failed")
         raise
     finally:
+        _stop_metrics(metrics)
         session.unmount()
         if watcher is not None:
             watcher.close()

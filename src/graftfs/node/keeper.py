@@ -52,6 +52,10 @@ class LeaseKeeper:
         self.renewed: dict[str, float] = {}  # share -> time of the last successful write
         self.failing: dict[str, str] = {}  # share -> why the last write failed
         self.empty: set[str] = set()  # shares nothing was published to yet (no marker)
+        # per share since the mount (metrics: graftfs_lease_*_total); every key made here, so a
+        # scrape reading them from another thread never sees the dicts grow
+        self.renewals: dict[str, int] = dict.fromkeys(shares, 0)
+        self.failures: dict[str, int] = dict.fromkeys(shares, 0)
         self._writing = {s: threading.Lock() for s in shares}
 
     def _key(self) -> tuple[object, ...]:
@@ -136,6 +140,7 @@ class LeaseKeeper:
             return
         if written:
             self.renewed[share] = time.monotonic()
+            self.renewals[share] += 1
             self.empty.discard(share)
             if self.failing.pop(share, None) is not None:
                 log.info("lease in %s renewed again", share)
@@ -148,6 +153,7 @@ class LeaseKeeper:
         self.failing.pop(share, None)
 
     def _set_failing(self, share: str, reason: str) -> None:
+        self.failures[share] += 1
         if self.failing.get(share) != reason:
             log.error("cannot renew this node's lease in %s: %s (gc there will not see what this node uses "
                       "once it lapses, in %g s)", share, reason, self.ttl)
@@ -159,4 +165,5 @@ class LeaseKeeper:
         return {"node": self.node, "period": self.period, "ttl": self.ttl, "layers": len(self.layers),
                 "images": len(self.images), "pins": len(self.pins),
                 "shares": {s: {"renewed_ago": round(now - self.renewed[s], 1) if s in self.renewed else None,
-                               "failing": self.failing.get(s), "empty": s in self.empty} for s in self.shares}}
+                               "failing": self.failing.get(s), "empty": s in self.empty,
+                               "renewals": self.renewals[s], "failures": self.failures[s]} for s in self.shares}}

@@ -35,6 +35,30 @@ class ConfigError(ValueError):
     """A bad mount configuration; its message is the one line the user sees."""
 
 
+def parse_listen_address(value: str) -> tuple[str, int]:
+    """``metrics=HOST:PORT`` as (host, port); an IPv6 address in brackets (``[::1]:9108``).
+
+    Only the shape is checked here (``graftfs mount`` says so before starting a daemon); whether
+    the address can be listened on is found when the daemon binds it (graftfs.node.metrics)."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ConfigError(f"metrics={value!r}: write an IPv6 address in brackets, e.g. [::1]:9108")
+    if not sep or not host or not (port.isascii() and port.isdigit()):
+        raise ConfigError(f"metrics={value!r} is not HOST:PORT (e.g. 127.0.0.1:9108, 0.0.0.0:9108 for every "
+                          "interface)")
+    number = int(port)
+    if not 1 <= number <= 65535:
+        raise ConfigError(f"metrics={value!r}: the port must be between 1 and 65535")
+    return host, number
+
+
+def format_listen_address(host: str, port: int) -> str:
+    """The ``metrics=`` value that parses back to (host, port)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass
 class MountConfig:
     mountpoint: str
@@ -49,6 +73,7 @@ class MountConfig:
     direct: bool | None = None  # show layer dirs, lock files... as links to RW/RO; None: the layout's default
     publish: bool = False  # publish=auto: images this node pulls or builds go to the first share
     publish_match: list[str] = field(default_factory=list)  # image-name globs; !glob excludes; none: all
+    metrics: tuple[str, int] | None = None  # metrics=HOST:PORT: serve Prometheus metrics there (node.metrics)
     fuse_options: list[str] = field(default_factory=list)
 
     def add_options(self, text: str) -> None:
@@ -117,6 +142,8 @@ class MountConfig:
                 raise ConfigError(f"publish_match={value!r} is not an image-name pattern (e.g. docker.io/*, "
                                   "!registry.example.com/*)")
             self.publish_match.append(value)
+        elif key == "metrics":
+            self.metrics = parse_listen_address(value)
         elif key in FUSE_KEYS:
             self.fuse_options.append(f"{key}={value}")
         elif key.startswith(("x-", "comment")):
@@ -177,6 +204,8 @@ class MountConfig:
                 f"share_inotify={int(self.share_inotify)}", f"lease={self.lease:g}",
                 "direct=" + ("auto" if self.direct is None else str(int(self.direct))),
                 "publish=" + ("auto" if self.publish else "off"), *(f"publish_match={p}" for p in self.publish_match)]
+        if self.metrics is not None:
+            opts.append(f"metrics={format_listen_address(*self.metrics)}")
         argv += ["-o", ",".join(opts)]
         if self.log_file:
             argv += ["--log-file", self.log_file]
