@@ -139,3 +139,25 @@ def _lease_of(node: GraftMount) -> dict[str, object]:
     leases = node.status()["leases"]
     assert isinstance(leases, dict)
     return dict(next(iter(leases["shares"].values())))
+
+
+#: The top-level fields README's "graftfs status --json: a stable interface" promises.
+STATUS_FIELDS = ("status_version", "version", "pid", "mountpoint", "started", "time", "timeout", "cache_timeout",
+                 "fuse_options", "inline_io", "layout", "layout_reason", "layout_warning", "rw", "ro",
+                 "hidden_images", "hidden_layers", "hidden", "hidden_count", "skipped", "skipped_count", "watcher",
+                 "leases", "pins", "cache", "autopublish", "requests", "bytes_read", "bytes_written", "inodes",
+                 "open_files")
+
+
+def test_the_status_json_has_what_readme_promises(make_node: Callable[..., Node], share: str) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### graftfs status --json: a stable interface", 1)[1].split("\n### ", 1)[0]
+    a = make_node("a", share, "-o", "publish=auto,lease=0.5")
+    st = a.mount.status()
+    assert st["status_version"] == 1
+    for field in STATUS_FIELDS:
+        assert f"`{field}`" in section, f"README does not list {field}"
+        assert field in st, f"the status has no {field}"
+    # the graph's statfs is the node's own RW filesystem (what kubelet's image GC measures)
+    graph, rw = os.statvfs(a.mount.mnt), os.statvfs(a.mount.rw)
+    assert (graph.f_bsize, graph.f_blocks, graph.f_files) == (rw.f_bsize, rw.f_blocks, rw.f_files)

@@ -22,7 +22,7 @@ NO_PROVIDER = "No usable default provider"
 GRAFTFS_FSTAB_LINE = (
     "none /var/lib/containers/storage graftfs "
     "rw=/var/lib/graftfs/rw,ro=/mnt/graftfs-share,layout=containers-storage,"
-    "x-systemd.requires=/mnt/graftfs-share,_netdev 0 0"
+    "x-systemd.after=/mnt/graftfs-share,_netdev 0 0"
 )
 
 

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 from graftfs.catalog.live import TreeStatus
 
+#: The version of the status JSON (README: "graftfs status --json"). Within a version fields are
+#: only added; renaming or removing one, or changing what it means, raises it.
+STATUS_VERSION = 1
 #: At most this many hidden paths and skipped entries are listed (the counts are exact).
 HIDDEN_LISTED = 200
 SKIPPED_LISTED = 500
@@ -49,6 +52,7 @@ class ViewStatus:
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {
+            "status_version": STATUS_VERSION,
             "layout": self.layout.layout,
             "ro": [_tree_dict(t) for t in self.layout.ro],
             "skipped": self.layout.skipped,
