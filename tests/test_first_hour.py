@@ -105,7 +105,7 @@ def test_unhide_gives_a_deleted_shared_image_back(make_node: Callable[..., Node]
     assert "localhost/app:1" in b.images()  # no remount
     assert b.podman("run", "--rm", "localhost/app:1", "cat", "/two.txt").stdout == "two\n"
     st = b.mount.status()
-    assert st["hidden_images"] == [] and st["hidden_layers"] == 0, st["hidden"]
+    assert st["hidden_images"] == [] and st["hidden_images_count"] == 0 and st["hidden_layers"] == 0, st["hidden"]
     # nothing of it was copied to B: its layers still come from the share
     links = [os.readlink(os.path.join(b.mount.mnt, "overlay", lid, "diff"))
              for lid in os.listdir(os.path.join(share, "overlay")) if len(lid) == 64]
@@ -144,7 +144,8 @@ def _lease_of(node: GraftMount) -> dict[str, object]:
 #: The top-level fields README's "graftfs status --json: a stable interface" promises.
 STATUS_FIELDS = ("status_version", "version", "pid", "mountpoint", "started", "time", "timeout", "cache_timeout",
                  "fuse_options", "inline_io", "layout", "layout_reason", "layout_warning", "rw", "ro",
-                 "hidden_images", "hidden_layers", "hidden", "hidden_count", "skipped", "skipped_count", "watcher",
+                 "hidden_images", "hidden_images_count", "hidden_layers", "hidden", "hidden_count", "skipped",
+                 "skipped_count", "watcher",
                  "leases", "pins", "cache", "autopublish", "requests", "bytes_read", "bytes_written", "inodes",
                  "open_files")
 

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
+from graftfs.node.mounts import FSTYPE, canonical, find_mount
 from graftfs.share.publish import PublishError
 from graftfs.share.state import ShareError
 
@@ -37,3 +38,14 @@ def attempt(command: str, call: Callable[[], T]) -> T | None:
     except (ShareError, PublishError, OSError) as e:
         print(f"graftfs {command}: {one_line(e)}", file=sys.stderr)
         return None
+
+
+def graftfs_mountpoint(command: str, given: str) -> str | None:
+    """``given`` as the mount table spells it, when a graftfs mount is there; else None after
+    one line for ``graftfs <command>``."""
+    mp = canonical(given)
+    entry = find_mount(mp)
+    if entry is None or entry.fstype != FSTYPE:
+        print(f"graftfs {command}: {mp} is not a graftfs mount", file=sys.stderr)
+        return None
+    return mp

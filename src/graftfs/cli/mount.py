@@ -134,7 +134,8 @@ def spawn_daemon(cfg: MountConfig, verbose: bool) -> int:
 
 
 def _read_line(fd: int, timeout: float) -> str | None:
-    """Read one line from ``fd`` within ``timeout`` seconds ("" on EOF, None on timeout)."""
+    """Read one line from ``fd`` within ``timeout`` seconds: the line (what came before the
+    pipe closed, "" when nothing did), or None on timeout."""
     deadline = time.monotonic() + timeout
     data = b""
     while b"\n" not in data:

@@ -14,9 +14,9 @@ import sys
 import time
 from typing import Any
 
-from graftfs.cli.common import attempt
+from graftfs.cli.common import attempt, graftfs_mountpoint
 from graftfs.format.names import STATUS_XATTR
-from graftfs.node.mounts import DEAD_MOUNT_ERRNOS, FSTYPE, call_with_timeout, canonical, find_mount
+from graftfs.node.mounts import DEAD_MOUNT_ERRNOS, call_with_timeout
 from graftfs.share.stats import format_stats, share_stats
 
 NAME = "status"
@@ -39,6 +39,19 @@ def fetch_status(mountpoint: str, timeout: float = ANSWER_TIMEOUT) -> dict[str, 
     if not isinstance(data, dict):
         raise OSError(errno.EIO, "the daemon answered something that is not a status")
     return data
+
+
+def daemon_status(command: str, mp: str) -> dict[str, Any] | None:
+    """The daemon's status for ``graftfs <command>``; None after one line (a dead or hung mount)."""
+    try:
+        return fetch_status(mp)
+    except OSError as e:
+        if e.errno in DEAD_MOUNT_ERRNOS:
+            print(f"graftfs {command}: {mp} is a dead mount (its daemon is gone); run: graftfs umount {mp}",
+                  file=sys.stderr)
+        else:
+            print(f"graftfs {command}: {mp}: {e.strerror or e}", file=sys.stderr)
+        return None
 
 
 def _age(seconds: float) -> str:
@@ -86,12 +99,15 @@ def format_status(st: dict[str, Any]) -> str:
 
 def _hidden_lines(st: dict[str, Any]) -> list[str]:
     """Shared images this node deleted, by image: what ``graftfs unhide`` gives back."""
-    images = st.get("hidden_images", [])
+    images = [h for h in st.get("hidden_images", []) if isinstance(h, dict) and "id" in h]
+    count = int(st.get("hidden_images_count", len(images)))
     paths = int(st.get("hidden_count", 0))
-    lines = [f"hidden on this node (deleted here, still on the share): {len(images)} images, "
+    lines = [f"hidden on this node (deleted here, still on the share): {count} images, "
              f"{st.get('hidden_layers', 0)} layers, {paths} paths"]
     lines.extend(f"  image {h['id'][:12]} {' '.join(h.get('names', [])) or '<none>'}: "
                  f"{h.get('layers', 0)} of its layers hidden" for h in images)
+    if count > len(images):
+        lines.append(f"  ... and {count - len(images)} more images")
     if images:
         lines.append(f"  (graftfs unhide {st.get('mountpoint')} IMAGE gives one back; "
                      "status --json lists the hidden paths)")
@@ -152,19 +168,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.mountpoint:
         print("graftfs status: give a MOUNTPOINT or --share SHARE", file=sys.stderr)
         return 2
-    mp = canonical(args.mountpoint)
-    entry = find_mount(mp)
-    if entry is None or entry.fstype != FSTYPE:
-        print(f"graftfs status: {mp} is not a graftfs mount", file=sys.stderr)
-        return 1
-    try:
-        st = fetch_status(mp)
-    except OSError as e:
-        if e.errno in DEAD_MOUNT_ERRNOS:
-            print(f"graftfs status: {mp} is a dead mount (its daemon is gone); run: graftfs umount {mp}",
-                  file=sys.stderr)
-        else:
-            print(f"graftfs status: {mp}: {e.strerror or e}", file=sys.stderr)
+    mp = graftfs_mountpoint("status", args.mountpoint)
+    st = daemon_status("status", mp) if mp is not None else None
+    if st is None:
         return 1
     print(json.dumps(st, indent=2, sort_keys=True) if args.json else format_status(st))
     return 0

@@ -27,13 +27,13 @@ from graftfs.node.binds import unbind_all
 from graftfs.node.mounts import (
     DEAD_MOUNT_ERRNOS,
     FSTYPE,
-    MountInfo,
+    MountEntry,
     MountUser,
     call_with_timeout,
     canonical,
     find_mount,
     is_graftfs_daemon,
-    mount_tree,
+    mount_table,
     mount_users,
     mounts_below,
     pid_alive,
@@ -76,23 +76,23 @@ def _wait_exit(pid: int, timeout: float) -> bool:
 class Below:
     """What is mounted below a graftfs mount, sorted by what it means for unmounting it."""
 
-    self_binds: list[MountInfo] = field(default_factory=list)  # the runtime's, safe to remove
-    own: list[MountInfo] = field(default_factory=list)  # graftfs' binds, safe to remove
-    containers: list[MountInfo] = field(default_factory=list)  # the graph is in use
-    other: list[MountInfo] = field(default_factory=list)  # unknown: in use as far as we know
+    self_binds: list[MountEntry] = field(default_factory=list)  # the runtime's, safe to remove
+    own: list[MountEntry] = field(default_factory=list)  # graftfs' binds, safe to remove
+    containers: list[MountEntry] = field(default_factory=list)  # the graph is in use
+    other: list[MountEntry] = field(default_factory=list)  # unknown: in use as far as we know
 
 
-def _relative(entry: MountInfo, top: MountInfo) -> str:
+def _relative(entry: MountEntry, top: MountEntry) -> str:
     return posixpath.relpath(entry.mountpoint, top.mountpoint)
 
 
-def _is_self_bind(entry: MountInfo, top: MountInfo) -> bool:
+def _is_self_bind(entry: MountEntry, top: MountEntry) -> bool:
     """A directory of this very mount bound over itself: same filesystem (device), showing the
     directory that sits at its own place in the view."""
     return entry.major_minor == top.major_minor and entry.root == posixpath.join(top.root, _relative(entry, top))
 
 
-def _is_container_mount(entry: MountInfo, top: MountInfo) -> bool:
+def _is_container_mount(entry: MountEntry, top: MountEntry) -> bool:
     """What a runtime mounts in its graph for a container while it exists: its root filesystem
     (an overlay at overlay/<id>/merged), podman's /dev/shm tmpfs, a volume with mount options."""
     parts = _relative(entry, top).split("/")
@@ -101,7 +101,7 @@ def _is_container_mount(entry: MountInfo, top: MountInfo) -> bool:
     return entry.fstype == "overlay" or shm or volume
 
 
-def _classify(top: MountInfo, table: list[MountInfo], own: set[str]) -> Below:
+def _classify(top: MountEntry, table: list[MountEntry], own: set[str]) -> Below:
     """Sort what is mounted below ``top``; ``own`` are the mount points of graftfs' binds."""
     below = Below()
     for entry in mounts_below(top.mountpoint, table):
@@ -136,7 +136,7 @@ def _mounts_refusal(mp: str, below: Below) -> str | None:
     return None
 
 
-def _users(mp: str, mounts: list[MountInfo]) -> list[MountUser]:
+def _users(mp: str, mounts: list[MountEntry]) -> list[MountUser]:
     """The processes holding ``mounts`` busy; none when /proc cannot be read in time (umount(2)
     then has the last word)."""
     ids = frozenset(m.mount_id for m in mounts)
@@ -154,7 +154,7 @@ def _users_refusal(mp: str, users: list[MountUser]) -> str | None:
             f"stop {them} or use --lazy")
 
 
-def _remove_self_binds(binds: list[MountInfo]) -> None:
+def _remove_self_binds(binds: list[MountEntry]) -> None:
     """Unmount the runtime's self-binds, deepest first (containers/storage binds its home again
     the next time it starts)."""
     for entry in sorted(binds, key=lambda e: e.mountpoint.count("/"), reverse=True):
@@ -162,7 +162,7 @@ def _remove_self_binds(binds: list[MountInfo]) -> None:
                           f"removing the bind on {entry.mountpoint}")
 
 
-def _describe_removed(top: MountInfo, binds: list[MountInfo]) -> str:
+def _describe_removed(top: MountEntry, binds: list[MountEntry]) -> str:
     names = ", ".join(f"{_relative(b, top)}/" for b in binds)
     return (f"removed the runtime's bind of {names} over itself" if len(binds) == 1
             else f"removed the runtime's binds of {names} over themselves")
@@ -171,7 +171,7 @@ def _describe_removed(top: MountInfo, binds: list[MountInfo]) -> str:
 def _clear_below(mp: str, own_paths: list[str]) -> int:
     """Make ``mp`` unmountable without --lazy: refuse (changing nothing) while the graph is in
     use, else remove the runtime's self-binds and graftfs' own binds. Returns an exit status."""
-    table = mount_tree()
+    table = mount_table()
     top = next((e for e in reversed(table) if e.mountpoint == mp), None)
     if top is None:
         return 0  # gone meanwhile: umount(2) says so

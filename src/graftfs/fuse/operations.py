@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import pyfuse3
 
 from graftfs.format.attrs import Attr
-from graftfs.format.names import ORIGIN_XATTRS, PID_XATTR, STATUS_XATTR, UNHIDE_XATTR, is_id
+from graftfs.format.names import ORIGIN_XATTRS, PID_XATTR, STATUS_XATTR, UNHIDE_XATTR
 from graftfs.fuse.errors import REQUEST_SECONDS, REQUESTS, fuse_boundary
 from graftfs.fuse.inodes import InodeTable, Node
 from graftfs.fuse.kernel_cache import ViewGeneration
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 VPath = tuple[str, ...]
 
 OWN_XATTR_PREFIXES = ("user.graftfs.", "trusted.graftfs.")
+#: Longest image reference ``graftfs unhide`` passes (a registry name, a path and a tag).
+MAX_REF_CHARS = 1024
 STATUS_MAX_BYTES = 60_000
 
 #: With the watcher telling the kernel exactly what changed (graftfs.fuse.watcher), the kernel may
@@ -571,13 +573,14 @@ class GraftOperations(pyfuse3.Operations):
         os.removexattr(self.ns.copy_up(vpath), name, follow_symlinks=False)
 
     async def _unhide(self, value: bytes, ctx: pyfuse3.RequestContext) -> None:
-        """``graftfs unhide``: give a shared image this node deleted back to it (root only)."""
+        """``graftfs unhide``: give a shared image this node deleted back to it (root only; the
+        value is the user's reference, resolved here against every hidden image)."""
         if ctx.uid != 0:
             raise pyfuse3.FUSEError(errno.EPERM)
-        iid = value.decode("ascii", "replace").strip()
-        if not is_id(iid):
+        ref = value.decode("utf-8", "replace").strip()
+        if not ref or len(ref) > MAX_REF_CHARS:
             raise pyfuse3.FUSEError(errno.EINVAL)
-        changes = await self.workers.run_thread(self.ns.unhide, iid)
+        _, changes = await self.workers.run_thread(self.ns.unhide, ref)
         if changes:
             self.listener.view_changed(changes)
 

@@ -12,6 +12,7 @@ other layout's files into the RW tree and says so in the log and in the status.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import trio
 
 from graftfs.format.names import LAYERS, LAYERS_JSON, REMOTE_RO_DIR, is_id
 from graftfs.fuse.workers import Workers
+from graftfs.node.mounts import call_with_timeout
 from graftfs.node.options import MountConfig
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,8 @@ CHECK_SECONDS = 2.0
 
 @dataclass(frozen=True)
 class LayoutChoice:
+    """The layout a mount presents, and why (logged, and in the status as ``layout_reason``)."""
+
     name: str
     reason: str
 
@@ -60,6 +64,16 @@ def runtime_layout(tree: str) -> str | None:
     return None
 
 
+def _share_shape(tree: str) -> str | None:
+    """The layout a share's own shape says: containers/storage index files, or iSulad's
+    remote-RO directories (a graftfs share's per-entry shape serves both)."""
+    if os.path.exists(os.path.join(tree, *LAYERS_JSON)):
+        return CONTAINERS_STORAGE
+    if os.path.isdir(os.path.join(tree, LAYERS, REMOTE_RO_DIR)):
+        return ISULAD
+    return None
+
+
 def choose_layout(cfg: MountConfig) -> LayoutChoice:
     """The layout for a mount's options (see the module docstring)."""
     if cfg.layout != "auto":
@@ -71,10 +85,13 @@ def choose_layout(cfg: MountConfig) -> LayoutChoice:
     if found is not None:
         return LayoutChoice(found, f"auto: the RW tree holds {found} files")
     for ro in cfg.ro:
-        if os.path.exists(os.path.join(ro, *LAYERS_JSON)):
-            return LayoutChoice(CONTAINERS_STORAGE, f"auto: {ro} holds containers/storage files")
-        if os.path.isdir(os.path.join(ro, LAYERS, REMOTE_RO_DIR)):
-            return LayoutChoice(ISULAD, f"auto: {ro} is an iSulad remote-RO share")
+        try:  # a share may hang (an NFS hard mount): its shape is only a hint
+            shape = call_with_timeout(functools.partial(_share_shape, ro), cfg.timeout, f"the share {ro}")
+        except OSError as e:
+            log.warning("choosing the layout: %s", e.strerror or e)
+            continue
+        if shape is not None:
+            return LayoutChoice(shape, f"auto: {ro} holds {shape} files")
     if "isulad" in cfg.mountpoint.lower():
         return LayoutChoice(ISULAD, "auto: the RW tree is empty and the mountpoint's path names iSulad")
     return LayoutChoice(CONTAINERS_STORAGE, "auto: the RW tree is empty; podman/CRI-O's layout is the default "

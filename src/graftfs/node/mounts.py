@@ -30,12 +30,19 @@ FSTYPE = "fuse.graftfs"
 
 @dataclass(frozen=True)
 class MountEntry:
+    """One line of /proc/self/mountinfo: a mount, its filesystem, and its place in the tree
+    (which mount it is: the id /proc/PID/fdinfo reports as mnt_id; which directory of its
+    filesystem it shows: ``root``, "/" for a whole filesystem, the bound directory for a bind)."""
+
     mountpoint: str
     fstype: str
     source: str
     options: str  # per-mount options (ro, nodev, nosuid, ...)
     super_options: str  # filesystem options (user_id=, allow_other, ...)
     major_minor: str
+    mount_id: int = 0
+    parent_id: int = 0
+    root: str = "/"
 
 
 def _unescape(field: str) -> str:
@@ -53,14 +60,16 @@ def _unescape(field: str) -> str:
 
 
 def mount_table(mountinfo: str = "/proc/self/mountinfo") -> list[MountEntry]:
+    """The mount table in the kernel's order (a mount after the one it sits on)."""
     entries = []
     with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             left, _, right = line.partition(" - ")
             lf, rf = left.split(), right.split()
-            if len(lf) < 6 or len(rf) < 3:
+            if len(lf) < 6 or len(rf) < 3 or not (lf[0].isdigit() and lf[1].isdigit()):
                 continue
-            entries.append(MountEntry(_unescape(lf[4]), rf[0], _unescape(rf[1]), lf[5], rf[2], lf[2]))
+            entries.append(MountEntry(_unescape(lf[4]), rf[0], _unescape(rf[1]), lf[5], rf[2], lf[2],
+                                      int(lf[0]), int(lf[1]), _unescape(lf[3])))
     return entries
 
 
@@ -155,33 +164,7 @@ def call_with_timeout(fn: Callable[[], T], timeout: float, what: str) -> T:
     return result["value"]  # type: ignore[return-value]
 
 
-@dataclass(frozen=True)
-class MountInfo(MountEntry):
-    """A mount table entry with its place in the tree, for telling what is mounted below a
-    mount: which mount it is (the id that /proc/PID/fdinfo reports as mnt_id), and which
-    directory of its filesystem it shows (``root``: "/" for a whole filesystem, the bound
-    directory for a bind mount)."""
-
-    mount_id: int = 0
-    parent_id: int = 0
-    root: str = "/"
-
-
-def mount_tree(mountinfo: str = "/proc/self/mountinfo") -> list[MountInfo]:
-    """The mount table in the kernel's order (a mount after the one it sits on), with ids and roots."""
-    entries = []
-    with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            lf, rf = left.split(), right.split()
-            if len(lf) < 6 or len(rf) < 3 or not (lf[0].isdigit() and lf[1].isdigit()):
-                continue
-            entries.append(MountInfo(_unescape(lf[4]), rf[0], _unescape(rf[1]), lf[5], rf[2], lf[2],
-                                     int(lf[0]), int(lf[1]), _unescape(lf[3])))
-    return entries
-
-
-def mounts_below(mountpoint: str, table: list[MountInfo]) -> list[MountInfo]:
+def mounts_below(mountpoint: str, table: list[MountEntry]) -> list[MountEntry]:
     """The mounts whose mount point lies inside ``mountpoint`` (not at it), in table order."""
     return [e for e in table if e.mountpoint.startswith(mountpoint.rstrip("/") + "/")]
 

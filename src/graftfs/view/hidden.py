@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from graftfs.catalog.catalog import Catalog, CatalogDiff
 from graftfs.format.names import IMAGES, LAYERS, OVERLAY, SHORT_DIR, TAR_SPLIT_SUFFIX
 from graftfs.format.records import walk_chain
+from graftfs.format.refs import match_image_ref
 from graftfs.view.layout import HideView, VPath
 
 
@@ -29,6 +30,7 @@ class HiddenImage:
     layers: int  # layers of its chain hidden on this node
 
     def as_dict(self) -> dict[str, object]:
+        """As ``graftfs status --json`` lists it."""
         return {"id": self.id, "names": list(self.names), "layers": self.layers}
 
 
@@ -55,6 +57,7 @@ def layer_paths(cat: Catalog, lid: str) -> list[VPath]:
 
 
 def _layer_hidden(hides: HideView, lid: str) -> bool:
+    """The runtime removes a layer's record and its directory: either hides it here."""
     return hides.covers((LAYERS, lid)) or hides.covers((OVERLAY, lid))
 
 
@@ -69,6 +72,12 @@ def hidden_images(cat: Catalog, hides: HideView) -> tuple[list[HiddenImage], int
     return hidden, sum(1 for lid in cat.layers if _layer_hidden(hides, lid))
 
 
+def match_hidden(cat: Catalog, hides: HideView, ref: str) -> list[str]:
+    """The hidden shared images a user's reference (name, id or id prefix) names."""
+    hidden, _ = hidden_images(cat, hides)
+    return match_image_ref(ref, {h.id: h.names for h in hidden})
+
+
 @dataclass(frozen=True)
 class Unhiding:
     """What giving an image back touches: hides at or below ``prefixes``, the view names in ``diff``."""
@@ -77,6 +86,7 @@ class Unhiding:
     diff: CatalogDiff
 
     def covers(self, vpath: VPath) -> bool:
+        """Is ``vpath`` a hide this takes back (at or below one of the prefixes)?"""
         return any(vpath[: len(p)] == p for p in self.prefixes)
 
 

@@ -63,7 +63,7 @@ class HideStore:
     def __init__(self, state_dir: str) -> None:
         self._path = os.path.join(state_dir, LOG_NAME)
         self._lock = threading.Lock()
-        self.generation = 0  # bumped by every add: lets layouts cache what depends on the hides
+        self.generation = 0  # bumped by every change: lets layouts cache what depends on the hides
         self._paths: set[VPath] = compact(set(self._load()))
         self._ancestors: set[VPath] = {p[:i] for p in self._paths for i in range(1, len(p))}
         self._rewrite()
@@ -83,9 +83,10 @@ class HideStore:
                 continue
             yield vpath
 
-    def _rewrite(self) -> None:
-        """Atomically replace the log with the compacted set (at start-up only)."""
-        write_file_atomically(self._path, "".join(_encode(p) for p in sorted(self._paths)))
+    def _rewrite(self, paths: set[VPath] | None = None) -> None:
+        """Atomically replace the log with ``paths`` (default: the current set), compacted at
+        start-up, without the hides taken back by remove()."""
+        write_file_atomically(self._path, "".join(_encode(p) for p in sorted(self._paths if paths is None else paths)))
 
     def covers(self, vpath: VPath) -> bool:
         """True when ``vpath`` or one of its ancestors is hidden."""
@@ -119,11 +120,15 @@ class HideStore:
             gone = sorted(p for p in self._paths if under(p))
             if not gone:
                 return []
-            self._paths.difference_update(gone)
-            self._ancestors = {p[:i] for p in self._paths for i in range(1, len(p))}
-            self._file.close()
-            self._rewrite()
-            self._file = open(self._path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for appends
+            kept = self._paths.difference(gone)
+            self._file.flush()
+            self._rewrite(kept)  # first: when it fails, the set and the log stay as they were
+            try:
+                self._file.close()
+            finally:
+                self._file = open(self._path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for appends
+            self._paths = kept
+            self._ancestors = {p[:i] for p in kept for i in range(1, len(p))}
             self.generation += 1
             return gone
 
@@ -140,4 +145,5 @@ class HideStore:
         return len(self._paths)
 
     def sorted_paths(self) -> list[VPath]:
-        return sorted(self._paths)
+        with self._lock:  # status reads it from a worker thread while requests add hides
+            return sorted(self._paths)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from graftfs.format.attrs import Attr
 from graftfs.format.names import IMAGES, LAYERS, RW_ORIGIN, STATE_DIR, is_id, origin_of
 from graftfs.linux import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
-from graftfs.view.hidden import HiddenImage, hidden_images, unhiding
+from graftfs.view.hidden import HiddenImage, hidden_images, match_hidden, unhiding
 from graftfs.view.hides import HideStore
 from graftfs.view.layout import Layout, ViewChange, VPath
 from graftfs.view.small_files import SmallFiles
@@ -713,18 +713,24 @@ class Namespace:
             return [], 0
         return hidden_images(live.catalog, self.hides)
 
-    def unhide(self, iid: str) -> list[ViewChange]:
-        """Give shared image ``iid`` back to this node (``graftfs unhide``): the view names to
-        re-check, none when nothing of it was hidden. ENOENT when no shared tree shows it."""
+    def unhide(self, ref: str) -> tuple[str, list[ViewChange]]:
+        """Give the hidden shared image ``ref`` names back to this node (``graftfs unhide``): its
+        id and the view names to re-check. ENOENT when no hidden image matches, ENOTUNIQ when
+        several do. Memory and the node's own hides log only (no share is touched), and not
+        under the lock of the changing requests, which a call stuck on a share may hold."""
         live = self.layout.live
-        if live is None or iid not in live.catalog.images:
-            raise FileNotFoundError(errno.ENOENT, "no shared tree holds this image", iid)
-        with self._mutating:  # not between a delete's hide and its RW step
-            plan = unhiding(live.catalog, iid, live.local_layers())
-            if not self.hides.remove(plan.covers):
-                return []
+        found = match_hidden(live.catalog, self.hides, ref) if live is not None else []
+        if not found:
+            raise FileNotFoundError(errno.ENOENT, "no image hidden on this node matches", ref)
+        if len(found) > 1:
+            raise OSError(errno.ENOTUNIQ, f"names {len(found)} hidden images", ref)
+        assert live is not None
+        iid = found[0]
+        plan = unhiding(live.catalog, iid, live.local_layers())
+        if not self.hides.remove(plan.covers):
+            return iid, []
         log.info("image %s given back to this node (graftfs unhide)", iid[:12])
-        return self.layout.view_changes(plan.diff)
+        return iid, self.layout.view_changes(plan.diff)
 
     # -- status -----------------------------------------------------------------------------
 
@@ -739,7 +745,7 @@ class Namespace:
         cache = self.small_files.status() if self.small_files is not None else None
         images, layers = self.hidden_images()
         return ViewStatus(layout, rw, ["/".join(p) for p in hidden[:HIDDEN_LISTED]], len(hidden), cache,
-                          [h.as_dict() for h in images[:HIDDEN_LISTED]], layers)
+                          [h.as_dict() for h in images[:HIDDEN_LISTED]], len(images), layers)
 
     def _count_rw(self, managed: str) -> int:
         try:

@@ -47,7 +47,8 @@ class ViewStatus:
     hidden: list[str]  # the first HIDDEN_LISTED hidden paths
     hidden_count: int
     cache: dict[str, object] | None = None  # node-local copies of shared images' small files
-    hidden_images: list[dict[str, object]] = field(default_factory=list)  # graftfs.view.hidden
+    hidden_images: list[dict[str, object]] = field(default_factory=list)  # the first HIDDEN_LISTED
+    hidden_images_count: int = 0  # shared images hidden on this node (graftfs.view.hidden)
     hidden_layers: int = 0  # shared layers hidden on this node
 
     def as_dict(self) -> dict[str, object]:
@@ -61,6 +62,7 @@ class ViewStatus:
             "hidden": self.hidden,
             "hidden_count": self.hidden_count,
             "hidden_images": self.hidden_images,
+            "hidden_images_count": self.hidden_images_count,
             "hidden_layers": self.hidden_layers,
         }
         if self.layout.pins is not None:
