@@ -156,22 +156,31 @@ class KernelCache:
         kept (dropping it would detach mounts below it); its attributes are refreshed."""
         if node is None or node.detached:
             return [Notice(parent.ino, ch.name)]
-        if node.sig is not None and stat.S_ISDIR(node.sig[0]):
+        if told_directory(node):
             return [Notice(node.ino, attr_only=True)]
         return [Notice(parent.ino, ch.name), Notice(node.ino, attr_only=bool(node.open_fds))]
 
 
+def told_directory(node: Node) -> bool:
+    """Whether the kernel was last told ``node`` is a directory.
+
+    The type told is ``node.sig``, which every reply sets; ``node.link`` is no guide, since a
+    change of the link's attributes clears it (_decide) while the kernel still holds a link (a
+    layer's ``diff``, see Namespace._direct).
+    """
+    return node.sig is not None and stat.S_ISDIR(node.sig[0])
+
+
 def may_hold_entries(node: Node) -> bool:
     """Whether the kernel may cache entries below ``node``: it was last told the node is a
-    directory (or was never told its type, like the root before its first getattr).
+    directory (told_directory), or was never told its type, like the root before its first
+    getattr.
 
-    What the kernel knows as a link (a layer's ``diff``, see Namespace._direct) has no entries
-    in the kernel even where the backing directory behind it changes, and the kernel refuses an
-    entry notification naming it as the parent (ENOTDIR, which libfuse prints on stderr). The
-    type told is ``node.sig``, which every reply sets; ``node.link`` is no guide, since a
-    change of the link's attributes clears it (_decide) while the kernel still holds a link.
+    What the kernel knows as a link has no entries in the kernel even where the backing
+    directory behind it changes, and the kernel refuses an entry notification naming it as the
+    parent (ENOTDIR, which libfuse prints on stderr).
     """
-    return node.sig is None or stat.S_ISDIR(node.sig[0])
+    return node.sig is None or told_directory(node)
 
 
 #: Marks a name that could not be re-resolved (its tree is unreachable).

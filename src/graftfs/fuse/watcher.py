@@ -23,7 +23,6 @@ import errno
 import functools
 import logging
 import os
-import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from graftfs.catalog.scan import probe_paths
 from graftfs.fuse.errors import BackingTimeout
 from graftfs.fuse.inodes import InodeTable, Node
 from graftfs.fuse.inotify import IN_IGNORED, IN_ISDIR, Event, Inotify, is_local_fs
-from graftfs.fuse.kernel_cache import KernelCache, ViewGeneration, may_hold_entries
+from graftfs.fuse.kernel_cache import KernelCache, ViewGeneration, may_hold_entries, told_directory
 from graftfs.fuse.workers import Workers, guarded
 from graftfs.view.layout import Layout, ViewChange
 from graftfs.view.lock_tokens import LOCK_WAIT_SECONDS
@@ -51,6 +50,8 @@ KICK_DEBOUNCE = 0.01
 RESTART_DELAY = 1.0
 #: Attempts at telling the kernel about one batch of changes before giving up on it.
 APPLY_ATTEMPTS = 3
+#: Latencies kept for the status' percentiles and the metrics' histogram.
+RECENT_LATENCIES = 200
 
 
 @dataclass
@@ -91,7 +92,9 @@ class Watcher:
         self.interval = interval
         self.share_inotify = share_inotify
         self.inotify: Inotify | None = None
-        self.changes_applied = 0
+        #: (changes applied, latencies in ms of the last RECENT_LATENCIES of them): one tuple, replaced
+        #: whole, so that a reader in another thread (metrics) gets a count and values that agree
+        self.applied: tuple[int, tuple[float, ...]] = (0, ())
         self.failures = 0
         self.last_change: ChangeRecord | None = None
         self._pending_since: float | None = None  # monotonic time of the first poll that found a change
@@ -105,7 +108,6 @@ class Watcher:
         self._ro_dirs: dict[int, int] = {}  # inotify wd -> index of the shared tree
         self._local_trees: set[int] = set()
         self._watch_limit_logged = False
-        self.latencies_ms: list[float] = []  # recent ones, for status percentiles
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -291,9 +293,9 @@ class Watcher:
             self.failures += 1
             return False
         latency = (time.monotonic() - since) * 1000
-        self.changes_applied += 1
+        count, recent = self.applied
+        self.applied = (count + 1, (*recent, latency)[-RECENT_LATENCIES:])
         self.last_change = ChangeRecord(time.time(), source, len(changes), notified, latency)
-        self.latencies_ms = [*self.latencies_ms[-199:], latency]
         log.debug("applied %d %s change(s), %d notification(s), %.1f ms", len(changes), source, notified, latency)
         return True
 
@@ -389,25 +391,31 @@ class Watcher:
     # -- status -------------------------------------------------------------------------------
 
     def status(self) -> dict[str, object]:
-        lat = sorted(self.latencies_ms)
+        """What ``graftfs status`` shows. Also called from the metrics server's thread while the
+        trio thread changes the watcher: containers are copied in one C call (atomic under the
+        GIL) before any Python loop over them, so that none changes size under an iteration."""
+        applied, recent = self.applied
+        lat = sorted(recent)
+        last = self.last_change
         out: dict[str, object] = {
             "generation": self.generation.value,
             "poll_interval": self.interval,
-            "changes_applied": self.changes_applied,
+            "changes_applied": applied,
             "failures": self.failures,
             "kernel_notifications": self.kernel.notified,
             "inotify_watches": len(self._rw_dirs) + len(self._ro_dirs),
-            "local_shared_trees": sorted(self.trees[t] for t in self._local_trees),
+            "local_shared_trees": sorted(self.trees[t] for t in self._local_trees.copy()),
         }
-        if self.last_change is not None:
-            out["last_change"] = self.last_change.as_dict()
+        if last is not None:
+            out["last_change"] = last.as_dict()
         if lat:
             out["latency_ms"] = {"p50": round(lat[len(lat) // 2], 1), "max": round(lat[-1], 1), "count": len(lat)}
         return out
 
 
 def _known_dir(node: Node) -> bool:
-    """A node the kernel was last told is a directory (and still in the view). Not one it knows
-    as a link, like a layer's ``diff`` (Namespace._direct): ``node.link`` says nothing once a
-    change of the link's attributes has cleared it (KernelCache._decide), its mode does."""
-    return not node.detached and node.sig is not None and stat.S_ISDIR(node.sig[0])
+    """A node still in the view that the kernel was last told is a directory (told_directory:
+    not one it knows as a link, like a layer's ``diff``). Unlike may_hold_entries, a node whose
+    type was never told does not count: a directory found behind the mount is only worth
+    watching once the kernel knows it."""
+    return not node.detached and told_directory(node)

@@ -304,16 +304,20 @@ class AutoPublisher:
         self.durations[kind] = (count + 1, seconds + outcome.seconds)
 
     def status(self) -> dict[str, object]:
+        """What ``graftfs status`` shows. Also called from the metrics server's thread while the
+        trio thread changes these dicts: each is copied in one C call (``dict.copy``, atomic under
+        the GIL) before a Python loop goes over it, so none changes size under the loop."""
         now = time.monotonic()
+        pending, gave_up, durations = self.pending.copy(), self.gave_up.copy(), self.durations.copy()
         return {
             "share": self.share, "match": self.patterns or ["*"], "published": self.published,
             "failures": self.failures, "running": self.running,
             "pending": [{"id": p.id, "names": p.names, "attempts": p.attempts, "error": p.error,
-                         "next_try_in": round(max(0.0, p.next_try - now), 1)} for p in self.pending.values()],
-            "gave_up": [{"id": iid, "error": err} for iid, err in self.gave_up.items()],
-            "recent": [vars(o) for o in self.recent],
+                         "next_try_in": round(max(0.0, p.next_try - now), 1)} for p in pending.values()],
+            "gave_up": [{"id": iid, "error": err} for iid, err in gave_up.items()],
+            "recent": [vars(o) for o in self.recent],  # a list replaced whole, never changed
             "layers_copied": self.layers_copied,
-            "durations": {k: {"count": n, "seconds": round(t, 3)} for k, (n, t) in self.durations.items()},
+            "durations": {k: {"count": n, "seconds": round(t, 3)} for k, (n, t) in durations.items()},
         }
 
 

@@ -139,9 +139,11 @@ class BindState:
 
     def _still_ours(self) -> bool:
         """Binds are removed by path: after `graftfs remount` the paths hold the new daemon's
-        binds (its runtime record names it), which this one, detached, must leave alone."""
-        pid = (read_runtime(self.mountpoint) or {}).get("pid")
-        return pid is None or pid == os.getpid()
+        binds (its runtime record names it), which this one, detached, must leave alone. Only a
+        record naming this daemon makes them ours: a missing one (removed, or the new daemon's
+        not written yet) proves nothing, and unbinding a successor's binds under its running
+        containers is worse than leaving ours (the lazy unmount at exit takes them along)."""
+        return (read_runtime(self.mountpoint) or {}).get("pid") == os.getpid()
 
 
 BIND_REMOVE_SECONDS = 10.0
@@ -237,15 +239,18 @@ def start_metrics(cfg: MountConfig) -> MetricsServer | None:
     from graftfs.node.metrics import MetricsServer  # prometheus_client only where metrics are served
 
     server = MetricsServer(*cfg.metrics)
-    server.start(lambda: _predecessor_alive(cfg.mountpoint))
+    old = _predecessor(cfg.mountpoint)
+    # the pid is read now, before this daemon records itself (write_runtime): the old daemon may
+    # hold the port for long after that, serving files still open on its detached mount
+    server.start(lambda: old is not None and is_graftfs_daemon(old))
     return server
 
 
-def _predecessor_alive(mountpoint: str) -> bool:
-    """Is the daemon this mountpoint's runtime record names another live graftfs daemon (the one
-    ``graftfs remount`` replaces, still serving its detached mount)?"""
+def _predecessor(mountpoint: str) -> int | None:
+    """The pid of the daemon this mountpoint's runtime record names, when that is not this one:
+    the one ``graftfs remount`` replaces (still serving its detached mount), or a dead one."""
     pid = (read_runtime(mountpoint) or {}).get("pid")
-    return isinstance(pid, int) and pid != os.getpid() and is_graftfs_daemon(pid)
+    return pid if isinstance(pid, int) and pid != os.getpid() else None
 
 
 def watch_metrics(metrics: MetricsServer | None, cfg: MountConfig, started: float, layout: str, ops: GraftOperations,
@@ -259,6 +264,8 @@ def watch_metrics(metrics: MetricsServer | None, cfg: MountConfig, started: floa
 
 
 def _stop_metrics(metrics: MetricsServer | None) -> None:
+    """Close the metrics port, first thing on every way out: a successor (``graftfs remount``)
+    may be waiting to take it over."""
     if metrics is not None:
         metrics.stop()
 

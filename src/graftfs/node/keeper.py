@@ -52,8 +52,7 @@ class LeaseKeeper:
         self.renewed: dict[str, float] = {}  # share -> time of the last successful write
         self.failing: dict[str, str] = {}  # share -> why the last write failed
         self.empty: set[str] = set()  # shares nothing was published to yet (no marker)
-        # per share since the mount (metrics: graftfs_lease_*_total); every key made here, so a
-        # scrape reading them from another thread never sees the dicts grow
+        # per share since the mount (metrics: graftfs_lease_*_total)
         self.renewals: dict[str, int] = dict.fromkeys(shares, 0)
         self.failures: dict[str, int] = dict.fromkeys(shares, 0)
         self._writing = {s: threading.Lock() for s in shares}
@@ -161,9 +160,15 @@ class LeaseKeeper:
         self.empty.discard(share)
 
     def status(self) -> dict[str, object]:
+        """What ``graftfs status`` shows. Also called from the metrics server's thread while the
+        trio thread changes the keeper: the dicts and the set are copied in one C call each
+        (atomic under the GIL), and only ``shares`` (never changed) is looped over in Python."""
         now = time.monotonic()
+        renewed, failing, empty = self.renewed.copy(), self.failing.copy(), self.empty.copy()
+        renewals, failures = self.renewals.copy(), self.failures.copy()
         return {"node": self.node, "period": self.period, "ttl": self.ttl, "layers": len(self.layers),
                 "images": len(self.images), "pins": len(self.pins),
-                "shares": {s: {"renewed_ago": round(now - self.renewed[s], 1) if s in self.renewed else None,
-                               "failing": self.failing.get(s), "empty": s in self.empty,
-                               "renewals": self.renewals[s], "failures": self.failures[s]} for s in self.shares}}
+                "shares": {s: {"renewed_ago": round(now - renewed[s], 1) if s in renewed else None,
+                               "failing": failing.get(s), "empty": s in empty,
+                               "renewals": renewals.get(s, 0), "failures": failures.get(s, 0)}
+                           for s in self.shares}}

@@ -9,9 +9,16 @@ hides and skipped entries, and ``Background.status()`` (watcher, leases, auto-pu
 
 A scrape runs in the HTTP server's own thread and reads memory only: it never touches a backing
 tree and never waits for the trio thread, so it answers at once while a share hangs (which is
-when it is wanted most). Figures the trio thread changes meanwhile are read whole (the GIL), but
-two of them may be a request apart. The names follow Prometheus' conventions and are described
-in docs/metrics.md; the server is prometheus_client's ``start_http_server`` (a thread of its own).
+when it is wanted most). It takes no lock the trio thread takes, so what it reads may change
+under it; what holds it together is the GIL: a number or a reference is read in one step, the
+containers the trio thread changes in place are copied in one C call before a Python loop goes
+over them (``dict.copy``: the status methods, the errno boundary's counts), and figures that must
+agree are replaced together rather than changed (the watcher's count and latencies: one tuple;
+the catalog: a new object per change). Two figures read one after the other may still be a
+change apart. A loop over something changed meanwhile all the same (the hides) fails with
+RuntimeError; its group is read again, or left out of that scrape. The names follow Prometheus'
+conventions and are described in docs/metrics.md; the server is prometheus_client's
+``start_http_server`` (a thread of its own).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import logging
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,9 +78,9 @@ class Sources:
 
 
 class Cumulated:
-    """A histogram fed at scrape time from a list of the latest values and a total count of them
-    (the watcher keeps its last 200 latencies and counts every change it applied): the values new
-    since the last scrape are the list's last ``total - seen``. More than the list holds between
+    """A histogram fed at scrape time from a sequence of the latest values and a total count of
+    them (the watcher keeps its last 200 latencies and counts every change it applied): the values
+    new since the last scrape are the sequence's last ``total - seen``. More than it holds between
     two scrapes: only those it still holds are counted."""
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
@@ -82,7 +89,7 @@ class Cumulated:
         self.sum = 0.0
         self.seen = 0
 
-    def feed(self, total: int, recent: list[float]) -> None:
+    def feed(self, total: int, recent: Sequence[float]) -> None:
         new = total - self.seen
         if new <= 0:
             return
@@ -107,15 +114,20 @@ def histogram(name: str, doc: str, labels: list[str], series: Iterable[tuple[lis
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    """A gauge without labels: one line per figure in the groups below."""
     return GaugeMetricFamily(name, doc, value=value)
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    """A counter without labels, from a total the daemon keeps itself (not a prometheus_client
+    Counter: the figure exists already, see the module docstring)."""
     return CounterMetricFamily(name, doc, value=value)
 
 
 def _labelled(kind: type[GaugeMetricFamily] | type[CounterMetricFamily], name: str, doc: str, labels: list[str],
               series: Iterable[tuple[list[str], float]]) -> Metric:
+    """A gauge or counter family with one sample per (label values, value): the per-handler,
+    per-tree and per-share figures, built in one go from a generator over a snapshot."""
     family = kind(name, doc, labels=labels)
     for values, value in series:
         family.add_metric(values, value)
@@ -130,9 +142,10 @@ class GraftCollector(Collector):
         self._lock = threading.Lock()  # scrapes may come in parallel; the folds below are not
         self._latency = Cumulated(LATENCY_BUCKETS)
         self._hidden: tuple[object, int, int, int] | None = None  # (catalog, hides generation, images, layers)
-        self._failed: set[str] = set()  # groups whose failure was logged
+        self._warned: set[str] = set()  # groups whose failure was logged as a warning
 
     def collect(self) -> Iterable[Metric]:
+        """All groups' families for one scrape (prometheus_client calls this per request)."""
         with self._lock:
             status = self._group("status", lambda: [self.src.status()])
             parts: dict[str, Any] = status[0] if status else {}
@@ -145,8 +158,11 @@ class GraftCollector(Collector):
             return out
 
     def _group(self, name: str, make: Callable[[], list[Any]]) -> list[Any]:
-        """One group's families; a group that fails is left out of this scrape (logged once), not
-        the whole scrape. A dict growing under our iteration (the trio thread) is tried again."""
+        """One group's families; a group that fails is left out of this scrape, not the whole
+        scrape. A RuntimeError is most likely a container the trio thread changed under a loop
+        (see the module docstring): that group is read again, up to three times. Every failure is
+        logged at debug level, a group's first also as a warning (a scrape every few seconds must
+        not flood the log)."""
         error: Exception | None = None
         for _ in range(3):
             try:
@@ -156,14 +172,17 @@ class GraftCollector(Collector):
             except Exception as e:
                 error = e
                 break
-        if name not in self._failed:
-            self._failed.add(name)
-            log.warning("metrics: %s left out of the scrape: %r", name, error)
+        log.debug("metrics: %s left out of the scrape: %r", name, error)
+        if name not in self._warned:
+            self._warned.add(name)
+            log.warning("metrics: %s left out of the scrape: %r (further failures are logged at debug level)",
+                        name, error)
         return []
 
     # -- groups -------------------------------------------------------------------------------
 
     def _daemon(self) -> list[Metric]:
+        """What runs where, since when, and the inode table's size."""
         info = GaugeMetricFamily("graftfs_info", "This graftfs mount: version, layout, mountpoint (always 1)",
                                  labels=["version", "layout", "mountpoint"])
         info.add_metric([self.src.version, self.src.layout, self.src.mountpoint], 1)
@@ -172,6 +191,8 @@ class GraftCollector(Collector):
                        len(self.src.ops.inodes))]
 
     def _fuse(self) -> list[Metric]:
+        """The errno boundary's per-handler counts and latency buckets (copied first: the trio
+        thread adds a handler's keys when it first serves), and the adapter's byte counts."""
         requests, seconds, buckets = REQUESTS.copy(), REQUEST_SECONDS.copy(), REQUEST_HISTOGRAM.copy()
         used = sorted(op for op, counts in buckets.items() if any(counts))
         return [
@@ -187,6 +208,7 @@ class GraftCollector(Collector):
         ]
 
     def _trees(self) -> list[Metric]:
+        """Each shared tree's availability, polls and contribution (the catalog's status rows)."""
         live = self.src.ns.layout.live
         if live is None:
             return []
@@ -194,7 +216,7 @@ class GraftCollector(Collector):
         rows = [([t.tree, "pins" if t.pins else "share"], t) for t in live.tree_status()]
         now = time.monotonic()
         ages = [(values, now - ok) for (values, _), tree in zip(rows, live.shared, strict=True)
-                if (ok := getattr(tree, "last_success", None)) is not None]
+                if (ok := tree.last_success) is not None]  # None: it never answered yet
         return [
             _labelled(GaugeMetricFamily, "graftfs_shared_tree_available",
                       "1 while the shared tree answers, 0 while it is unavailable (missing marker, failing, hung)",
@@ -210,6 +232,7 @@ class GraftCollector(Collector):
         ]
 
     def _view(self) -> list[Metric]:
+        """The view's generation, hides and the shared entries left out."""
         out: list[Metric] = [
             _gauge("graftfs_view_generation", "The view's generation: bumped around every change applied",
                    self.src.generation.value),
@@ -260,23 +283,16 @@ class GraftCollector(Collector):
                 _gauge("graftfs_lease_layers", "Shared layers this node uses (in its leases)", len(layers)),
                 _gauge("graftfs_lease_images", "Shared images this node uses (in its leases)", len(keeper.images))]
 
-    def _feed_latencies(self, watcher: Watcher) -> None:
-        """The changes applied since the last scrape into the latency histogram. The count and the
-        list are read until they agree (a change applied between the two reads would put one value
-        in a neighbour's place)."""
-        for _ in range(3):
-            total = watcher.changes_applied
-            recent = watcher.latencies_ms
-            if watcher.changes_applied == total:
-                break
-        self._latency.feed(total, [ms / 1000 for ms in recent])
-
     def _watcher(self, w: dict[str, Any] | None) -> list[Metric]:
+        """The watcher's status figures, and the changes applied since the last scrape fed into
+        the latency histogram. The count and the latencies come from one read of
+        ``Watcher.applied`` (a tuple replaced whole), so they always agree."""
         if not w or w.get("enabled") is False:
             return []
         applied = int(w.get("changes_applied", 0))
         if self.src.watcher is not None:
-            self._feed_latencies(self.src.watcher)
+            applied, recent = self.src.watcher.applied
+            self._latency.feed(applied, [ms / 1000 for ms in recent])
         lat = self._latency
         return [
             _counter("graftfs_watcher_changes_applied_total", "Changes of the view applied (catalog and kernel told)",
@@ -291,6 +307,7 @@ class GraftCollector(Collector):
                       "From the poll or inotify event that found a change to the kernel being told of it",
                       [], [([], list(lat.counts), lat.sum)], LATENCY_BUCKETS),
         ]
+
 
 def lease_families(leases: dict[str, Any] | None) -> list[Metric]:
     """The lease keeper's status (``graftfs status --json``: "leases") as metric families."""
@@ -349,6 +366,7 @@ class MetricsServer:
 
     @property
     def address(self) -> str:
+        """HOST:PORT as the option is written (IPv6 in brackets), for messages."""
         return format_listen_address(self.host, self.port)
 
     def start(self, predecessor_alive: Callable[[], bool]) -> None:
@@ -368,12 +386,16 @@ class MetricsServer:
         log.info("metrics: serving http://%s/metrics", self.address)
 
     def _bind(self) -> None:
+        """Listen (OSError when the port cannot be had), unless stop() came first: a rebind
+        racing with the unmount must not open a port nobody closes."""
         with self._lock:
             if not self._stopped.is_set():
-                started = start_http_server(self.port, self.host, registry=self.registry)
-                self._server = started[0] if started else None  # prometheus_client < 0.20 returns nothing
+                self._server, _ = start_http_server(self.port, self.host, registry=self.registry)
 
     def _rebind(self, predecessor_alive: Callable[[], bool]) -> None:
+        """Try the port every REBIND_SECONDS while the previous daemon lives (thread
+        ``metrics-rebind``); once it is gone, one more failure is final (logged: the mount
+        serves on without metrics)."""
         while not self._stopped.wait(REBIND_SECONDS):
             try:
                 self._bind()
