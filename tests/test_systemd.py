@@ -1,6 +1,7 @@
 """graftfs@.service (tools/systemd/): systemd accepts the units as written; the daemon tells a
 Type=notify unit READY=1 only once the mount answers and its binds are made, and STOPPING=1 on
-SIGTERM; graftfs-reload hands the service manager the new daemon's pid; and under a real systemd,
+SIGTERM; `graftfs remount`, the unit's reload, hands the service manager the new daemon's pid
+(and says so when it cannot); and under a real systemd,
 booted as PID 1 of namespaces of its own, the unit starts before the runtime, outlives the
 runtime's and the share's restarts, reloads, comes back after a crash and stops cleanly."""
 
@@ -29,7 +30,6 @@ from graftfs.view.lock_tokens import LOCK_FILES
 
 UNITS_DIR = REPO / "tools" / "systemd"
 UNIT = UNITS_DIR / "graftfs@.service"
-RELOAD_HELPER = UNITS_DIR / "graftfs-reload"
 UNIT_SUFFIXES = (".service", ".mount", ".socket", ".target", ".path", ".timer")
 #: The graftfs command of this checkout's venv (what tools/install links to /usr/local/bin/graftfs).
 VENV_GRAFTFS = Path(sys.executable).parent / "graftfs"
@@ -96,12 +96,12 @@ def test_unit_programs_exist_where_installed() -> None:
                 assert f" {program}\n" in install or f" {program} " in install, f"tools/install never makes {program}"
             else:
                 assert os.access(program, os.X_OK), f"{unit.name} runs {program}, not on this host"
-    assert os.access(RELOAD_HELPER, os.X_OK)
 
 
-def test_reload_helper_usage() -> None:
-    res = subprocess.run([str(RELOAD_HELPER)], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
-    assert res.returncode == 2 and res.stderr.startswith("usage: graftfs-reload MOUNTPOINT"), res.stderr
+def test_reload_is_graftfs_remount() -> None:
+    reload = [line.partition("=")[2].split() for line in UNIT.read_text().splitlines()
+              if line.startswith("ExecReload=")]
+    assert reload == [["/usr/local/bin/graftfs", "remount", "${GRAFTFS_MOUNTPOINT}"]], reload
 
 
 # --- the notify protocol, with this test as the service manager -----------------------------------
@@ -212,34 +212,62 @@ def test_ready_only_once_mounted_and_bound_then_stopping(notified_mount: GraftMo
 
 @needs_mount
 @pytest.mark.timeout(120)
-def test_reload_helper_tells_the_new_daemons_pid(notified_mount: GraftMount, notify_socket: NotifySocket) -> None:
-    """ExecReload: `graftfs remount`, whose new daemon says READY=1 itself, then MAINPID= from the
-    helper, naming the daemon that now serves the mount."""
+def test_remount_tells_the_new_daemons_pid(notified_mount: GraftMount, notify_socket: NotifySocket) -> None:
+    """ExecReload: `graftfs remount`, whose new daemon says READY=1 itself, and MAINPID= from
+    remount, the unit's reload command, naming the daemon that now serves the mount."""
     gm = notified_mount
     assert gm.proc is not None
     notify_socket.receive(READY_TIMEOUT, alive=gm.proc)  # the first daemon's READY=1
-    env = {**os.environ, "NOTIFY_SOCKET": notify_socket.path, "GRAFTFS_BIN": str(VENV_GRAFTFS)}
-    helper = subprocess.Popen([str(RELOAD_HELPER), gm.mnt], stdin=subprocess.DEVNULL, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    remount = subprocess.Popen([str(VENV_GRAFTFS), "remount", gm.mnt], stdin=subprocess.DEVNULL,
+                               env={**os.environ, "NOTIFY_SOCKET": notify_socket.path},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     new = 0
     try:
-        got = [notify_socket.receive(120), notify_socket.receive(120)]
+        # both before remount exits: it waits for the old daemon after telling
+        got = [notify_socket.receive(60, alive=remount), notify_socket.receive(30, alive=remount)]
         ready = next(n for n in got if "READY" in n.fields)
         mainpid = next(n for n in got if "MAINPID" in n.fields)
         new = ready.sender
-        out, _ = helper.communicate(timeout=60)
-        assert helper.returncode == 0, out
-        assert ready.fields.get("READY") == "1" and new not in (gm.proc.pid, helper.pid), ready
-        assert mainpid.fields.get("MAINPID") == str(new) and mainpid.sender == helper.pid, mainpid
+        out, _ = remount.communicate(timeout=20)
+        assert remount.returncode == 0, out
+        assert f"replaced by {new}" in out, out
+        assert ready.fields.get("READY") == "1" and new not in (gm.proc.pid, remount.pid), ready
+        assert mainpid.fields == {"MAINPID": str(new), "STATUS": f"serving {gm.mnt}"}, mainpid
+        assert mainpid.sender == remount.pid, mainpid
         status = json.loads(graftfs_cmd("status", "--json", gm.mnt, check=True).stdout)
         assert status["pid"] == new and (read_runtime(gm.mnt) or {}).get("pid") == new
         assert gm.proc.wait(timeout=30) == 0, gm.log_text()[-3000:]  # the old daemon let go
     finally:
-        if helper.poll() is None:
-            helper.kill()
-            helper.wait(timeout=30)
+        if remount.poll() is None:
+            remount.kill()
+            remount.wait(timeout=30)
         force_unmount(gm.mnt)
         _reap_stray(new)
+
+
+@needs_mount
+@pytest.mark.timeout(120)
+def test_remount_says_when_systemd_was_not_told(notified_mount: GraftMount, notify_socket: NotifySocket,
+                                                tmp_path: Path) -> None:
+    """A NOTIFY_SOCKET nobody listens on: the new daemon serves (sdnotify drops its READY=1
+    silently), and remount says in one line that systemd was not told and exits 1, as the unit
+    would stop when the old daemon exits."""
+    gm = notified_mount
+    assert gm.proc is not None
+    notify_socket.receive(READY_TIMEOUT, alive=gm.proc)  # the first daemon's READY=1
+    res = subprocess.run([str(VENV_GRAFTFS), "remount", gm.mnt], stdin=subprocess.DEVNULL, capture_output=True,
+                         text=True, timeout=90, env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "nobody")})
+    new = (read_runtime(gm.mnt) or {}).get("pid")
+    try:
+        assert res.returncode == 1, res.stdout + res.stderr
+        assert isinstance(new, int) and new != gm.proc.pid and f"replaced by {new}" in res.stdout, res.stdout
+        lines = res.stderr.splitlines()
+        assert len(lines) == 1 and "systemd could not be told the new daemon's pid" in lines[0], res.stderr
+        assert "No such file or directory" in lines[0], res.stderr
+        assert json.loads(graftfs_cmd("status", "--json", gm.mnt, check=True).stdout)["pid"] == new
+    finally:
+        force_unmount(gm.mnt)
+        _reap_stray(new if isinstance(new, int) else 0)
 
 
 def _reap_stray(pid: int) -> None:
@@ -363,11 +391,11 @@ def _vendor_units(dest: Path) -> None:
 
 
 def _install_locations(work: Path) -> None:
-    """/usr/local as tools/install leaves it, linked to this checkout."""
+    """/usr/local as tools/install leaves it, linked to this checkout; the units are the test's
+    own (an empty /usr/local/lib hides any this host installed)."""
     (work / "local-bin").mkdir()
     (work / "local-bin" / "graftfs").symlink_to(VENV_GRAFTFS)
-    (work / "local-lib" / "graftfs").mkdir(parents=True)
-    (work / "local-lib" / "graftfs" / "graftfs-reload").symlink_to(RELOAD_HELPER)
+    (work / "local-lib").mkdir()
 
 
 def boot_systemd(work: Path, keep: list[str]) -> Systemd:

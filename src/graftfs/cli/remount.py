@@ -12,12 +12,16 @@ an empty directory: run it while the runtime starts nothing new.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
+from sdnotify import SystemdNotifier
+
 from graftfs.cli import mount
+from graftfs.cli.common import graftfs_mountpoint
 from graftfs.linux import MNT_DETACH, umount
-from graftfs.node.mounts import FSTYPE, canonical, find_mount, pid_alive, read_runtime
+from graftfs.node.mounts import pid_alive, read_runtime
 from graftfs.node.options import ConfigError, MountConfig
 
 NAME = "remount"
@@ -41,10 +45,8 @@ def _config(argv: list[str]) -> MountConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    mp = canonical(args.mountpoint)
-    entry = find_mount(mp)
-    if entry is None or entry.fstype != FSTYPE:
-        print(f"graftfs remount: {mp} is not a graftfs mount", file=sys.stderr)
+    mp = graftfs_mountpoint("remount", args.mountpoint)
+    if mp is None:
         return 1
     info = read_runtime(mp) or {}
     argv, old = info.get("argv"), info.get("pid")
@@ -70,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     new = (read_runtime(mp) or {}).get("pid")
     print(f"graftfs remount: {mp}: daemon {old} replaced by {new}")
+    told = _tell_service_manager(mp, new)
     if isinstance(old, int):
         deadline = time.monotonic() + OLD_EXIT_SECONDS
         while pid_alive(old) and time.monotonic() < deadline:
@@ -77,4 +80,40 @@ def run(args: argparse.Namespace) -> int:
         if pid_alive(old):
             print(f"graftfs remount: the old daemon {old} keeps serving files still open on the detached "
                   "mount; it exits once they are closed", file=sys.stderr)
-    return 0
+    return 0 if told else 1
+
+
+def _tell_service_manager(mp: str, new: object) -> bool:
+    """Tell the service manager that runs this remount (NOTIFY_SOCKET set: the ExecReload of
+    graftfs@.service) the new daemon's pid, once it serves; nothing without NOTIFY_SOCKET.
+    False, after one line on stderr, when the service manager asked for it and was not told.
+
+    Why: remount leaves the old daemon, the unit's main process for systemd, to exit on its own
+    once its detached mount is released; systemd takes the exit of a Type=notify unit's main
+    process for the end of the service and stops what is left of it, the new daemon too (the
+    unit would end inactive, nothing mounted). MAINPID= makes the new daemon the main process
+    before the old one exits. It comes from this process because systemd tells which unit a
+    message is for by its sender: this one is the unit's reload command, and the unit's
+    NotifyAccess=all lets it speak (its new daemon's READY=1 too).
+
+    A failure exits remount non-zero although the new daemon serves: under systemd it is the
+    difference between a reload that worked and a unit that will stop, new daemon and mount with
+    it, when the old daemon exits, and a failed `systemctl reload` is all the operator sees.
+    """
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return True
+    if not isinstance(new, int) or new <= 0:
+        print(f"graftfs remount: {mp} was remounted, but the new daemon recorded no pid to tell systemd; "
+              "the unit stops when the old daemon exits", file=sys.stderr)
+        return False
+    try:
+        notifier = SystemdNotifier(debug=True)  # debug: raise what it otherwise ignores
+        try:
+            notifier.notify(f"MAINPID={new}\nSTATUS=serving {mp}")
+        finally:
+            notifier.socket.close()
+    except OSError as e:
+        print(f"graftfs remount: {mp} was remounted, but systemd could not be told the new daemon's pid "
+              f"({e.strerror or e}); the unit stops when the old daemon exits", file=sys.stderr)
+        return False
+    return True
