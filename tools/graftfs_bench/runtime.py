@@ -155,7 +155,9 @@ def run(work: Path, reps: int) -> dict[str, object]:
             raise SystemExit("the published image does not show on the graftfs graph")
         variants = {"native": native, "graftfs": graft}
         say("  podman run --rm IMG true")
+        before = _requests(mount)["requests"]
         rows["podman run --rm IMG true"] = interleaved(variants, reps * 5, Podman.timed_run)
+        per_run = _per_run(before, _requests(mount)["requests"], reps * 5 + 1)  # + the unmeasured round
         for measure, (script, cold) in IN_CONTAINER.items():
             say(f"  {measure}")
             rows[measure] = interleaved(variants, reps, functools.partial(Podman.in_container, script=script,
@@ -168,8 +170,17 @@ def run(work: Path, reps: int) -> dict[str, object]:
         if mount is not None:
             mount.close()
     print_section("podman: graph on native ext4 vs on graftfs (empty RW + the image on a share)", rows)
-    print(f"  graftfs FUSE requests during the runs: {requests}")
-    return {"rows": section_json(rows), "graftfs_requests": requests}
+    print(f"  graftfs FUSE requests per `podman run --rm IMG true`: {sum(per_run.values()):.0f} "
+          f"({', '.join(f'{op} {n:g}' for op, n in per_run.items())})")
+    print(f"  graftfs FUSE requests during all the runs: {requests}")
+    return {"rows": section_json(rows), "graftfs_requests": requests, "requests_per_run": per_run}
+
+
+def _per_run(before: object, after: object, runs: int) -> dict[str, float]:
+    """FUSE requests per run, by handler, most first, from two status snapshots."""
+    assert isinstance(before, dict) and isinstance(after, dict)
+    per = {op: (int(v["count"]) - int(before.get(op, {"count": 0})["count"])) / runs for op, v in after.items()}
+    return {op: round(n, 1) for op, n in sorted(per.items(), key=lambda kv: -kv[1]) if n}
 
 
 def _requests(mount: FuseMount) -> dict[str, object]:
