@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from graftfs_bench import cluster, propagation, runtime, trees
+from graftfs_bench import cluster, isulad, propagation, runtime, trees
 
-USAGE = """tools/bench [all|runtime|trees|propagation|cluster] [options]
+USAGE = """tools/bench [all|runtime|trees|propagation|cluster|isulad] [options]
 
 graftfs measured side by side with native ext4 (the runtime on a plain local disk) and mergerfs,
 in one run on the same backing data: several repetitions each, min and median, ratios. Prints
@@ -27,14 +27,19 @@ tables and writes WORK/bench.json. Needs root, /dev/fuse, podman, mergerfs (tool
                one share (node 1 pulls and publishes, nodes 2-3 start from the share); seconds,
                registry blobs and bytes, disk per node. Needs docker-registry (tools/install --test).
                Each size --reps times (sizes above 1 GiB once); ~4 min for the default sizes
+  isulad       a container's data path in iSulad's layout: a container layer made and mounted as
+               iSulad's overlay2 driver does, on a native graph vs on a graftfs isulad mount
+               (direct=1, and direct=0) of the same image on a share; 512 MiB read cold/warm, 512 MiB
+               write + fsync
   all          runtime, trees and propagation (default; not cluster, which takes long and needs a
-               registry: run it on its own)
+               registry, nor isulad: run them on their own)
 """
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="tools/bench", usage=USAGE)
-    p.add_argument("what", nargs="?", default="all", choices=["all", "runtime", "trees", "propagation", "cluster"])
+    p.add_argument("what", nargs="?", default="all",
+                   choices=["all", "runtime", "trees", "propagation", "cluster", "isulad"])
     p.add_argument("--reps", type=int, default=3, help="repetitions of each measure (podman run: 3x this)")
     p.add_argument("--work", default="/var/tmp/graftfs-bench", help="where the test data lives (kept for reuse)")
     p.add_argument("--tree-layers", type=int, default=2000)
@@ -66,6 +71,8 @@ def main() -> int:
         results["propagation"] = propagation.run(work, args.layers, args.images, args.samples, args.idle)
     if args.what == "cluster":
         results["cluster"] = cluster.run(work, sizes, args.reps)
+    if args.what == "isulad":
+        results["isulad"] = isulad.run(work, args.reps)
     out = Path(args.json or work / "bench.json")
     out.write_text(json.dumps(results, indent=2))
     print(f"\n(JSON in {out})")

@@ -40,8 +40,15 @@ def isulad_catalog(trees: list[str], rw_root: str) -> LiveCatalog:
 class IsuladLayout(EntryView, NoMergedFiles):
     """Presents shared trees in iSulad's per-entry layout (see the module docstring).
 
-    iSulad keeps one record per entry, so nothing is composed (NoMergedFiles). ``direct`` is off
-    by default: iSulad's driver is untested with layer directories as links.
+    iSulad keeps one record per entry, so nothing is composed (NoMergedFiles). ``direct`` (each
+    layer's ``diff/`` and ``work/`` shown as links to their backing directories) is off unless
+    asked for (``direct=1``). iSulad's overlay2 driver hands ``l/<link>`` and ``<id>/diff`` to
+    mount(2), absolute or relative to ``overlay/``, unpacks a layer through a bind mount of its
+    ``diff`` and removes a layer with lstat and unlink, all of which work on the links
+    (tests/test_isulad_direct.py makes those calls). But when iSulad starts, it stat()s every
+    ``overlay/l/<link>`` and unlinks those that answer ENOENT: through a link
+    into a share whose mount is gone, that stat answers ENOENT where graftfs answers EIO, and
+    the unlink hides the shared layer's link on this node after the share is back.
     """
 
     name = "isulad"
