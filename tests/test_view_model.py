@@ -559,6 +559,19 @@ def test_links_symlinks_and_device_nodes_land_in_rw(isulad: IsuladNode) -> None:
     assert errno_of(ns.link, isulad.diff(ids.base, "etc"), isulad.diff(ids.local, "etc")) == errno.EPERM
 
 
+def test_entry_directories_are_answered_from_the_scan(isulad: IsuladNode, guard: ShareGuard) -> None:
+    """What the view knows of a shared entry's directories never waits on the share (a hung one
+    would not answer): a layer's overlay and record directories and an image's, as scanned."""
+    ns, ids = isulad.ns, isulad.ids
+    entries = [("overlay", ids.web), ("overlay-layers", ids.web), ("overlay-images", ids.image_web)]
+    before = {vpath: ns.resolve(vpath).attr for vpath in entries}
+    for vpath in entries:
+        assert before[vpath].mtime_ns == os.lstat(isulad.share.joinpath(*vpath)).st_mtime_ns
+        os.utime(isulad.share.joinpath(*vpath), ns=(10**9, 10**9))  # behind graftfs' back
+    guard.watch(str(isulad.share))
+    assert {vpath: ns.resolve(vpath).attr for vpath in entries} == before
+
+
 def test_unavailable_share_keeps_its_last_view_and_rw_stays_reachable(isulad: IsuladNode, tmp_path: Path) -> None:
     ns, ids, live = isulad.ns, isulad.ids, isulad.layout.live
     data = isulad.diff(ids.app, "app", "data.txt")
@@ -572,6 +585,7 @@ def test_unavailable_share_keeps_its_last_view_and_rw_stays_reachable(isulad: Is
         assert set(names(ns, ("overlay-images",))) == {ids.image_app, ids.image_web}
         assert {ids.base, ids.app, ids.web, ids.local} <= set(names(ns, ("overlay",)))
         assert ns.resolve(("overlay-images", ids.image_app)).is_dir  # still listed entries ...
+        assert ns.resolve(("overlay-layers", ids.app)).is_dir  # (`ls -l overlay-layers` answers)
         assert errno_of(ns.resolve, data) == errno.EIO  # ... whose content is out of reach, not deleted
         assert errno_of(ns.open, data, os.O_RDONLY) == errno.EIO
         assert errno_of(ns.resolve, ("overlay-images", ids.image_app, "manifest")) == errno.EIO

@@ -139,15 +139,20 @@ def fresh_stat(path: str) -> os.stat_result | None:
         os.close(fd)
 
 
+#: Where a complete layer's signature holds the attributes of its record directory (after its
+#: overlay directory and link file: see layer_paths).
+RECORD_DIR_SIG = 2
+
+
 def layer_paths(overlay_dir: str | None, record_dir: str | None) -> list[str]:
-    """What a layer's signature covers: its overlay directory (whose attributes the view shows
-    without asking the tree), and the files whose change means it must be checked again (link
-    file and record)."""
+    """What a layer's signature covers: its overlay and record directories (whose attributes the
+    view shows without asking the tree), and the files whose change means it must be checked
+    again (link file and record)."""
     paths = []
     if overlay_dir:
         paths += [overlay_dir, overlay_dir + "/link"]
     if record_dir:
-        paths.append(record_dir + "/" + LAYER_RECORD)
+        paths += [record_dir, record_dir + "/" + LAYER_RECORD]
     return paths
 
 

@@ -23,7 +23,7 @@ from graftfs.format.records import ImageEntry, LayerEntry, Problem
 log = logging.getLogger(__name__)
 
 FILE_NAME = "scan-cache.json"
-VERSION = 3  # 2: signatures hold the attributes too; 3: a layer's also its overlay directory
+VERSION = 4  # 2: signatures hold the attributes too; 3: a layer's also its overlay directory; 4: its record dir
 
 
 def _layer(e: LayerEntry) -> list[Any]:

@@ -15,7 +15,7 @@ import os
 
 from graftfs.catalog.catalog import CatalogDiff
 from graftfs.catalog.live import LiveCatalog
-from graftfs.catalog.scan import Sig
+from graftfs.catalog.scan import RECORD_DIR_SIG, Sig
 from graftfs.format.attrs import Attr
 from graftfs.format.names import (
     IMAGES,
@@ -103,20 +103,23 @@ class EntryView:
     def known_attr(self, tree: int, vpath: VPath) -> Attr | None:
         """Attributes answered without asking the tree, so that what the view already knows
         never waits on a share that hangs: the tree's root and the directories at its top as its
-        last poll saw them (the runtime looks them up all the time), and the directory of each
-        layer and image the catalog shows from it, as its scan saw it (a share's entry is placed
-        whole and never changed), also for a layer's ``diff`` shown as a link. None: ask the tree."""
+        last poll saw them (the runtime looks them up all the time), and the directories of each
+        layer (overlay and record) and image the catalog shows from it, as its scan saw them (a
+        share's entry is placed whole and never changed), also for a layer's ``diff`` shown as a
+        link. None: ask the tree."""
         if len(vpath) <= 1:
             attr = self.live.shared[tree].top_attrs.get(vpath[0] if vpath else "")
             return attr if attr is not None and attr.is_dir else None
-        if vpath[0] not in (OVERLAY, IMAGES) or len(vpath) > 3:
+        if vpath[0] not in (OVERLAY, IMAGES, LAYERS) or len(vpath) > 3:
             return None
         if len(vpath) == 3 and not (vpath[2] == "diff" and self.direct_path(vpath)):
             return None  # a file of the entry: its own attributes (or its cached copy's)
         sigs = self._entry_sigs(tree, vpath[0], vpath[1])
-        if not sigs or sigs[0] is None:
+        index = RECORD_DIR_SIG if vpath[0] == LAYERS else 0  # a layer's record dir, else the entry's dir
+        sig = sigs[index] if sigs and len(sigs) > index else None
+        if sig is None:
             return None
-        _, size, mtime, ctime, mode, nlink, uid, gid = sigs[0]
+        _, size, mtime, ctime, mode, nlink, uid, gid = sig
         return Attr(mode, nlink, uid, gid, size, 0, (size + 511) // 512, 4096, mtime, mtime, ctime)
 
     def cache_key(self, tree: int, vpath: VPath) -> str | None:
