@@ -226,3 +226,19 @@ def test_status_stays_within_xattr_size_with_many_hides(sample: Sample, mnt: str
     assert st["hidden_count"] == 3000 and 0 < len(st["hidden"]) < 3000
     assert "... and 2990 more (status --json)" in graftfs_cmd("status", mnt).stdout  # 10 paths shown
     assert graftfs_cmd("umount", mnt).returncode == 0
+
+
+@needs_mount
+def test_verbose_daemon_logs_each_request_with_its_path(sample: Sample, mount_factory: object) -> None:
+    """--verbose: which paths the runtime walks, request by request (for finding what still
+    reaches graftfs), in the daemon's log."""
+    gm = mount_factory(sample.rw, [sample.share_ro], "--verbose")  # type: ignore[operator]
+    manifest = gm.path("overlay-images", sample.ids.image_app, "manifest")
+    with open(manifest, "rb") as f:
+        f.read()
+    os.listdir(gm.path("overlay-layers"))
+    log = gm.log_text()
+    rel = f"overlay-images/{sample.ids.image_app}/manifest"
+    for line in (f"request lookup {rel}", f"request open {rel}", f"request read {rel}", f"request release {rel}",
+                 "request opendir overlay-layers", "request readdir overlay-layers"):
+        assert line in log, line

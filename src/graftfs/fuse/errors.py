@@ -35,6 +35,11 @@ REQUEST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.1, 1.0, 10.0)
 #: dict never grows while a scrape reads it from another thread.
 REQUEST_HISTOGRAM: dict[str, list[int]] = {}
 
+#: A request tracer, when one is set (``graftfs mount --verbose``): called with each request's
+#: handler name and arguments before it runs, so that the FUSE adapter can log which path each
+#: request is for (graftfs.fuse.operations.GraftOperations.trace). Empty: one list test per request.
+TRACERS: list[Callable[[str, tuple[object, ...]], None]] = []
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -67,6 +72,8 @@ def fuse_boundary(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Corout
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         REQUESTS[name] += 1
+        if TRACERS:
+            TRACERS[0](name, args)
         started = time.perf_counter()
         try:
             return await fn(*args, **kwargs)

@@ -23,6 +23,7 @@ from sdnotify import SystemdNotifier
 from graftfs import __version__
 from graftfs.format.names import STATE_DIR
 from graftfs.fuse import session
+from graftfs.fuse.errors import TRACERS
 from graftfs.fuse.inodes import InodeTable
 from graftfs.fuse.inotify import is_local_fs
 from graftfs.fuse.kernel_cache import KernelCache, ViewGeneration
@@ -332,6 +333,8 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
                 "cache_timeout": ops.cache_timeout, "layout_reason": choice.reason, **bg.status()}
 
     ops = GraftOperations(ns, workers, inodes, generation, listener=watcher, info=info)
+    if logging.getLogger(GraftOperations.__module__).isEnabledFor(logging.DEBUG):
+        TRACERS.append(ops.trace)  # --verbose: every request in the log, with its path
     watch_metrics(metrics, cfg, started, ns.layout.name, ops, bg)
     try:
         session.mount(ops, cfg.mountpoint, cfg.fuse_option_set())
