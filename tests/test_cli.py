@@ -242,3 +242,19 @@ def test_verbose_daemon_logs_each_request_with_its_path(sample: Sample, mount_fa
     for line in (f"request lookup {rel}", f"request open {rel}", f"request read {rel}", f"request release {rel}",
                  "request opendir overlay-layers", "request readdir overlay-layers"):
         assert line in log, line
+
+
+@needs_mount
+def test_verbose_tracing_survives_files_deleted_while_open(sample: Sample, mount_factory: object) -> None:
+    """A file deleted while open is read, stat'ed and closed (containers do it all the time): the
+    tracer names it "?" and the request is answered; the mount stays up."""
+    gm = mount_factory(sample.rw, [sample.share_ro], "--verbose")  # type: ignore[operator]
+    path = gm.path("overlay", sample.ids.local, "diff", "scratch")
+    with open(path, "w+b") as f:
+        f.write(b"x" * 10)
+        f.flush()
+        os.unlink(path)
+        f.seek(0)
+        assert f.read() == b"x" * 10 and os.fstat(f.fileno()).st_size == 10
+    assert os.listdir(gm.path("overlay-images"))  # still serving
+    assert "request read ?" in gm.log_text()  # a node gone from the view: named "?"

@@ -72,10 +72,10 @@ def fuse_boundary(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Corout
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         REQUESTS[name] += 1
-        if TRACERS:
-            TRACERS[0](name, args)
         started = time.perf_counter()
         try:
+            if TRACERS:
+                TRACERS[0](name, args)  # inside: nothing it raises may leave the handler
             return await fn(*args, **kwargs)
         except Exception as exc:
             raise to_fuse_error(exc, fn.__name__) from None

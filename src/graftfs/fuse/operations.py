@@ -41,9 +41,10 @@ log = logging.getLogger(__name__)
 VPath = tuple[str, ...]
 
 OWN_XATTR_PREFIXES = ("user.graftfs.", "trusted.graftfs.")
-#: Requests whose first argument is a file or directory handle, and those naming an entry in a
-#: directory (parent inode, name): what GraftOperations.trace needs to name their paths.
-FH_REQUESTS = frozenset({"read", "write", "fsync", "release", "readdir", "releasedir", "fsyncdir"})
+#: Requests whose first argument is a file handle (a backing descriptor), a directory handle
+#: (numbered apart), or a directory and a name: what GraftOperations.trace needs to name paths.
+FILE_HANDLE_REQUESTS = frozenset({"read", "write", "fsync", "release"})
+DIR_HANDLE_REQUESTS = frozenset({"readdir", "releasedir", "fsyncdir"})
 NAMED_REQUESTS = frozenset({"lookup", "mkdir", "mknod", "symlink", "create", "unlink", "rmdir", "rename"})
 #: Longest image reference ``graftfs unhide`` passes (a registry name, a path and a tag).
 MAX_REF_CHARS = 1024
@@ -146,16 +147,16 @@ class GraftOperations(pyfuse3.Operations):
         daemon logging at debug level): what the runtime walks, request by request."""
         try:
             where = "/".join(self._trace_path(op, args)) or "."
-        except (KeyError, IndexError, TypeError, pyfuse3.FUSEError):
+        except Exception:  # a node gone from the view (deleted while open), an unknown handle
             where = "?"
         log.debug("request %s %s", op, where)
 
     def _trace_path(self, op: str, args: tuple[object, ...]) -> VPath:
         first = args[1] if len(args) > 1 else None
-        if op in FH_REQUESTS and isinstance(first, int):
-            entry = self._files.get(first)
-            node = entry[0] if entry is not None else self._dirs[first].node
-            return self.inodes.path(node.ino)
+        if op in FILE_HANDLE_REQUESTS and isinstance(first, int):
+            return self.inodes.path(self._files[first][0].ino)
+        if op in DIR_HANDLE_REQUESTS and isinstance(first, int):
+            return self.inodes.path(self._dirs[first].node.ino)
         if op in NAMED_REQUESTS and isinstance(first, int) and isinstance(args[2], bytes):
             return (*self.inodes.path(first), os.fsdecode(args[2]))
         if isinstance(first, int):

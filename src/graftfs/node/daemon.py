@@ -294,7 +294,9 @@ def _ready(ready_fd: int | None, mountpoint: str) -> None:
     """The mount and its binds are ready: tell `graftfs mount` (its pipe) and systemd (a
     Type=notify service: NOTIFY_SOCKET; nothing is sent without it)."""
     _tell(ready_fd, "READY")
-    SystemdNotifier().notify(f"READY=1\nSTATUS=serving {mountpoint}")
+    notifier = SystemdNotifier()
+    notifier.notify("READY=1")  # on its own: a status it cannot encode must not lose it
+    notifier.notify(f"STATUS=serving {mountpoint}")
 
 
 def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
@@ -334,7 +336,7 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
 
     ops = GraftOperations(ns, workers, inodes, generation, listener=watcher, info=info)
     if logging.getLogger(GraftOperations.__module__).isEnabledFor(logging.DEBUG):
-        TRACERS.append(ops.trace)  # --verbose: every request in the log, with its path
+        TRACERS[:] = [ops.trace]  # --verbose: every request in the log, with its path
     watch_metrics(metrics, cfg, started, ns.layout.name, ops, bg)
     try:
         session.mount(ops, cfg.mountpoint, cfg.fuse_option_set())
@@ -361,6 +363,7 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
         log.exception("the FUSE loop failed")
         raise
     finally:
+        TRACERS.clear()
         _stop_metrics(metrics)
         session.unmount()
         if watcher is not None:
