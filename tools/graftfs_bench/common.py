@@ -3,6 +3,7 @@ page cache between cold runs, and the table of ratios."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import statistics
@@ -12,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from graftfs.node.mounts import find_mount
 
@@ -166,3 +168,25 @@ def section_json(rows: dict[str, dict[str, Timing]], baseline: str = "native") -
             entry[variant] = d
         out[measure] = entry
     return out
+
+
+def interleaved(variants: dict[str, Callable[[], float]], reps: int) -> dict[str, Timing]:
+    """Each repetition measures every variant in turn (after one unmeasured round): this
+    machine's speed drifts by tens of percent over minutes, which would otherwise land on one
+    variant's runs only."""
+    for measure in variants.values():
+        measure()
+    out = {name: Timing() for name in variants}
+    for _ in range(reps):
+        for name, measure in variants.items():
+            out[name].values.append(measure())
+    return out
+
+
+def mount_status(mount: FuseMount) -> dict[str, Any]:
+    """A graftfs mount's status, as `graftfs status --json` prints it."""
+    out = subprocess.run([str(VENV_PY), "-m", "graftfs", "status", "--json", str(mount.mnt)],
+                         capture_output=True, text=True, check=True, timeout=30, env=GRAFTFS_ENV).stdout
+    st = json.loads(out)
+    assert isinstance(st, dict)
+    return st

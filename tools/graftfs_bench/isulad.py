@@ -18,25 +18,24 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import secrets
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from graftfs.linux import MNT_DETACH, umount
 from graftfs.share.sample import SampleLayer, digest, short_name, write_image, write_layer
 from graftfs_bench.common import (
-    GRAFTFS_ENV,
-    VENV_PY,
     FuseMount,
     Timing,
     drop_caches,
     fresh_dir,
     graftfs_mount,
+    interleaved,
+    mount_status,
     print_section,
     say,
     section_json,
@@ -175,22 +174,9 @@ def measure(graph: Path, trash: Path | None, script: str, cold: bool) -> float:
         return time.perf_counter() - started
 
 
-def interleaved(variants: dict[str, Callable[[], float]], reps: int) -> dict[str, Timing]:
-    """One unmeasured round, then each repetition measures every variant in turn (the machine's
-    speed drifts over minutes)."""
-    for run in variants.values():
-        run()
-    out = {name: Timing() for name in variants}
-    for _ in range(reps):
-        for name, run in variants.items():
-            out[name].values.append(run())
-    return out
-
-
 def fuse_counts(mount: FuseMount) -> dict[str, int]:
-    out = subprocess.run([str(VENV_PY), "-m", "graftfs", "status", "--json", str(mount.mnt)], capture_output=True,
-                         text=True, check=True, timeout=30, env=GRAFTFS_ENV).stdout
-    st = json.loads(out)
+    """Requests served and bytes through FUSE so far."""
+    st = mount_status(mount)
     requests = sum(int(v["count"]) for v in st.get("requests", {}).values())
     return {"requests": requests, "bytes_read": int(st["bytes_read"]), "bytes_written": int(st["bytes_written"])}
 

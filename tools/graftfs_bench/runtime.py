@@ -10,7 +10,6 @@ true`, and inside a container (timed in the container by busybox `time`): readin
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 import shutil
@@ -29,6 +28,8 @@ from graftfs_bench.common import (
     drop_caches,
     fresh_dir,
     graftfs_mount,
+    interleaved,
+    mount_status,
     print_section,
     say,
     section_json,
@@ -109,17 +110,9 @@ class Podman:
         return float(found.group(1))
 
 
-def interleaved(variants: dict[str, Podman], reps: int, measure: Callable[[Podman], float]) -> dict[str, Timing]:
-    """Each repetition measures every variant in turn (after one unmeasured round): this
-    machine's speed drifts by tens of percent over minutes, which would otherwise land on one
-    variant's runs only."""
-    for podman in variants.values():
-        measure(podman)
-    out = {name: Timing() for name in variants}
-    for _ in range(reps):
-        for name, podman in variants.items():
-            out[name].values.append(measure(podman))
-    return out
+def each(variants: dict[str, Podman], measure: Callable[[Podman], float]) -> dict[str, Callable[[], float]]:
+    """``measure`` of each variant, as common.interleaved takes them."""
+    return {name: functools.partial(measure, podman) for name, podman in variants.items()}
 
 
 def build_image(native: Podman, work: Path) -> None:
@@ -156,12 +149,12 @@ def run(work: Path, reps: int) -> dict[str, object]:
         variants = {"native": native, "graftfs": graft}
         say("  podman run --rm IMG true")
         before = _requests(mount)["requests"]
-        rows["podman run --rm IMG true"] = interleaved(variants, reps * 5, Podman.timed_run)
+        rows["podman run --rm IMG true"] = interleaved(each(variants, Podman.timed_run), reps * 5)
         per_run = _per_run(before, _requests(mount)["requests"], reps * 5 + 1)  # + the unmeasured round
         for measure, (script, cold) in IN_CONTAINER.items():
             say(f"  {measure}")
-            rows[measure] = interleaved(variants, reps, functools.partial(Podman.in_container, script=script,
-                                                                            cold=cold))
+            in_container = functools.partial(Podman.in_container, script=script, cold=cold)
+            rows[measure] = interleaved(each(variants, in_container), reps)
         requests = _requests(mount)
     finally:
         for p in (native, graft):
@@ -184,8 +177,7 @@ def _per_run(before: object, after: object, runs: int) -> dict[str, float]:
 
 
 def _requests(mount: FuseMount) -> dict[str, object]:
-    out = subprocess.run([str(VENV_PY), "-m", "graftfs", "status", "--json", str(mount.mnt)],
-                         capture_output=True, text=True, check=True, timeout=30, env=GRAFTFS_ENV).stdout
-    st = json.loads(out)
+    """The requests served and the bytes through FUSE so far (the mount's status)."""
+    st = mount_status(mount)
     return {"requests": st.get("requests", {}), "bytes_read": st.get("bytes_read"),
             "bytes_written": st.get("bytes_written")}
