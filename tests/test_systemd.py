@@ -565,3 +565,19 @@ def test_unit_stop_umount_and_bad_options_under_systemd(booted: tuple[Systemd, s
     time.sleep(2)
     state = sd.show(unit)
     assert (state["ActiveState"], state["ExecMainStatus"], state["NRestarts"]) == ("failed", "2", "0"), state
+
+
+def test_notify_sends_one_message_whatever_the_mountpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """READY=1 and its status go in one message, also for a mountpoint sdnotify cannot encode as
+    it is (Latin-1 only): the status is escaped, the readiness never lost."""
+    from graftfs.node import systemd
+
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        assert systemd.notify(READY="1", STATUS="serving /mnt/\u56fe")
+        assert sock.recv(4096).decode("latin-1") == "READY=1\nSTATUS=serving /mnt/\\u56fe"
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert not systemd.notify(READY="1")  # no service manager: nothing sent, nothing raised

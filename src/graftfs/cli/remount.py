@@ -16,11 +16,10 @@ import os
 import sys
 import time
 
-from sdnotify import SystemdNotifier
-
 from graftfs.cli import mount
 from graftfs.cli.common import graftfs_mountpoint, one_line
 from graftfs.linux import MNT_DETACH, umount
+from graftfs.node import systemd
 from graftfs.node.mounts import pid_alive, read_runtime
 from graftfs.node.options import ConfigError, MountConfig
 
@@ -107,19 +106,10 @@ def _tell_service_manager(mp: str, new: object) -> bool:
               "the unit stops when the old daemon exits", file=sys.stderr)
         return False
     try:
-        notifier = SystemdNotifier(debug=True)  # debug: raise what it otherwise ignores
-        try:
-            notifier.notify(f"MAINPID={new}")
-            notifier.notify(f"STATUS=serving {_latin1(mp)}")  # sdnotify encodes as Latin-1
-        finally:
-            notifier.socket.close()
-    except (OSError, ValueError) as e:
+        systemd.notify(strict=True, MAINPID=str(new), STATUS=f"serving {mp}")
+    except OSError as e:
         print(f"graftfs remount: {mp} was remounted, but systemd could not be told the new daemon's pid "
               f"({one_line(e)}); the unit stops when the old daemon exits", file=sys.stderr)
         return False
     return True
 
-
-def _latin1(text: str) -> str:
-    """``text`` as sdnotify can send it (it encodes as Latin-1): other characters escaped."""
-    return text.encode("latin-1", "backslashreplace").decode("latin-1")

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import trio
-from sdnotify import SystemdNotifier
 
 from graftfs import __version__
 from graftfs.format.names import STATE_DIR
@@ -30,7 +29,7 @@ from graftfs.fuse.kernel_cache import KernelCache, ViewGeneration
 from graftfs.fuse.operations import GraftOperations
 from graftfs.fuse.watcher import Watcher
 from graftfs.fuse.workers import Workers, all_local, guarded
-from graftfs.node import binds
+from graftfs.node import binds, systemd
 from graftfs.node.autopublish import AutoPublisher
 from graftfs.node.keeper import LeaseKeeper
 from graftfs.node.layout_choice import LayoutCheck, LayoutChoice, choose_layout
@@ -179,7 +178,7 @@ async def _serve(bg: Background) -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async for signum in signals:
                     log.info("signal %d: unmounting", signum)
-                    SystemdNotifier().notify("STOPPING=1")
+                    systemd.notify(STOPPING="1")
                     await bg.bound.remove()  # they would keep the mount busy
                     session.stop()
                     return
@@ -294,9 +293,7 @@ def _ready(ready_fd: int | None, mountpoint: str) -> None:
     """The mount and its binds are ready: tell `graftfs mount` (its pipe) and systemd (a
     Type=notify service: NOTIFY_SOCKET; nothing is sent without it)."""
     _tell(ready_fd, "READY")
-    notifier = SystemdNotifier()
-    notifier.notify("READY=1")  # on its own: a status it cannot encode must not lose it
-    notifier.notify(f"STATUS=serving {mountpoint}")
+    systemd.notify(READY="1", STATUS=f"serving {mountpoint}")
 
 
 def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
