@@ -510,6 +510,11 @@ def test_unit_under_systemd(booted: tuple[Systemd, str, str, str]) -> None:
     sd.systemctl("restart", share_unit, check=False)  # may fail (in use): it must not matter
     assert sd.show(unit)["MainPID"] == str(first) and sd.daemon_pid(mnt) == first
 
+    # a remount by hand would leave systemd to stop the unit with the old daemon: refused
+    by_hand = sd.run(str(VENV_GRAFTFS), "remount", mnt, check=False)
+    assert by_hand.returncode == 1 and f"run: systemctl reload {unit}" in by_hand.stderr, by_hand.stderr
+    assert sd.daemon_pid(mnt) == first
+
     # reload: a new daemon, and systemd follows it
     sd.systemctl("reload", unit)
     state = sd.show(unit)
@@ -581,3 +586,19 @@ def test_notify_sends_one_message_whatever_the_mountpoint(tmp_path: Path, monkey
         assert sock.recv(4096).decode("latin-1") == "READY=1\nSTATUS=serving /mnt/\\u56fe"
     monkeypatch.delenv("NOTIFY_SOCKET")
     assert not systemd.notify(READY="1")  # no service manager: nothing sent, nothing raised
+
+
+def test_remount_by_hand_of_a_unit_daemon_points_at_systemctl_reload(tmp_path: Path) -> None:
+    """A remount outside the unit would leave systemd to stop the unit when the old daemon exits
+    (the new one serving outside it): the daemon's control group says which unit it is."""
+    from graftfs.cli.remount import service_unit
+
+    proc = tmp_path / "proc"
+    for pid, cgroup in ((10, "0::/system.slice/system-graftfs.slice/graftfs@podman.service\n"),
+                        (11, "9:name=systemd:/system.slice/system-graftfs.slice/graftfs@crio.service\n4:pids:/\n"),
+                        (12, "0::/user.slice/user-0.slice/session-3.scope\n"),
+                        (13, "0::/system.slice/gitlab-runner.service\n"), (14, "9:name=systemd:/\n")):
+        (proc / str(pid)).mkdir(parents=True)
+        (proc / str(pid) / "cgroup").write_text(cgroup)
+    assert [service_unit(pid, str(proc)) for pid in (10, 11, 12, 13, 14, 15)] == [
+        "graftfs@podman.service", "graftfs@crio.service", None, None, None, None]

@@ -59,6 +59,13 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"graftfs remount: {mp}: {e}", file=sys.stderr)
         return 1
+    unit = service_unit(old) if isinstance(old, int) else None
+    if unit is not None and not os.environ.get("NOTIFY_SOCKET"):
+        # by hand under a unit: systemd would stop the unit when the old daemon exits, and the
+        # new daemon would serve outside it
+        print(f"graftfs remount: {mp} is served by the systemd unit {unit}; run: systemctl reload {unit}",
+              file=sys.stderr)
+        return 1
     try:
         umount(mp, MNT_DETACH)  # the old daemon's binds go with it
     except OSError as e:
@@ -113,3 +120,19 @@ def _tell_service_manager(mp: str, new: object) -> bool:
         return False
     return True
 
+
+def service_unit(pid: int, proc: str = "/proc") -> str | None:
+    """The graftfs systemd service (tools/systemd/graftfs@.service) a daemon runs in, from its
+    control group, if any: such a graph must be remounted through the unit (``systemctl
+    reload``). Other services (a CI runner starting graftfs) are not the daemon's unit."""
+    try:
+        with open(f"{proc}/{pid}/cgroup", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        path = line.split(":", 2)[-1]
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("graftfs") and name.endswith(".service"):
+            return name
+    return None
