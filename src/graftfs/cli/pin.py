@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from graftfs.cli.common import attempt
-from graftfs.node.mounts import FSTYPE, canonical, find_mount, read_runtime
+from graftfs.cli.common import attempt, graftfs_mountpoint
+from graftfs.node.mounts import canonical, read_runtime
 from graftfs.share import pins
 
 NAME = "pin"
@@ -20,10 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def rw_of(command: str, graph: str) -> str | None:
     """The RW tree of a graftfs mount, from its daemon's runtime record; None after one line."""
-    mp = canonical(graph)
-    entry = find_mount(mp)
-    info = read_runtime(mp) if entry is not None and entry.fstype == FSTYPE else None
-    rw = info.get("rw") if info else None
+    mp = graftfs_mountpoint(command, graph)
+    if mp is None:
+        return None
+    rw = (read_runtime(mp) or {}).get("rw")
     if not isinstance(rw, str):
         print(f"graftfs {command}: {mp} is not a running graftfs mount", file=sys.stderr)
         return None

@@ -20,7 +20,7 @@ from graftfs.cli import mount
 from graftfs.cli.common import graftfs_mountpoint, one_line
 from graftfs.linux import MNT_DETACH, umount
 from graftfs.node import systemd
-from graftfs.node.mounts import pid_alive, read_runtime
+from graftfs.node.mounts import pid_alive, read_runtime, recorded_pid
 from graftfs.node.options import ConfigError, MountConfig
 
 NAME = "remount"
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"graftfs remount: the new daemon did not mount; {mp} is now an empty directory "
               f"(mount it again with: graftfs mount {' '.join(argv)})", file=sys.stderr)
         return 1
-    new = (read_runtime(mp) or {}).get("pid")
+    new = recorded_pid(mp)
     print(f"graftfs remount: {mp}: daemon {old} replaced by {new}")
     told = _tell_service_manager(mp, new)
     if isinstance(old, int):
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     return 0 if told else 1
 
 
-def _tell_service_manager(mp: str, new: object) -> bool:
+def _tell_service_manager(mp: str, new: int | None) -> bool:
     """Tell the service manager that runs this remount (NOTIFY_SOCKET set: the ExecReload of
     graftfs@.service) the new daemon's pid, once it serves; nothing without NOTIFY_SOCKET.
     False, after one line on stderr, when the service manager asked for it and was not told.
@@ -108,7 +108,7 @@ def _tell_service_manager(mp: str, new: object) -> bool:
     """
     if not os.environ.get("NOTIFY_SOCKET"):
         return True
-    if not isinstance(new, int) or new <= 0:
+    if new is None or new <= 0:
         print(f"graftfs remount: {mp} was remounted, but the new daemon recorded no pid to tell systemd; "
               "the unit stops when the old daemon exits", file=sys.stderr)
         return False

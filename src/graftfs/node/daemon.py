@@ -33,7 +33,7 @@ from graftfs.node import binds, systemd
 from graftfs.node.autopublish import AutoPublisher
 from graftfs.node.keeper import LeaseKeeper
 from graftfs.node.layout_choice import LayoutCheck, LayoutChoice, choose_layout
-from graftfs.node.mounts import check_mountable, is_graftfs_daemon, read_runtime, remove_runtime, write_runtime
+from graftfs.node.mounts import check_mountable, is_graftfs_daemon, recorded_pid, remove_runtime, write_runtime
 from graftfs.node.options import ConfigError, MountConfig
 from graftfs.share import leases, pins
 from graftfs.view.containers_storage import ContainersStorageLayout, containers_storage_catalog
@@ -143,7 +143,7 @@ class BindState:
         record naming this daemon makes them ours: a missing one (removed, or the new daemon's
         not written yet) proves nothing, and unbinding a successor's binds under its running
         containers is worse than leaving ours (the lazy unmount at exit takes them along)."""
-        return (read_runtime(self.mountpoint) or {}).get("pid") == os.getpid()
+        return recorded_pid(self.mountpoint) == os.getpid()
 
 
 BIND_REMOVE_SECONDS = 10.0
@@ -249,8 +249,8 @@ def start_metrics(cfg: MountConfig) -> MetricsServer | None:
 def _predecessor(mountpoint: str) -> int | None:
     """The pid of the daemon this mountpoint's runtime record names, when that is not this one:
     the one ``graftfs remount`` replaces (still serving its detached mount), or a dead one."""
-    pid = (read_runtime(mountpoint) or {}).get("pid")
-    return pid if isinstance(pid, int) and pid != os.getpid() else None
+    pid = recorded_pid(mountpoint)
+    return pid if pid != os.getpid() else None
 
 
 def watch_metrics(metrics: MetricsServer | None, cfg: MountConfig, started: float, layout: str, ops: GraftOperations,

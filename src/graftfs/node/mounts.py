@@ -112,6 +112,12 @@ def read_runtime(mountpoint: str) -> dict[str, object] | None:
     return data if isinstance(data, dict) else None
 
 
+def recorded_pid(mountpoint: str) -> int | None:
+    """The pid of the daemon the mountpoint's runtime record names (alive or not), if any."""
+    pid = (read_runtime(mountpoint) or {}).get("pid")
+    return pid if isinstance(pid, int) else None
+
+
 def remove_runtime(mountpoint: str, pid: int | None = None) -> None:
     """Remove the runtime record (only our own when ``pid`` is given)."""
     info = read_runtime(mountpoint)
