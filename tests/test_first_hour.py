@@ -162,3 +162,14 @@ def test_the_status_json_has_what_readme_promises(make_node: Callable[..., Node]
     # the graph's statfs is the node's own RW filesystem (what kubelet's image GC measures)
     graph, rw = os.statvfs(a.mount.mnt), os.statvfs(a.mount.rw)
     assert (graph.f_bsize, graph.f_blocks, graph.f_files) == (rw.f_bsize, rw.f_blocks, rw.f_files)
+
+
+def test_an_isulad_runtime_on_a_containers_storage_mount_is_reported(
+        sample: Sample, mount_factory: Callable[..., GraftMount], tmp_path: Path) -> None:
+    """The mount's own lock files (bound over the view) must not hide iSulad's per-layer records."""
+    rw = tmp_path / "rw-cs"
+    rw.mkdir()
+    node = mount_factory(str(rw), [sample.share_ro], "--layout", "containers-storage")
+    os.makedirs(node.path("overlay-layers", "a" * 64))  # what iSulad writes for a layer
+    wait_for(lambda: node.status().get("layout_warning"), 10, "the layout warning")
+    assert "iSulad" in str(node.status()["layout_warning"]) and "layout=isulad" in str(node.status()["layout_warning"])

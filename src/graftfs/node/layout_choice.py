@@ -99,9 +99,14 @@ def choose_layout(cfg: MountConfig) -> LayoutChoice:
 
 
 def mismatch(layout: str, rw_root: str) -> str | None:
-    """A warning when the runtime writes the other layout's files into the RW tree."""
-    found = runtime_layout(rw_root)
-    if found is None or found == layout or layout not in (CONTAINERS_STORAGE, ISULAD):
+    """A warning when the runtime writes the other layout's files into the RW tree. Only the
+    other layout's files count: a containers-storage mount's RW tree always holds its own lock
+    files (the daemon binds them), which must not hide an iSulad runtime writing there."""
+    if layout == CONTAINERS_STORAGE and _writes_isulad(rw_root):
+        found = ISULAD
+    elif layout == ISULAD and _writes_containers_storage(rw_root):
+        found = CONTAINERS_STORAGE
+    else:
         return None
     runtime = "containers/storage (podman, CRI-O)" if found == CONTAINERS_STORAGE else "iSulad"
     return (f"the runtime writes {runtime} files into {rw_root} but this mount presents the {layout} "
