@@ -54,6 +54,19 @@ def wait_for(predicate: object, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
+def settled_notifications(g: GraftMount) -> int:
+    """The kernel notifications sent so far, once the mount's own first changes are told (its
+    lease written into the share shows in the next poll)."""
+    last = None
+    for _ in range(20):
+        now = int(g.status()["watcher"]["kernel_notifications"])  # type: ignore[index]
+        if now == last:
+            return now
+        last = now
+        time.sleep(0.7)
+    raise AssertionError("the watcher keeps notifying on an idle mount")
+
+
 def force_unmount(path: str) -> None:
     """Unmount whatever is at ``path`` (busy or dead mounts are detached)."""
     for _ in range(5):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GraftMount, Sample, bind_ro, force_unmount, needs_mount, sh, wait_for
+from conftest import GraftMount, Sample, bind_ro, force_unmount, needs_mount, settled_notifications, sh, wait_for
 from graftfs.node.mounts import find_mount
 from graftfs.share.sample import SampleLayer, chain, digest, publish_sample_image
 
@@ -85,9 +85,12 @@ def test_runtime_rewrite_is_split_back(podman_node: tuple[GraftMount, Sample, di
     new_layer = {"id": digest("layer:cs-new"), "parent": ids["local_layer"]}
     written = [r for r in current if r["id"] != ids["app"]] + [new_layer]  # podman deleted a leaf, added one
     tmp = g.path("overlay-layers", ".tmp-layers.json123")
-    Path(tmp).write_text(json.dumps(written))
+    Path(tmp).write_text(json.dumps(written, indent=1))  # not the size of the file composed from it
     os.rename(tmp, index)  # what containers/storage's atomic write does
     assert set(records(index)) == {ids["base0"], ids["base1"], ids["local_layer"], new_layer["id"]}
+    # the kernel held the renamed file's size under the name: it is told the composed file's
+    wait_for(lambda: int(sh("stat", "-c", "%s", index).stdout) == len(sh("cat", index).stdout.encode()), 2,
+             "the composed file's size through stat")
     assert ids["image_b"] not in records(g.path("overlay-images", "images.json"))  # its top layer is gone here
     own = json.loads(Path(sample.rw, "overlay-layers", "layers.json").read_text())
     assert {r["id"] for r in own} == {ids["local_layer"], new_layer["id"]}  # shared records stay shared
@@ -104,6 +107,30 @@ def test_runtime_rewrite_is_split_back(podman_node: tuple[GraftMount, Sample, di
     Path(tmp).write_text(json.dumps([*before, {"id": digest("layer:cs-new2"), "parent": ids["local_layer"]}]))
     os.rename(tmp, index)
     assert digest("layer:cs-after") in records(index)
+
+
+def test_changes_behind_the_binds_are_not_told_until_the_view_below_them_is_walked(
+        podman_node: tuple[GraftMount, Sample, dict[str, str]]) -> None:
+    """podman changes its database and lock files through graftfs' binds all the time: the
+    kernel caches nothing of the view below them, so the watcher tells it nothing. Once the view
+    below a bound directory is walked (the bind removed), changes behind it are told again."""
+    g, sample, _ = podman_node
+    libpod, lock = g.path("libpod"), g.path("overlay-layers", "layers.lock")
+    wait_for(lambda: find_mount(libpod) is not None and find_mount(lock) is not None, 10, "the daemon's binds")
+    notified = settled_notifications(g)
+    for i in range(10):
+        Path(libpod, "db").write_text(str(i))
+        fd = os.open(lock, os.O_WRONLY)
+        try:
+            os.pwrite(fd, bytes([i]) * 64, 0)  # a new token, as a writer of the store leaves
+        finally:
+            os.close(fd)
+    time.sleep(0.5)  # the events are read within milliseconds
+    assert g.status()["watcher"]["kernel_notifications"] == notified  # type: ignore[index]
+    subprocess.run(["umount", libpod], check=True, timeout=30)
+    assert sh("cat", g.path("libpod", "db")).stdout == "9"  # through the view now: the kernel caches it
+    Path(sample.rw, "libpod", "db").write_text("behind")
+    wait_for(lambda: sh("cat", g.path("libpod", "db")).stdout == "behind", 2, "a change behind the view")
 
 
 def test_image_published_while_mounted_shows_in_images_json(

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import GraftMount, Sample, needs_mount, sh, wait_for
+from conftest import GraftMount, Sample, needs_mount, settled_notifications, sh, wait_for
 from graftfs.linux import umount
 from graftfs.share.sample import chain, digest, publish_sample_image, short_name
 
@@ -161,6 +161,32 @@ def test_rw_changes_behind_the_mount_are_seen(graft: GraftMount, sample: Sample)
     seen_within(lambda: sh("cat", graft.path(*shared)).stdout == "NAME=local\n", FRESH, "the RW copy")
     os.unlink(os.path.join(sample.rw, *shared))
     seen_within(lambda: sh("cat", graft.path(*shared)).stdout == "NAME=demo\n", FRESH, "the shared file again")
+
+
+def test_changes_through_the_mount_are_not_told_back_to_the_kernel(graft: GraftMount, sample: Sample) -> None:
+    """The RW tree's inotify events for what requests through the mount did are theirs: the
+    kernel made those changes and knows their outcome, so the watcher tells it nothing (it did,
+    several times per container start). A change behind the mount afterwards is still seen."""
+    notified = settled_notifications(graft)
+    work = graft.path("work")
+    script = f"""set -e
+        mkdir {work} {work}/sub
+        for i in $(seq 20); do echo $i > {work}/f$i; echo more >> {work}/f$i; done
+        for i in $(seq 10); do mv {work}/f$i {work}/sub/g$i; chmod 600 {work}/sub/g$i; done
+        truncate -s 1 {work}/f11
+        rm {work}/f12 {work}/sub/g1
+        ln -s f13 {work}/link"""
+    out = sh("sh", "-c", textwrap.dedent(script))
+    assert out.returncode == 0, out.stderr
+    time.sleep(0.5)  # the events are read within milliseconds
+    assert graft.status()["watcher"]["kernel_notifications"] == notified  # type: ignore[index]
+    assert sh("cat", graft.path("work", "f11")).stdout == "1"
+    time.sleep(1.0)  # past InodeTable's OWN_CHANGE_SECONDS: now a change of these names is someone else's
+    Path(sample.rw, "work", "sub", "g2").write_text("changed behind\n")
+    seen_within(lambda: sh("cat", graft.path("work", "sub", "g2")).stdout == "changed behind\n", FRESH,
+                "a change behind the mount to a name changed through it before")
+    Path(sample.rw, "work", "f14").unlink()
+    seen_within(lambda: not visible(graft.path("work", "f14")), FRESH, "a removal behind the mount")
 
 
 def test_unavailable_share_keeps_the_view(graft: GraftMount, sample: Sample) -> None:

@@ -16,6 +16,7 @@ Only the trio thread touches this table, so it needs no locking.
 from __future__ import annotations
 
 import errno
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,6 +24,14 @@ from dataclasses import dataclass, field
 import pyfuse3
 
 VPath = tuple[str, ...]
+
+#: How long after a request through the mount changed a name the inotify events for it are
+#: taken as that request's own (changed_through_mount). The kernel queues them during the
+#: syscall and the watcher reads them within milliseconds; a change made behind the mount to
+#: the very same name within this time is the only one that would be taken for the request's.
+OWN_CHANGE_SECONDS = 1.0
+#: Names whose last change is remembered before the old ones are dropped.
+MAX_CHANGED_NAMES = 4096
 
 
 @dataclass(eq=False, slots=True)
@@ -47,6 +56,7 @@ class InodeTable:
         self._by_ino: dict[int, Node] = {self.root.ino: self.root}
         self._next = pyfuse3.ROOT_INODE + 1
         self._busy: dict[tuple[int, str], int] = {}  # (parent ino, name) -> requests changing it
+        self._changed: dict[tuple[int, str], float] = {}  # (parent ino, name) -> when a request last changed it
         self._by_identity: dict[tuple[int, int], Node] = {}  # hard-linked files' nodes
 
     def __len__(self) -> int:
@@ -85,9 +95,41 @@ class InodeTable:
                     self._busy[key] = left
                 else:
                     del self._busy[key]
+                self._note_changed(key)
 
     def is_busy(self, parent: Node, name: str) -> bool:
         return (parent.ino, name) in self._busy
+
+    def changed(self, node: Node) -> None:
+        """A request changed the entry through an open file or its attributes (a write, a
+        truncate, a chmod): the kernel already knows what it did (see changed_through_mount)."""
+        if node.parent is not None:
+            self._note_changed((node.parent.ino, node.name))
+
+    def changed_through_mount(self, parent: Node, name: str) -> bool:
+        """Is a request changing this name now, or did one within OWN_CHANGE_SECONDS?
+
+        Then an inotify event for it in the RW tree is that request's own: the kernel made the
+        change through the mount and knows its outcome already (where the view shows something
+        else, the request tells the watcher itself: GraftOperations._recheck_links; a merged
+        index file renamed over has its attributes fetched again by the kernel after the rename).
+        Acting on such events cost a re-resolution, a notification and a view generation each,
+        twenty per container start."""
+        key = (parent.ino, name)
+        if key in self._busy:
+            return True
+        when = self._changed.get(key)
+        return when is not None and time.monotonic() - when < OWN_CHANGE_SECONDS
+
+    def _note_changed(self, key: tuple[int, str]) -> None:
+        now = time.monotonic()
+        self._changed.pop(key, None)  # re-inserted last: the dict stays in order of change
+        self._changed[key] = now
+        while len(self._changed) > MAX_CHANGED_NAMES:
+            oldest = next(iter(self._changed))
+            if now - self._changed[oldest] < OWN_CHANGE_SECONDS:
+                break  # a burst of changes: kept until they are older
+            del self._changed[oldest]
 
     def find(self, vpath: VPath) -> Node | None:
         """The node at a view path if the kernel was ever told of it (never creates one)."""

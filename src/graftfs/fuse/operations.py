@@ -291,7 +291,9 @@ class GraftOperations(pyfuse3.Operations):
             st = await self.workers.run_thread(_setattr_fd, fh, attr, fields)
             return self._entry(node, Attr.from_stat(st))
         vpath = self._path(inode)
+        self.inodes.changed(node)
         res = await self.workers.run_thread(self._setattr_path, vpath, attr, fields, fh)
+        self.inodes.changed(node)
         return self._reply(node, res)
 
     def _setattr_path(
@@ -425,6 +427,8 @@ class GraftOperations(pyfuse3.Operations):
         old_parent, old_name, src = self._child_path(parent_inode_old, name_old)
         new_parent, new_name, dst = self._child_path(parent_inode_new, name_new)
         with self.inodes.busy((old_parent, old_name), (new_parent, new_name)):
+            # (a merged index file renamed over shows the composed file, not the one renamed: the
+            # kernel fetches the renamed file's attributes again after any rename)
             await self.workers.run_thread(self.ns.rename, src, dst, flags, ctx.pid)
             if flags & RENAME_EXCHANGE:
                 self.inodes.exchange(old_parent, old_name, new_parent, new_name)
@@ -453,10 +457,15 @@ class GraftOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
         vpath = self._path(inode)
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
+        if writing:
+            self.inodes.changed(node)  # a copy-up or truncation made by this request
         try:
             fd, in_rw = await self.workers.run(self.ns.open, vpath, flags, ctx.pid, copy_up=False)
         except NeedsCopyUp:
             fd, in_rw = await self.workers.run_thread(self.ns.open, vpath, flags, ctx.pid)
+        if writing:
+            self.inodes.changed(node)
         node.open_fds.add(fd)
         self._files[fd] = (node, in_rw)
         if self.ns.layout.file_policy(vpath, in_rw).direct_io:
@@ -471,9 +480,17 @@ class GraftOperations(pyfuse3.Operations):
 
     @fuse_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        self._changing(fh)
         written = await self.workers.run_fd(os.pwrite, fh, buf, off)
+        self._changing(fh)  # (before and after: a slow write's event may be read while it runs)
         self.bytes_written += written
         return written
+
+    def _changing(self, fh: int) -> None:
+        """This open file is being written through the mount (InodeTable.changed)."""
+        entry = self._files.get(fh)
+        if entry is not None:
+            self.inodes.changed(entry[0])
 
     @fuse_boundary
     async def fsync(self, fh: int, datasync: bool) -> None:

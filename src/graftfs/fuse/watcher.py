@@ -108,6 +108,7 @@ class Watcher:
         self._ro_dirs: dict[int, int] = {}  # inotify wd -> index of the shared tree
         self._local_trees: set[int] = set()
         self._watch_limit_logged = False
+        self._bound: set[int] = set()  # nodes the daemon bind-mounted RW entries over (behind_binds)
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -134,6 +135,28 @@ class Watcher:
             return
         node.wd = wd
         self._rw_dirs[wd] = node
+
+    def behind_binds(self, vpaths: list[tuple[str, ...]]) -> None:
+        """The daemon bind-mounted these RW files and directories over their names in the view
+        (graftfs.node.binds; trio thread). Path walks cross into the binds inside the kernel, so
+        the runtime's constant changes there (its database, its lock files) need not be told:
+        the kernel caches nothing of the view below a bound directory until something looks a
+        name up through the view there (a bind removed, another mount namespace), and a lock
+        file is read uncached and keeps its size (graftfs.view.lock_tokens)."""
+        for vpath in vpaths:
+            node = self.inodes.find(vpath)
+            if node is not None:
+                self._bound.add(node.ino)
+
+    def _nothing_to_tell(self, node: Node, name: str) -> bool:
+        """Is there nothing the kernel could hold stale after this RW event? So for a request's
+        own change (InodeTable.changed_through_mount) and for changes behind binds (behind_binds)."""
+        if self.inodes.changed_through_mount(node, name):
+            return True
+        if node.ino in self._bound and not node.children:
+            return True
+        child = node.children.get(name)
+        return child is not None and child.ino in self._bound
 
     def forget_rw_dir(self, node: Node) -> None:
         """The kernel forgot a directory: nothing of it is cached any more, so stop watching it."""
@@ -334,7 +357,7 @@ class Watcher:
                 del self._rw_dirs[ev.wd]
                 node.wd = 0
                 continue
-            if not ev.name or node.detached:
+            if not ev.name or node.detached or self._nothing_to_tell(node, ev.name):
                 continue
             if not may_hold_entries(node):
                 # the kernel knows this directory as a link now (a layer's diff, see

@@ -115,6 +115,8 @@ class BindState:
     ready: Callable[[], None]  # tells `graftfs mount` the mount is ready: only once bound, so that
     # no client opens a lock file through FUSE (a different inode, whose locks would not exclude
     # those taken on the RW file under the bind)
+    #: told the view paths bound (the watcher: nothing to tell the kernel of changes behind them)
+    on_bound: Callable[[list[tuple[str, ...]]], None] | None = None
     targets: list[str] = field(default_factory=list)
     made: trio.Event = field(default_factory=trio.Event)
 
@@ -122,6 +124,8 @@ class BindState:
         try:
             if self.wanted:
                 self.targets = await trio.to_thread.run_sync(binds.bind_all, self.rw_root, self.mountpoint)
+                if self.on_bound is not None:
+                    self.on_bound([tuple(os.path.relpath(t, self.mountpoint).split(os.sep)) for t in self.targets])
                 write_runtime(self.mountpoint, {**self.runtime, "binds": self.targets})  # for graftfs umount
         except OSError as e:
             log.warning("cannot record the binds: %s", e)
@@ -322,7 +326,8 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
     # argv: what `graftfs remount` mounts again
     runtime: dict[str, object] = {"pid": os.getpid(), "rw": cfg.rw, "ro": cfg.ro, "log": cfg.log_file,
                                   "argv": cfg.to_argv()}
-    bound = BindState(ns.layout.binds, ns.rw_root, cfg.mountpoint, runtime, lambda: _ready(ready_fd, cfg.mountpoint))
+    bound = BindState(ns.layout.binds, ns.rw_root, cfg.mountpoint, runtime, lambda: _ready(ready_fd, cfg.mountpoint),
+                      on_bound=watcher.behind_binds if watcher is not None else None)
     bg = Background(bound, workers, trees, LayoutCheck(choice.name, ns.rw_root, workers), watcher,
                     make_keeper(cfg, ns, workers), autopublish)
 
