@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ from graftfs.view.containers_storage import ContainersStorageLayout, containers_
 from graftfs.view.hides import HideStore
 from graftfs.view.isulad import IsuladLayout, isulad_catalog
 from graftfs.view.layout import VPath
-from graftfs.view.namespace import Namespace, NeedsCopyUp
+from graftfs.view.namespace import Busy, Namespace, NeedsCopyUp
 from graftfs.view.plain import PlainLayout
 
 #: The owner the tests give what they create through the view.
@@ -445,7 +446,11 @@ def test_opening_a_shared_file_for_writing_copies_it_up(isulad: IsuladNode) -> N
         os.close(fd)
     assert read_view(ns, index) == b"new"
     assert isulad.share_diff(isulad.ids.web, "srv", "index.html").read_bytes() == b"<h1>web</h1>\n"
-    # an explicit copy-up (a metadata change) copies data and metadata
+    # an explicit copy-up (a metadata change) copies data and metadata; a quick one (the trio
+    # thread's) copies nothing and says a worker must
+    with pytest.raises(NeedsCopyUp):
+        ns.copy_up(isulad.diff(base, "bin", "hello"), quick=True)
+    assert ns.copy_up(index, quick=True) == str(isulad.rw / "overlay" / isulad.ids.web / "diff" / "srv" / "index.html")
     hello = ns.copy_up(isulad.diff(base, "bin", "hello"))
     assert Path(hello).read_bytes() == b"hi\n" and hello.startswith(str(isulad.rw))
     assert os.stat(hello).st_mtime_ns == os.stat(isulad.share_diff(base, "bin", "hello")).st_mtime_ns
@@ -487,6 +492,34 @@ def test_unlink_and_rmdir_of_shared_entries_record_persistent_hides(isulad: Isul
     write_new(again, hello, b"mine\n")
     assert again.resolve(hello).origin == "rw" and read_view(again, hello) == b"mine\n"
     assert sorted(names(again, isulad.diff(ids.base, "bin"))) == ["hello", "sh"]
+
+
+def test_a_quick_change_never_waits_for_another_threads_change(isulad: IsuladNode) -> None:
+    """The trio thread runs unlink and rmdir itself (Namespace.unless_busy) but must not wait
+    for a worker that holds the mutation lock (through an fsync, a copy-up's rename): Busy, and
+    the change is left to a worker."""
+    ns, ids = isulad.ns, isulad.ids
+    hello = isulad.diff(ids.base, "bin", "hello")
+    holding, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with ns._mutating:  # as a worker in the middle of a change
+            holding.set()
+            done.wait(10)
+
+    worker = threading.Thread(target=hold)
+    worker.start()
+    try:
+        assert holding.wait(10)
+        with pytest.raises(Busy):
+            ns.unless_busy(ns.unlink_entry, hello)
+        assert ns.resolve(hello).origin != "rw"  # nothing changed
+    finally:
+        done.set()
+        worker.join(10)
+    assert ns.unless_busy(ns.unlink_entry, hello) is None  # a shared file: hidden, nothing to discard
+    with pytest.raises(FileNotFoundError):
+        ns.resolve(hello)
 
 
 def test_renaming_a_shared_entry_away_hides_its_old_name(isulad: IsuladNode) -> None:

@@ -28,8 +28,9 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 from graftfs.format.attrs import Attr
 from graftfs.format.names import IMAGES, LAYERS, RW_ORIGIN, STATE_DIR, is_id, origin_of
@@ -142,8 +143,15 @@ class HungTrees:
                 calls.pop(key, None)
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
 class NeedsCopyUp(Exception):
     """Opening this file for writing copies it to RW first (see Namespace.open)."""
+
+
+class Busy(Exception):
+    """Another thread is changing the view (see Namespace.unless_busy)."""
 
 
 _trash: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -428,8 +436,10 @@ class Namespace:
         self._copy_meta(res.top, path)
         return path
 
-    def copy_up(self, vpath: VPath, with_data: bool = True) -> str:
-        """Make ``vpath`` an RW entry (files get a full copy unless ``with_data`` is False)."""
+    def copy_up(self, vpath: VPath, with_data: bool = True, quick: bool = False) -> str:
+        """Make ``vpath`` an RW entry (files get a full copy unless ``with_data`` is False).
+        With ``quick``, an entry not in RW yet raises NeedsCopyUp instead (the caller is on a
+        thread that must not copy)."""
         res = self.resolve(vpath)
         if res.top.content is not None:
             raise PermissionError(errno.EPERM, "a merged file is changed by renaming a new one over it",
@@ -441,6 +451,8 @@ class Namespace:
         if res.top.is_rw:
             assert res.top.path is not None
             return res.top.path
+        if quick:
+            raise NeedsCopyUp(vpath)
         if res.is_dir:
             return self.ensure_rw_dir(vpath)
         self.ensure_rw_dir(vpath[:-1])
@@ -592,7 +604,17 @@ class Namespace:
     # -- removal and rename -----------------------------------------------------------------
 
     def unlink(self, vpath: VPath) -> None:
-        discard = None
+        discard = self.unlink_entry(vpath)
+        if discard is not None:
+            # outside the lock: moving a layer's directory waits on kernel locks of the RW
+            # filesystem (the moved directory's, the cross-directory rename lock) that a process
+            # may hold while it waits on a request of ours that needs this lock
+            self.discard_rw_dir(discard)
+
+    def unlink_entry(self, vpath: VPath) -> str | None:
+        """unlink's change of the view. A layer directory the view showed as a link is not
+        removed here: its path is returned, for the caller to move aside with discard_rw_dir
+        outside the mutation lock (see unlink)."""
         with self._mutating:
             res = self.resolve(vpath)
             if res.is_dir:
@@ -600,16 +622,25 @@ class Namespace:
             if res.ro_visible:
                 self.hides.add(vpath)  # first: a crash between the steps must not revive the RO entry
             if res.top.is_rw and res.top.direct:
-                discard = self.rw_path(vpath)
-            elif res.top.is_rw:
+                return self.rw_path(vpath)
+            if res.top.is_rw:
                 os.unlink(self.rw_path(vpath))
-        if discard is not None:
-            # outside the lock: moving a layer's directory waits on kernel locks of the RW
-            # filesystem (the moved directory's, the cross-directory rename lock) that a process
-            # may hold while it waits on a request of ours that needs this lock
-            self._discard_rw_dir(discard)
+        return None
 
-    def _discard_rw_dir(self, path: str) -> None:
+    def unless_busy(self, change: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """``change(*args)`` if no other thread is changing the view right now, else Busy.
+
+        For the trio thread, which runs quick changes itself when every tree is local (a hop to
+        a worker thread costs ten times the change) but must never wait for the mutation lock:
+        a worker may hold it through an fsync (a merged file's split) or a copy-up's rename."""
+        if not self._mutating.acquire(blocking=False):
+            raise Busy
+        try:
+            return change(*args, **kwargs)
+        finally:
+            self._mutating.release()
+
+    def discard_rw_dir(self, path: str) -> None:
         """Remove a layer directory the view showed as a link (the runtime unlinks the link):
         moved aside at once, so the request returns quickly, and deleted in the background."""
         os.makedirs(self.tmp_dir, exist_ok=True)
