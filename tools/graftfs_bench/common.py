@@ -50,8 +50,12 @@ class Timing:
     def median(self) -> float:
         return statistics.median(self.values)
 
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
     def as_dict(self) -> dict[str, object]:
-        return {"min_s": round(self.min, 4), "median_s": round(self.median, 4),
+        return {"min_s": round(self.min, 4), "median_s": round(self.median, 4), "mean_s": round(self.mean, 4),
                 "runs_s": [round(v, 4) for v in self.values]}
 
 

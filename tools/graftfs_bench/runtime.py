@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from graftfs.share.sample import busybox_image_tar
+from graftfs_bench import fusetrace
 from graftfs_bench.common import (
     GRAFTFS_ENV,
     VENV_PY,
@@ -36,6 +37,8 @@ from graftfs_bench.common import (
 )
 
 IMAGE = "localhost/bench:1"
+#: `podman run` repetitions per --reps: its times move in ~50 ms steps, so means need many runs
+RUNS_PER_REP = 10
 IN_CONTAINER = {
     "read 512 MiB image file (cold)": ("dd if=/data/big of=/dev/null bs=1M 2>/dev/null", True),
     "read 512 MiB image file (warm)": ("dd if=/data/big of=/dev/null bs=1M 2>/dev/null", False),
@@ -149,8 +152,16 @@ def run(work: Path, reps: int) -> dict[str, object]:
         variants = {"native": native, "graftfs": graft}
         say("  podman run --rm IMG true")
         before = _requests(mount)["requests"]
-        rows["podman run --rm IMG true"] = interleaved(each(variants, Podman.timed_run), reps * 5)
-        per_run = _per_run(before, _requests(mount)["requests"], reps * 5 + 1)  # + the unmeasured round
+        why_not = fusetrace.available()
+        trace = fusetrace.FuseTrace(mount.mnt) if why_not is None else None
+        runs = reps * RUNS_PER_REP
+        if trace is not None:
+            trace.start()
+        try:
+            rows["podman run --rm IMG true"] = interleaved(each(variants, Podman.timed_run), runs)
+        finally:
+            waited = trace.stop() if trace is not None else None
+        per_run = _per_run(before, _requests(mount)["requests"], runs + 1)  # + the unmeasured round
         for measure, (script, cold) in IN_CONTAINER.items():
             say(f"  {measure}")
             in_container = functools.partial(Podman.in_container, script=script, cold=cold)
@@ -163,10 +174,25 @@ def run(work: Path, reps: int) -> dict[str, object]:
         if mount is not None:
             mount.close()
     print_section("podman: graph on native ext4 vs on graftfs (empty RW + the image on a share)", rows)
+    run_rows = rows["podman run --rm IMG true"]
+    native_mean, graft_mean = run_rows["native"].mean, run_rows["graftfs"].mean
+    print(f"  podman run, mean of {len(run_rows['native'].values)} runs each: native {native_mean * 1000:.1f} ms, "
+          f"graftfs {graft_mean * 1000:.1f} ms = {graft_mean / native_mean:.2f} x native (podman's own run times "
+          "move in ~50 ms steps, so the median flips between them; the mean does not)")
     print(f"  graftfs FUSE requests per `podman run --rm IMG true`: {sum(per_run.values()):.0f} "
           f"({', '.join(f'{op} {n:g}' for op, n in per_run.items())})")
+    out: dict[str, object] = {"rows": section_json(rows), "graftfs_requests": requests, "requests_per_run": per_run}
+    if waited is None:
+        print(f"  time podman waited on FUSE requests: not measured ({why_not})")
+    else:
+        by_op = waited.per_run(runs)
+        top = ", ".join(f"{op} {v['ms']:g}" for op, v in list(by_op.items())[:10])
+        print(f"  time podman waited on FUSE requests per run (kernel tracepoints): "
+              f"{waited.total_seconds * 1000 / runs:.1f} ms ({top}, ...)")
+        out["fuse_wait_ms_per_run"] = round(waited.total_seconds * 1000 / runs, 2)
+        out["fuse_wait_per_run_by_opcode"] = by_op
     print(f"  graftfs FUSE requests during all the runs: {requests}")
-    return {"rows": section_json(rows), "graftfs_requests": requests, "requests_per_run": per_run}
+    return out
 
 
 def _per_run(before: object, after: object, runs: int) -> dict[str, float]:

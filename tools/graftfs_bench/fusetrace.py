@@ -1,0 +1,92 @@
+"""How long each FUSE request of one mount took, as the kernel saw it (its fuse tracepoints).
+
+The kernel records ``fuse_request_send`` when a process's request is queued for the daemon and
+``fuse_request_end`` when the daemon's answer arrives: their difference is what the process
+waited, including the daemon's queue and its wake-up, which the daemon's own per-handler times
+leave out. Summed over a workload, it is the time graftfs added to the workload's critical path
+(requests of concurrent processes overlap, so the sum is an upper bound).
+
+The tracepoints need tracefs (mounted here at /sys/kernel/tracing when it is not: what perf
+and bpftrace do too) and a kernel recent enough to have them (this VM's 6.18 has); without
+them the benchmark says so and prints the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TRACEFS = Path("/sys/kernel/tracing")
+EVENTS = TRACEFS / "events" / "fuse"
+#: Trace buffer per CPU: a podman run makes ~300 requests, two events each.
+BUFFER_KB = 32768
+
+_SEND = re.compile(r"\s([\d.]+): fuse_request_send: connection (\d+) req (\d+) opcode \d+ \((\w+)\)")
+_END = re.compile(r"\s([\d.]+): fuse_request_end: connection (\d+) req (\d+) ")
+
+
+@dataclass
+class RequestLatency:
+    """Per opcode: requests answered and the seconds processes waited for them."""
+
+    count: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+    def per_run(self, runs: int) -> dict[str, dict[str, float]]:
+        """Requests and milliseconds waited per run, by opcode, most time first."""
+        rows = sorted(self.seconds.items(), key=lambda kv: -kv[1])
+        return {op.removeprefix("FUSE_").lower(): {"requests": round(self.count[op] / runs, 1),
+                                                    "ms": round(secs * 1000 / runs, 2)} for op, secs in rows}
+
+
+def available() -> str | None:
+    """None when the tracepoints can be used, else why not (mounting tracefs if needed)."""
+    if not TRACEFS.joinpath("events").is_dir():
+        subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS)], capture_output=True, timeout=30,
+                       check=False)
+    if not EVENTS.joinpath("fuse_request_send").is_dir():
+        return "this kernel has no fuse tracepoints"
+    if not os.access(EVENTS / "enable", os.W_OK):
+        return "the fuse tracepoints cannot be enabled (root is needed)"
+    return None
+
+
+class FuseTrace:
+    """Records the requests of the FUSE mount at ``mountpoint`` between start() and stop()."""
+
+    def __init__(self, mountpoint: Path) -> None:
+        # the kernel names a FUSE connection by its superblock's device number: major 0, the minor
+        self.connection = os.minor(os.stat(mountpoint).st_dev)
+
+    def start(self) -> None:
+        (TRACEFS / "buffer_size_kb").write_text(f"{BUFFER_KB}\n")
+        (TRACEFS / "trace").write_text("")
+        (EVENTS / "enable").write_text("1\n")
+
+    def stop(self) -> RequestLatency:
+        (EVENTS / "enable").write_text("0\n")
+        text = (TRACEFS / "trace").read_text(errors="replace")
+        (TRACEFS / "trace").write_text("")
+        return self._parse(text)
+
+    def _parse(self, text: str) -> RequestLatency:
+        sent: dict[str, tuple[float, str]] = {}
+        out = RequestLatency()
+        conn = str(self.connection)
+        for line in text.splitlines():
+            if (m := _SEND.search(line)) is not None:
+                if m.group(2) == conn:
+                    sent[m.group(3)] = (float(m.group(1)), m.group(4))
+            elif (m := _END.search(line)) is not None and m.group(2) == conn and m.group(3) in sent:
+                started, op = sent.pop(m.group(3))
+                out.count[op] += 1
+                out.seconds[op] += float(m.group(1)) - started
+        return out
