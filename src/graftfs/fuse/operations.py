@@ -68,6 +68,7 @@ class DirHandle:
 
 R = TypeVar("R")
 
+
 class ViewListener(Protocol):
     """Who wants to know what the kernel learns and forgets (the watcher, when there is one)."""
 

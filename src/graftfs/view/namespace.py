@@ -146,6 +146,7 @@ class HungTrees:
 P = ParamSpec("P")
 R = TypeVar("R")
 
+
 class NeedsCopyUp(Exception):
     """Opening this file for writing copies it to RW first (see Namespace.open)."""
 
