@@ -4,7 +4,8 @@ The kernel records ``fuse_request_send`` when a process's request is queued for 
 ``fuse_request_end`` when the daemon's answer arrives: their difference is what the process
 waited, including the daemon's queue and its wake-up, which the daemon's own per-handler times
 leave out. Summed over a workload, it is the time graftfs added to the workload's critical path
-(requests of concurrent processes overlap, so the sum is an upper bound).
+(requests of concurrent processes overlap, so the sum is an upper bound). Releases are sent in
+the background when a file is closed: nobody waits for them, so they are listed but not summed.
 
 The tracepoints need tracefs (mounted here at /sys/kernel/tracing when it is not: what perf
 and bpftrace do too) and a kernel recent enough to have them (this VM's 6.18 has); without
@@ -25,6 +26,9 @@ EVENTS = TRACEFS / "events" / "fuse"
 #: Trace buffer per CPU: a podman run makes ~300 requests, two events each.
 BUFFER_KB = 32768
 
+#: Requests the kernel sends in the background: the closing process does not wait for them.
+BACKGROUND = frozenset({"FUSE_RELEASE", "FUSE_RELEASEDIR"})
+
 _SEND = re.compile(r"\s([\d.]+): fuse_request_send: connection (\d+) req (\d+) opcode \d+ \((\w+)\)")
 _END = re.compile(r"\s([\d.]+): fuse_request_end: connection (\d+) req (\d+) ")
 
@@ -38,10 +42,12 @@ class RequestLatency:
 
     @property
     def total_seconds(self) -> float:
-        return sum(self.seconds.values())
+        """Seconds processes waited: the background requests (BACKGROUND) left out."""
+        return sum(secs for op, secs in self.seconds.items() if op not in BACKGROUND)
 
     def per_run(self, runs: int) -> dict[str, dict[str, float]]:
-        """Requests and milliseconds waited per run, by opcode, most time first."""
+        """Requests and milliseconds per run, by opcode, most time first (for BACKGROUND ones
+        the daemon's time, which no process waited for)."""
         rows = sorted(self.seconds.items(), key=lambda kv: -kv[1])
         return {op.removeprefix("FUSE_").lower(): {"requests": round(self.count[op] / runs, 1),
                                                     "ms": round(secs * 1000 / runs, 2)} for op, secs in rows}
