@@ -40,7 +40,10 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="tools/bench", usage=USAGE)
     p.add_argument("what", nargs="?", default="all",
                    choices=["all", "runtime", "trees", "propagation", "cluster", "isulad"])
-    p.add_argument("--reps", type=int, default=3, help="repetitions of each measure (podman run: 3x this)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions of each measure (podman run: 10x this)")
+    p.add_argument("--against", metavar="REV", default=None,
+                   help="runtime: also run podman on a graftfs node served by this git revision's code "
+                        "(e.g. the commit before a change), interleaved with the others")
     p.add_argument("--work", default="/var/tmp/graftfs-bench", help="where the test data lives (kept for reuse)")
     p.add_argument("--tree-layers", type=int, default=2000)
     p.add_argument("--tree-files", type=int, default=10, help="files per layer in the tree walks")
@@ -58,13 +61,16 @@ def main() -> int:
     if args.reps < 1:
         print("tools/bench: --reps must be at least 1", file=sys.stderr)
         return 2
+    if args.against is not None and args.what not in ("all", "runtime"):
+        print("tools/bench: --against applies to the runtime benchmark only", file=sys.stderr)
+        return 2
     sizes = cluster.parse_sizes(args.sizes) if args.what == "cluster" else []
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, object] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "reps": args.reps,
                                   "cpus": os.cpu_count(), "kernel": os.uname().release}
     if args.what in ("all", "runtime"):
-        results["runtime"] = runtime.run(work, args.reps)
+        results["runtime"] = runtime.run(work, args.reps, args.against)
     if args.what in ("all", "trees"):
         results["trees"] = trees.run(work, args.tree_layers, args.tree_files, args.reps)
     if args.what in ("all", "propagation"):

@@ -83,7 +83,7 @@ def fresh_dir(path: Path) -> Path:
 class FuseMount:
     """A FUSE filesystem under test, served by a child process and unmounted by close()."""
 
-    def __init__(self, mnt: Path, argv: list[str], log: Path) -> None:
+    def __init__(self, mnt: Path, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.mnt = mnt
         self.log = log
         if find_mount(str(mnt)) is not None:
@@ -91,7 +91,8 @@ class FuseMount:
         mnt.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=GRAFTFS_ENV)
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                         env=GRAFTFS_ENV if env is None else env)
         while find_mount(str(mnt)) is None:
             if self.proc.poll() is not None or time.monotonic() - started > 300:
                 self.close()
@@ -128,14 +129,34 @@ class FuseMount:
 
 
 def graftfs_mount(mnt: Path, rw: Path, shares: list[Path], log: Path, *options: str,
-                  layout: str = "containers-storage") -> FuseMount:
+                  layout: str = "containers-storage", src: Path | None = None) -> FuseMount:
+    """A graftfs mount served by this checkout's code, or by the package sources in ``src``
+    (another revision's, see source_at)."""
     argv = [str(VENV_PY), "-m", "graftfs", "mount", "--foreground", "--rw", str(rw), "--layout", layout,
             "--log-file", str(log)]
     for share in shares:
         argv += ["--ro", str(share)]
     if options:
         argv += ["-o", ",".join(options)]
-    return FuseMount(mnt, [*argv, str(mnt)], log)
+    env = None if src is None else {**GRAFTFS_ENV, "PYTHONPATH": str(src)}
+    return FuseMount(mnt, [*argv, str(mnt)], log, env)
+
+
+def source_at(rev: str, work: Path) -> Path:
+    """graftfs' package sources as of git revision ``rev`` of this checkout, extracted under
+    ``work`` (for measuring a change against the code before it, side by side)."""
+    found = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+                           capture_output=True, text=True, timeout=60, check=False)
+    if found.returncode != 0:
+        raise SystemExit(f"tools/bench: --against {rev}: no such revision in {REPO}")
+    commit = found.stdout.strip()
+    dest = work / f"src-{commit[:12]}"
+    if not (dest / "src" / "graftfs").is_dir():
+        fresh_dir(dest)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "src"], capture_output=True,
+                                 timeout=120, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, timeout=120, check=True)
+    return dest / "src"
 
 
 def mergerfs_mount(mnt: Path, rw: Path, shares: list[Path], log: Path) -> FuseMount:

@@ -66,33 +66,33 @@ def available() -> str | None:
 
 
 class FuseTrace:
-    """Records the requests of the FUSE mount at ``mountpoint`` between start() and stop()."""
+    """Records the requests of the FUSE mounts ``mountpoints`` (by name) between start() and stop()."""
 
-    def __init__(self, mountpoint: Path) -> None:
+    def __init__(self, mountpoints: dict[str, Path]) -> None:
         # the kernel names a FUSE connection by its superblock's device number: major 0, the minor
-        self.connection = os.minor(os.stat(mountpoint).st_dev)
+        self.connections = {str(os.minor(os.stat(mnt).st_dev)): name for name, mnt in mountpoints.items()}
 
     def start(self) -> None:
         (TRACEFS / "buffer_size_kb").write_text(f"{BUFFER_KB}\n")
         (TRACEFS / "trace").write_text("")
         (EVENTS / "enable").write_text("1\n")
 
-    def stop(self) -> RequestLatency:
+    def stop(self) -> dict[str, RequestLatency]:
         (EVENTS / "enable").write_text("0\n")
         text = (TRACEFS / "trace").read_text(errors="replace")
         (TRACEFS / "trace").write_text("")
         return self._parse(text)
 
-    def _parse(self, text: str) -> RequestLatency:
-        sent: dict[str, tuple[float, str]] = {}
-        out = RequestLatency()
-        conn = str(self.connection)
+    def _parse(self, text: str) -> dict[str, RequestLatency]:
+        sent: dict[tuple[str, str], tuple[float, str]] = {}
+        out = {name: RequestLatency() for name in self.connections.values()}
         for line in text.splitlines():
             if (m := _SEND.search(line)) is not None:
-                if m.group(2) == conn:
-                    sent[m.group(3)] = (float(m.group(1)), m.group(4))
-            elif (m := _END.search(line)) is not None and m.group(2) == conn and m.group(3) in sent:
-                started, op = sent.pop(m.group(3))
-                out.count[op] += 1
-                out.seconds[op] += float(m.group(1)) - started
+                if m.group(2) in self.connections:
+                    sent[(m.group(2), m.group(3))] = (float(m.group(1)), m.group(4))
+            elif (m := _END.search(line)) is not None and (m.group(2), m.group(3)) in sent:
+                started, op = sent.pop((m.group(2), m.group(3)))
+                latency = out[self.connections[m.group(2)]]
+                latency.count[op] += 1
+                latency.seconds[op] += float(m.group(1)) - started
         return out

@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from graftfs.share.sample import busybox_image_tar
@@ -34,6 +35,7 @@ from graftfs_bench.common import (
     print_section,
     say,
     section_json,
+    source_at,
 )
 
 IMAGE = "localhost/bench:1"
@@ -130,7 +132,39 @@ def build_image(native: Podman, work: Path) -> None:
     native("rm", "mk")
 
 
-def run(work: Path, reps: int) -> dict[str, object]:
+RUN = "podman run --rm IMG true"
+
+
+@dataclass
+class GraftNode:
+    """One graftfs graph under test: its mount and its podman."""
+
+    mount: FuseMount
+    podman: Podman
+
+    def close(self) -> None:
+        self.podman.close()
+        self.mount.close()
+
+
+def _graft_node(base: Path, share: Path, src: Path | None) -> GraftNode:
+    """A node's graph: an empty RW tree over the share, mounted by this checkout's code or the
+    code in ``src``."""
+    rw = fresh_dir(base / "rw")
+    mount = graftfs_mount(base / "graph", rw, [share], base / "graftfs.log", src=src)
+    try:
+        podman = Podman(base, mount.mnt, rw / ".graftfs" / "tmp")
+        if IMAGE not in podman("images", "--format", "{{.Repository}}:{{.Tag}}"):
+            raise SystemExit("the published image does not show on the graftfs graph")
+    except BaseException:
+        mount.close()
+        raise
+    return GraftNode(mount, podman)
+
+
+def run(work: Path, reps: int, against: str | None = None) -> dict[str, object]:
+    """The measures, on native and on graftfs; with ``against`` (a git revision) also
+    `podman run` on a second graftfs node served by that revision's code, interleaved."""
     base_native = work / "podman-native"
     base_native.mkdir(parents=True, exist_ok=True)
     native = Podman(base_native, base_native / "graph")
@@ -139,61 +173,67 @@ def run(work: Path, reps: int) -> dict[str, object]:
     share = fresh_dir(work / "podman-share")
     subprocess.run([str(VENV_PY), "-m", "graftfs", "publish", "--graph", str(native.graph), "--share", str(share),
                     IMAGE], check=True, stdout=subprocess.DEVNULL, timeout=600, env=GRAFTFS_ENV)
-    base_graft = fresh_dir(work / "podman-graftfs")
-    rw = fresh_dir(base_graft / "rw")
-    mount: FuseMount | None = None
-    graft: Podman | None = None
+    sources: dict[str, Path | None] = {"graftfs": None}
+    if against is not None:
+        sources[f"graftfs@{against}"] = source_at(against, work)
+    grafts: dict[str, GraftNode] = {}
     rows: dict[str, dict[str, Timing]] = {}
+    runs = reps * RUNS_PER_REP
     try:
-        mount = graftfs_mount(base_graft / "graph", rw, [share], base_graft / "graftfs.log")
-        graft = Podman(base_graft, mount.mnt, rw / ".graftfs" / "tmp")
-        if IMAGE not in graft("images", "--format", "{{.Repository}}:{{.Tag}}"):
-            raise SystemExit("the published image does not show on the graftfs graph")
-        variants = {"native": native, "graftfs": graft}
-        say("  podman run --rm IMG true")
-        before = _requests(mount)["requests"]
+        for i, (name, src) in enumerate(sources.items()):
+            grafts[name] = _graft_node(fresh_dir(work / f"podman-graftfs{'-against' if i else ''}"), share, src)
+        say(f"  {RUN}")
+        before = {name: _requests(g.mount)["requests"] for name, g in grafts.items()}
         why_not = fusetrace.available()
-        trace = fusetrace.FuseTrace(mount.mnt) if why_not is None else None
-        runs = reps * RUNS_PER_REP
+        trace = fusetrace.FuseTrace({name: g.mount.mnt for name, g in grafts.items()}) if why_not is None else None
         if trace is not None:
             trace.start()
         try:
-            rows["podman run --rm IMG true"] = interleaved(each(variants, Podman.timed_run), runs)
+            variants = {"native": native, **{name: g.podman for name, g in grafts.items()}}
+            rows[RUN] = interleaved(each(variants, Podman.timed_run), runs)
         finally:
-            waited = trace.stop() if trace is not None else None
-        per_run = _per_run(before, _requests(mount)["requests"], runs + 1)  # + the unmeasured round
+            waited = trace.stop() if trace is not None else {}
+        per_run = {name: _per_run(before[name], _requests(g.mount)["requests"], runs + 1)  # + the unmeasured round
+                   for name, g in grafts.items()}
         for measure, (script, cold) in IN_CONTAINER.items():
             say(f"  {measure}")
             in_container = functools.partial(Podman.in_container, script=script, cold=cold)
-            rows[measure] = interleaved(each(variants, in_container), reps)
-        requests = _requests(mount)
+            rows[measure] = interleaved(each({"native": native, "graftfs": grafts["graftfs"].podman}, in_container),
+                                        reps)
+        requests = _requests(grafts["graftfs"].mount)
     finally:
-        for p in (native, graft):
-            if p is not None:
-                p.close()
-        if mount is not None:
-            mount.close()
+        native.close()
+        for g in grafts.values():
+            g.close()
     print_section("podman: graph on native ext4 vs on graftfs (empty RW + the image on a share)", rows)
-    run_rows = rows["podman run --rm IMG true"]
-    native_mean, graft_mean = run_rows["native"].mean, run_rows["graftfs"].mean
-    print(f"  podman run, mean of {len(run_rows['native'].values)} runs each: native {native_mean * 1000:.1f} ms, "
-          f"graftfs {graft_mean * 1000:.1f} ms = {graft_mean / native_mean:.2f} x native (podman's own run times "
-          "move in ~50 ms steps, so the median flips between them; the mean does not)")
-    print(f"  graftfs FUSE requests per `podman run --rm IMG true`: {sum(per_run.values()):.0f} "
-          f"({', '.join(f'{op} {n:g}' for op, n in per_run.items())})")
-    out: dict[str, object] = {"rows": section_json(rows), "graftfs_requests": requests, "requests_per_run": per_run}
-    if waited is None:
-        print(f"  time podman waited on FUSE requests: not measured ({why_not})")
-    else:
-        by_op = waited.per_run(runs)
-        waited_on = [(op, v) for op, v in by_op.items() if op not in ("release", "releasedir")]
-        top = ", ".join(f"{op} {v['ms']:g}" for op, v in waited_on[:10])
-        print(f"  time podman waited on FUSE requests per run (kernel tracepoints): "
-              f"{waited.total_seconds * 1000 / runs:.1f} ms ({top}, ...; releases, sent in the background: "
-              f"{by_op.get('release', {}).get('ms', 0):g} ms of the daemon's time)")
-        out["fuse_wait_ms_per_run"] = round(waited.total_seconds * 1000 / runs, 2)
-        out["fuse_wait_per_run_by_opcode"] = by_op
+    out: dict[str, object] = {"rows": section_json(rows), "graftfs_requests": requests}
+    for name in grafts:
+        out[name] = _report(name, rows[RUN], per_run[name], waited.get(name), runs, why_not)
     print(f"  graftfs FUSE requests during all the runs: {requests}")
+    return out
+
+
+def _report(name: str, run_rows: dict[str, Timing], per_run: dict[str, float],
+            waited: fusetrace.RequestLatency | None, runs: int, why_not: str | None) -> dict[str, object]:
+    """Print one graftfs variant's podman-run figures; returns them for the JSON."""
+    native_mean, graft_mean = run_rows["native"].mean, run_rows[name].mean
+    print(f"  {name}: podman run, mean of {len(run_rows[name].values)} runs: {graft_mean * 1000:.1f} ms vs native "
+          f"{native_mean * 1000:.1f} ms = {graft_mean / native_mean:.2f} x native (podman's own run times move in "
+          "~50 ms steps, so the median flips between them; the mean does not)")
+    print(f"  {name}: FUSE requests per run: {sum(per_run.values()):.0f} "
+          f"({', '.join(f'{op} {n:g}' for op, n in per_run.items())})")
+    out: dict[str, object] = {"mean_ratio": round(graft_mean / native_mean, 3), "requests_per_run": per_run}
+    if waited is None:
+        print(f"  {name}: time podman waited on FUSE requests: not measured ({why_not})")
+        return out
+    by_op = waited.per_run(runs)
+    waited_on = [(op, v) for op, v in by_op.items() if op not in ("release", "releasedir")]
+    top = ", ".join(f"{op} {v['ms']:g}" for op, v in waited_on[:10])
+    print(f"  {name}: time podman waited on FUSE requests per run (kernel tracepoints): "
+          f"{waited.total_seconds * 1000 / runs:.1f} ms ({top}, ...; releases, sent in the background: "
+          f"{by_op.get('release', {}).get('ms', 0):g} ms of the daemon's time)")
+    out["fuse_wait_ms_per_run"] = round(waited.total_seconds * 1000 / runs, 2)
+    out["fuse_wait_per_run_by_opcode"] = by_op
     return out
 
 
