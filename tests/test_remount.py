@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from conftest import graftfs_cmd
+from conftest import GraftMount, Sample, graftfs_cmd, wait_for
 from graftfs.node.mounts import pid_alive, read_runtime
 from test_podman import Node, busybox_tar, make_node, needs_mount, share  # noqa: F401  (fixtures)
 
@@ -45,6 +46,15 @@ def test_remount_under_running_containers(make_node: Callable[..., Node], share:
     while pid_alive(old) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not pid_alive(old)
+
+
+def test_remount_keeps_verbose_logging(sample: Sample, mount_factory: Callable[..., GraftMount]) -> None:
+    g = mount_factory(sample.rw, [sample.share_ro], "--verbose")
+    res = graftfs_cmd("remount", g.mnt, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    new = (read_runtime(g.mnt) or {})["pid"]
+    assert os.listdir(g.path("overlay"))  # requests to the new daemon
+    wait_for(lambda: f"[{new}]: request " in Path(g.log).read_text(), 5, "the new daemon's request log")
 
 
 def test_remount_refuses_what_is_not_a_graftfs_mount(tmp_path: str) -> None:

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"graftfs remount: cannot detach {mp}: {e.strerror}", file=sys.stderr)
         return 1
-    code = mount.spawn_daemon(cfg, verbose=False)
+    code = mount.spawn_daemon(cfg, verbose=info.get("verbose") is True)  # as the old one logged
     if code != 0:
         print(f"graftfs remount: the new daemon did not mount; {mp} is now an empty directory "
               f"(mount it again with: graftfs mount {' '.join(argv)})", file=sys.stderr)

@@ -325,7 +325,7 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
     watcher = make_watcher(cfg, ns, inodes, generation, workers)
     # argv: what `graftfs remount` mounts again
     runtime: dict[str, object] = {"pid": os.getpid(), "rw": cfg.rw, "ro": cfg.ro, "log": cfg.log_file,
-                                  "argv": cfg.to_argv()}
+                                  "argv": cfg.to_argv(), "verbose": logging.getLogger().isEnabledFor(logging.DEBUG)}
     bound = BindState(ns.layout.binds, ns.rw_root, cfg.mountpoint, runtime, lambda: _ready(ready_fd, cfg.mountpoint),
                       on_bound=watcher.behind_binds if watcher is not None else None)
     bg = Background(bound, workers, trees, LayoutCheck(choice.name, ns.rw_root, workers), watcher,
