@@ -32,6 +32,11 @@ ISULAD = "isulad"
 CS_SIGNS = (LAYERS_JSON, ("storage.lock",), (LAYERS, "layers.lock"))
 #: How often a mount looks for the other layout's files in its RW tree.
 CHECK_SECONDS = 2.0
+#: After this long, the RW tree is checked every CHECK_LATER_SECONDS only: a runtime set up for
+#: the wrong layout writes its files at its first start, mostly just after the mount, and on a
+#: containers-storage mount each check lists ``overlay-layers/`` (a tar-split per layer).
+CHECK_OFTEN_FOR = 600.0
+CHECK_LATER_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -123,10 +128,16 @@ class LayoutCheck:
         self.warning: str | None = None
 
     async def run(self) -> None:
+        started = trio.current_time()
         while self.warning is None:
             found = await self.workers.run_thread(mismatch, self.layout, self.rw_root)
             if found is not None:
                 self.warning = found
                 log.warning("%s", found)
                 return
-            await trio.sleep(CHECK_SECONDS)
+            await trio.sleep(check_interval(trio.current_time() - started))
+
+
+def check_interval(elapsed: float) -> float:
+    """Seconds until the next check, ``elapsed`` seconds after the mount (see CHECK_OFTEN_FOR)."""
+    return CHECK_SECONDS if elapsed < CHECK_OFTEN_FOR else CHECK_LATER_SECONDS
