@@ -30,7 +30,7 @@ CONTAINERS_STORAGE = "containers-storage"
 ISULAD = "isulad"
 #: Files only containers/storage writes at the top of its graph (next to the index files).
 CS_SIGNS = (LAYERS_JSON, ("storage.lock",), (LAYERS, "layers.lock"))
-#: How often a mount looks for the other layout's files in its RW tree.
+#: How often a mount looks for the other layout's files in its RW tree, at first (see CHECK_OFTEN_FOR).
 CHECK_SECONDS = 2.0
 #: After this long, the RW tree is checked every CHECK_LATER_SECONDS only: a runtime set up for
 #: the wrong layout writes its files at its first start, mostly just after the mount, and on a
