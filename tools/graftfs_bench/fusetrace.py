@@ -45,10 +45,16 @@ class RequestLatency:
         """Seconds processes waited: the background requests (BACKGROUND) left out."""
         return sum(secs for op, secs in self.seconds.items() if op not in BACKGROUND)
 
-    def per_run(self, runs: int) -> dict[str, dict[str, float]]:
-        """Requests and milliseconds per run, by opcode, most time first (for BACKGROUND ones
-        the daemon's time, which no process waited for)."""
-        rows = sorted(self.seconds.items(), key=lambda kv: -kv[1])
+    @property
+    def background_seconds(self) -> float:
+        """Seconds the daemon spent on requests nobody waited for (BACKGROUND)."""
+        return sum(secs for op, secs in self.seconds.items() if op in BACKGROUND)
+
+    def per_run(self, runs: int, waited: bool = True) -> dict[str, dict[str, float]]:
+        """Requests and milliseconds per run, by opcode, most time first: of the requests
+        processes waited for, or (``waited`` False) of the BACKGROUND ones."""
+        rows = sorted(((op, secs) for op, secs in self.seconds.items() if (op not in BACKGROUND) == waited),
+                      key=lambda kv: -kv[1])
         return {op.removeprefix("FUSE_").lower(): {"requests": round(self.count[op] / runs, 1),
                                                     "ms": round(secs * 1000 / runs, 2)} for op, secs in rows}
 

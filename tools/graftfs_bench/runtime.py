@@ -227,13 +227,13 @@ def _report(name: str, run_rows: dict[str, Timing], per_run: dict[str, float],
         print(f"  {name}: time podman waited on FUSE requests: not measured ({why_not})")
         return out
     by_op = waited.per_run(runs)
-    waited_on = [(op, v) for op, v in by_op.items() if op not in ("release", "releasedir")]
-    top = ", ".join(f"{op} {v['ms']:g}" for op, v in waited_on[:10])
+    top = ", ".join(f"{op} {v['ms']:g}" for op, v in list(by_op.items())[:10])
     print(f"  {name}: time podman waited on FUSE requests per run (kernel tracepoints): "
           f"{waited.total_seconds * 1000 / runs:.1f} ms ({top}, ...; releases, sent in the background: "
-          f"{by_op.get('release', {}).get('ms', 0):g} ms of the daemon's time)")
+          f"{waited.background_seconds * 1000 / runs:.2f} ms of the daemon's time)")
     out["fuse_wait_ms_per_run"] = round(waited.total_seconds * 1000 / runs, 2)
     out["fuse_wait_per_run_by_opcode"] = by_op
+    out["fuse_background_per_run_by_opcode"] = waited.per_run(runs, waited=False)
     return out
 
 

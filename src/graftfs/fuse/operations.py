@@ -34,7 +34,7 @@ from graftfs.fuse.workers import Workers
 from graftfs.linux import RENAME_EXCHANGE
 from graftfs.view.layout import ViewChange
 from graftfs.view.lock_tokens import write_token_fd
-from graftfs.view.namespace import Busy, Namespace, NeedsCopyUp, Resolved
+from graftfs.view.namespace import Busy, Namespace, NeedsCopyUp, Resolved, opens_for_writing
 
 log = logging.getLogger(__name__)
 
@@ -421,9 +421,11 @@ class GraftOperations(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent, sname, vpath = self._child_path(parent_inode, name)
         with self.inodes.busy((parent, sname)):
-            discard = await self._quick_change(self.ns.unlink_entry, vpath)
+            # in a worker, unlink moves a layer's directory aside itself; in the trio thread,
+            # unlink_entry leaves that to a worker (it waits on the RW filesystem's rename locks)
+            discard = await self._quick_change(self.ns.unlink_entry, vpath, in_worker=self.ns.unlink)
             if discard is not None:
-                await self.workers.run_thread(self.ns.discard_rw_dir, discard)  # a layer's directory
+                await self.workers.run_thread(self.ns.discard_rw_dir, discard)
             self.inodes.detach(parent, sname)
 
     @fuse_boundary
@@ -433,17 +435,18 @@ class GraftOperations(pyfuse3.Operations):
             await self._quick_change(self.ns.rmdir, vpath)
             self.inodes.detach(parent, sname)
 
-    async def _quick_change(self, change: Callable[[VPath], R], vpath: VPath) -> R:
+    async def _quick_change(self, change: Callable[[VPath], R], vpath: VPath,
+                            in_worker: Callable[[VPath], R] | None = None) -> R:
         """A change of the view that takes the mutation lock but no time (unlink, rmdir): in
-        the trio thread when every tree is local and no worker holds the lock, else in a worker.
-        The hop to a worker and back cost 0.2-0.4 ms, ten times the change, and a container's
-        start and removal make a dozen such changes."""
+        the trio thread when every tree is local and no worker holds the lock, else (as
+        ``in_worker`` when given) in a worker. The hop to a worker and back cost 0.2-0.4 ms, ten
+        times the change, and a container's start and removal make a dozen such changes."""
         if self.workers.inline:
             try:
                 return self.ns.unless_busy(change, vpath)
             except Busy:
                 pass
-        return await self.workers.run_thread(change, vpath)
+        return await self.workers.run_thread(in_worker or change, vpath)
 
     @fuse_boundary
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
@@ -481,7 +484,7 @@ class GraftOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
         vpath = self._path(inode)
-        writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
+        writing = opens_for_writing(flags)
         if writing:
             self.inodes.changed(node)  # a copy-up or truncation made by this request
         try:

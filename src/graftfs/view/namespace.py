@@ -177,6 +177,11 @@ def _delete_loop() -> None:
         shutil.rmtree(_trash.get(), ignore_errors=True)
 
 
+def opens_for_writing(flags: int) -> bool:
+    """Does an open with these flags change the file (copy-up, truncation)?"""
+    return (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+
+
 def _enoent(vpath: VPath) -> OSError:
     return FileNotFoundError(errno.ENOENT, "no such entry in the view", "/".join(vpath))
 
@@ -563,7 +568,7 @@ class Namespace:
         False, a writer of a shared file gets NeedsCopyUp instead (the caller is on a thread
         that must not copy a file)."""
         flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND)
-        writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
+        writing = opens_for_writing(flags)
         res = self.resolve(vpath)
         if res.top.direct and res.top.link_target is not None:
             # the kernel still knows this entry as the file it was created as (see fs.create)
