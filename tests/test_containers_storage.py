@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -107,6 +108,87 @@ def test_runtime_rewrite_is_split_back(podman_node: tuple[GraftMount, Sample, di
     Path(tmp).write_text(json.dumps([*before, {"id": digest("layer:cs-new2"), "parent": ids["local_layer"]}]))
     os.rename(tmp, index)
     assert digest("layer:cs-after") in records(index)
+
+
+def _reads(g: GraftMount) -> int:
+    requests = g.status()["requests"]
+    return int(requests.get("read", {}).get("count", 0))  # type: ignore[union-attr]
+
+
+def test_merged_file_is_read_from_the_page_cache_under_a_number_per_content(
+        podman_node: tuple[GraftMount, Sample, dict[str, str]]) -> None:
+    g, sample, ids = podman_node
+    index = g.path("overlay-layers", "layers.json")
+    first = Path(index).read_bytes()
+    reads = _reads(g)
+    for _ in range(3):  # podman loads it several times per command: later loads cost no request
+        assert Path(index).read_bytes() == first
+    assert _reads(g) == reads
+    number = os.stat(index).st_ino
+    held = os.open(index, os.O_RDONLY)  # a reader that opened it before the share changed
+    try:
+        late = publish_sample_image(sample.share, "cs/page-cache:1", [SampleLayer(digest("layer:cs-pc"),
+                                                                                 ids["base1"], {})])
+        wait_for(lambda: digest("layer:cs-pc") in records(index), 2, "the published layer in layers.json")
+        assert os.stat(index).st_ino != number  # another content, another number
+        assert os.pread(held, len(first) + 10, 0) == first  # the old content, whole, from the old number
+        assert late in records(g.path("overlay-images", "images.json"))
+    finally:
+        os.close(held)
+    # the runtime's rewrite: the name shows the composed file, under a number of its own
+    renamed_over = os.stat(index).st_ino
+    current = json.loads(Path(index).read_text())
+    tmp = g.path("overlay-layers", ".tmp-layers.json-pc")
+    Path(tmp).write_text(json.dumps([*current, {"id": digest("layer:cs-pc2"), "parent": ids["local_layer"]}],
+                                    indent=2))  # not the composed file's bytes
+    written = os.stat(tmp).st_ino
+    os.rename(tmp, index)
+    composed = sh("cat", index).stdout.encode()
+    assert digest("layer:cs-pc2") in {r["id"] for r in json.loads(composed)}
+    wait_for(lambda: os.stat(index).st_ino not in (number, renamed_over, written), 2,
+             "a new number for the composed file")
+    assert os.stat(index).st_size == len(composed) and Path(index).read_bytes() == composed
+    reads = _reads(g)
+    assert Path(index).read_bytes() == composed
+    assert _reads(g) == reads
+
+
+def test_readers_never_miss_a_merged_file_rewritten_under_them(
+        podman_node: tuple[GraftMount, Sample, dict[str, str]]) -> None:
+    """Each rewrite gives the name a new number while readers hold the old one from their
+    lookups: opens, stats and reads through it must keep answering (as the name it was)."""
+    g, _, ids = podman_node
+    index = g.path("overlay-layers", "layers.json")
+    base = json.loads(Path(index).read_text())
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                with open(index, "rb") as f:
+                    st = os.fstat(f.fileno())
+                    data = f.read()
+                assert ids["local_layer"] in {r["id"] for r in json.loads(data)}
+                assert st.st_size > 0
+            except Exception as e:
+                errors.append(repr(e))
+
+    readers = [threading.Thread(target=reader) for _ in range(3)]
+    for t in readers:
+        t.start()
+    try:
+        tmp = g.path("overlay-layers", ".tmp-layers.json-race")
+        for i in range(150):
+            extra = [{"id": digest(f"layer:cs-race{j}"), "parent": ids["local_layer"]} for j in range(i % 4)]
+            Path(tmp).write_text(json.dumps(base + extra))
+            os.rename(tmp, index)
+    finally:
+        stop.set()
+        for t in readers:
+            t.join(30)
+    assert not errors, errors[:5]
+    assert {r["id"] for r in json.loads(Path(index).read_text())} >= {ids["local_layer"], digest("layer:cs-race0")}
 
 
 def test_changes_behind_the_binds_are_not_told_until_the_view_below_them_is_walked(

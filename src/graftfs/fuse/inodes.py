@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import pyfuse3
 
+from graftfs.format.attrs import Attr
+
 VPath = tuple[str, ...]
 
 #: How long after a request through the mount changed a name the inotify events for it are
@@ -32,6 +34,21 @@ VPath = tuple[str, ...]
 OWN_CHANGE_SECONDS = 1.0
 #: Names whose last change is remembered before the old ones are dropped.
 MAX_CHANGED_NAMES = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class FileVersion:
+    """One content of a file graftfs composes in memory (a merged index file), fixed for the
+    inode number it was told to the kernel under.
+
+    The kernel keeps a file's pages per inode. A composed file changes whenever the share or
+    the node's own records do; were it one inode, an open could read pages another open of an
+    older content left behind, so it used to be read past the page cache on every open. With a
+    number per content, the kernel's pages of a number are always right, and a new content
+    reaches the kernel as a new number behind the name (GraftOperations._child_node)."""
+
+    content: bytes
+    attr: Attr
 
 
 @dataclass(eq=False, slots=True)
@@ -48,6 +65,8 @@ class Node:
     link: bytes | None = None  # target of a link graftfs made up, as last told (readlink answers it)
     identity: tuple[int, int] | None = None  # (st_dev, st_ino) of a hard-linked file's backing file
     aliases: list[tuple[Node, str]] = field(default_factory=list)  # its other names (parent, name)
+    version: FileVersion | None = None  # a composed file's content under this number (FileVersion)
+    replaced_at: VPath | None = None  # the composed file's path this detached number still answers for
 
 
 class InodeTable:
@@ -69,6 +88,8 @@ class InodeTable:
     def path(self, ino: int) -> VPath:
         """The view path of a node, walking up to the root."""
         node = self._by_ino[ino]
+        if node.replaced_at is not None and node.detached:
+            return node.replaced_at
         parts: list[str] = []
         while node.parent is not None:
             parts.append(node.name)
@@ -200,6 +221,20 @@ class InodeTable:
         node.parent = None
         self._maybe_drop(node)
 
+    def replace(self, parent: Node, name: str) -> None:
+        """A composed file's name gets a new number (FileVersion), or a file is renamed over it.
+        The old number leaves the view but keeps answering as that name until the kernel
+        forgets it: a process may hold it from a lookup made a moment before (an open on its
+        way, a stat), and must not see the name vanish meanwhile, as it would not on a local
+        filesystem."""
+        node = parent.children.get(name)
+        if node is None:
+            return
+        vpath = (*self.path(parent.ino), name)
+        self.detach(parent, name)
+        if node.detached:
+            node.replaced_at = vpath
+
     def _drop_name(self, node: Node, parent: Node, name: str) -> bool:
         """Forget one name of a hard-linked node; True while it has another."""
         if (parent, name) in node.aliases:
@@ -210,10 +245,14 @@ class InodeTable:
             return True
         return False
 
-    def move(self, parent: Node, name: str, new_parent: Node, new_name: str) -> None:
-        """Follow a rename: the node keeps its number, and its subtree moves with it."""
+    def move(self, parent: Node, name: str, new_parent: Node, new_name: str, composed: bool = False) -> None:
+        """Follow a rename: the node keeps its number, and its subtree moves with it. Over a
+        ``composed`` file's name, the node renamed over keeps answering as the name (replace)."""
         node = parent.children.pop(name, None)
-        self.detach(new_parent, new_name)
+        if composed:
+            self.replace(new_parent, new_name)
+        else:
+            self.detach(new_parent, new_name)
         if node is None:
             return
         if new_parent.detached:

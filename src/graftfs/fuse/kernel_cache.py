@@ -10,6 +10,8 @@ told (graftfs.fuse.inodes.Node.sig), then notifies only where they differ:
 * a known entry whose attributes changed: drop its attributes (and, for a file nobody has open,
   its cached pages; for open files attributes only, which avoids a measured deadlock with an
   in-flight read);
+* a composed file (inodes.FileVersion) whose content changed: drop the entry and forget the node
+  (the kernel's pages of its number stay right for whoever has it open; the name gets a new one);
 * an entry marked ``deep`` (a record directory rewritten): drop the entry with everything cached
   below it. Never used for directories that may have mounts below them: dropping a directory
   entry detaches the mounts under it.
@@ -94,9 +96,9 @@ class KernelCache:
             # a backing tree hangs: notify without knowing, where that is harmless (see _decide)
             log.warning("re-resolving %d changed names: %s; dropping their cached entries unseen", len(items),
                         e.strerror)
-            now = [_UNKNOWN] * len(items)
-        notices = [n for (parent, ch, before), attr in zip(items, now, strict=True)
-                   for n in self._decide(parent, ch, before, attr)]
+            now = [(_UNKNOWN, None)] * len(items)
+        notices = [n for (parent, ch, before), (attr, content) in zip(items, now, strict=True)
+                   for n in self._decide(parent, ch, before, attr, content)]
         if notices:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("notifying the kernel: %s", notices[:10])
@@ -108,20 +110,23 @@ class KernelCache:
             self.notified += len(notices)
         return len(notices)
 
-    def _resolve_all(self, vpaths: list[tuple[str, ...]]) -> list[Attr | None]:
-        """Current attributes of each view path, None where nothing shows (worker thread)."""
-        out: list[Attr | None] = []
+    def _resolve_all(self, vpaths: list[tuple[str, ...]]) -> list[tuple[Attr | None, bytes | None]]:
+        """Current attributes of each view path, None where nothing shows, with the content of
+        those composed in memory (worker thread)."""
+        out: list[tuple[Attr | None, bytes | None]] = []
         for vpath in vpaths:
             try:
-                out.append(self.ns.resolve(vpath).attr)
+                res = self.ns.resolve(vpath)
+                out.append((res.attr, res.top.content))
             except (FileNotFoundError, NotADirectoryError):
-                out.append(None)
+                out.append((None, None))
             except OSError as e:  # e.g. an unavailable share
                 log.debug("cannot re-resolve %s: %s", "/".join(vpath), e)
-                out.append(_UNKNOWN)
+                out.append((_UNKNOWN, None))
         return out
 
-    def _decide(self, parent: Node, ch: ViewChange, before: Node | None, now: Attr | None) -> list[Notice]:
+    def _decide(self, parent: Node, ch: ViewChange, before: Node | None, now: Attr | None,
+                content: bytes | None = None) -> list[Notice]:
         """The notifications for one name (trio thread: it updates the inode table).
 
         ``before`` is the node the name had when the change was picked up: if a request through
@@ -137,6 +142,11 @@ class KernelCache:
             # the kernel holds no positive entry; a negative one is stale only if the name exists now
             return [Notice(parent.ino, ch.name)] if now is not None else []
         node.link = None  # resolved afresh by the next readlink or lookup
+        if now is not None and (node.version is not None or content is not None):
+            if node.version is not None and node.version.content == content:
+                return []  # the same content under the same number: nothing went stale
+            self.inodes.replace(parent, ch.name)  # a new content gets a new number (FileVersion)
+            return [Notice(parent.ino, ch.name)]
         if now is None or node.sig is None or stat.S_IFMT(now.mode) != stat.S_IFMT(node.sig[0]):
             self.inodes.detach(parent, ch.name)
             return [Notice(parent.ino, ch.name)]

@@ -20,7 +20,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 import pyfuse3
@@ -28,7 +28,7 @@ import pyfuse3
 from graftfs.format.attrs import Attr
 from graftfs.format.names import ORIGIN_XATTRS, PID_XATTR, STATUS_XATTR, UNHIDE_XATTR
 from graftfs.fuse.errors import REQUEST_SECONDS, REQUESTS, fuse_boundary
-from graftfs.fuse.inodes import InodeTable, Node
+from graftfs.fuse.inodes import FileVersion, InodeTable, Node
 from graftfs.fuse.kernel_cache import ViewGeneration
 from graftfs.fuse.workers import Workers
 from graftfs.linux import RENAME_EXCHANGE
@@ -171,7 +171,14 @@ class GraftOperations(pyfuse3.Operations):
         diff, an ``l/`` link) keeps its target on the node, so readlink is answered from memory
         (the kernel asks on every path walk through it: pyfuse3 cannot let it cache links)."""
         node.link = os.fsencode(res.top.link_target) if res.top.link_target is not None else None
-        return self._entry(node, res.attr, generation)
+        attr = res.attr
+        if node.version is not None:
+            if res.top.content == node.version.content:
+                if attr != node.version.attr:
+                    node.version = replace(node.version, attr=attr)  # e.g. a chmod: same pages
+            else:
+                attr = node.version.attr  # this number keeps its content (see _child_node)
+        return self._entry(node, attr, generation)
 
     def _entry(self, node: Node, attr: Attr, generation: int | None = None) -> pyfuse3.EntryAttributes:
         """Attributes for the kernel; ``generation`` is the view generation the answer was
@@ -217,10 +224,29 @@ class GraftOperations(pyfuse3.Operations):
 
     def _new_entry(self, parent: Node, name: str, res: Resolved, generation: int | None = None
                    ) -> pyfuse3.EntryAttributes:
-        node = self.inodes.child(parent, name, res.attr.identity)
+        node = self._child_node(parent, name, res, res.attr.identity)
         node.lookups += 1
         self._seen(node, res)
         return self._reply(node, res, generation)
+
+    def _child_node(self, parent: Node, name: str, res: Resolved,
+                    identity: tuple[int, int] | None) -> Node:
+        """The node to tell the kernel of for ``name``. A file composed in memory gets a number
+        per content (inodes.FileVersion): when the name shows another content than the number
+        the kernel knows, or a composed content where the kernel knows another file (the one
+        the runtime renamed over it), the name gets a new number and the old one keeps its
+        content for as long as the kernel refers to it."""
+        node = self.inodes.child(parent, name, identity)
+        content = res.top.content
+        if node.version is None and content is None:
+            return node
+        if node.version is not None and node.version.content == content:
+            return node
+        if node.sig is not None:  # told to the kernel as something else
+            self.inodes.replace(parent, name)
+            node = self.inodes.child(parent, name, identity)
+        node.version = FileVersion(content, res.attr) if content is not None else None
+        return node
 
     def _seen(self, node: Node, res: Resolved) -> None:
         """Note a directory the kernel now knows, so changes behind the mount reach it."""
@@ -271,7 +297,9 @@ class GraftOperations(pyfuse3.Operations):
     @fuse_boundary
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
-        if node.detached:
+        if node.version is not None:
+            return self._entry(node, node.version.attr)  # what this number is never changes
+        if node.detached and node.replaced_at is None:
             # removed from the view but still open somewhere: answer from the open file
             if not node.open_fds:
                 raise pyfuse3.FUSEError(errno.ENOENT)
@@ -454,13 +482,17 @@ class GraftOperations(pyfuse3.Operations):
         old_parent, old_name, src = self._child_path(parent_inode_old, name_old)
         new_parent, new_name, dst = self._child_path(parent_inode_new, name_new)
         with self.inodes.busy((old_parent, old_name), (new_parent, new_name)):
-            # (a merged index file renamed over shows the composed file, not the one renamed: the
-            # kernel fetches the renamed file's attributes again after any rename)
             await self.workers.run_thread(self.ns.rename, src, dst, flags, ctx.pid)
+            composed = self.ns.layout.composes(dst)
             if flags & RENAME_EXCHANGE:
                 self.inodes.exchange(old_parent, old_name, new_parent, new_name)
             else:
-                self.inodes.move(old_parent, old_name, new_parent, new_name)
+                self.inodes.move(old_parent, old_name, new_parent, new_name, composed)
+        if composed:
+            # a merged index file renamed over shows the composed file, not the one renamed, and
+            # under a number of its own (FileVersion): the kernel keeps the renamed file's number
+            # for the name until told (it fetches its attributes again meanwhile)
+            self.listener.stale_entry(dst[:-1], dst[-1])
         self._recheck_links(src, dst, new_parent.children.get(new_name))
 
     def _recheck_links(self, src: VPath, dst: VPath, moved: Node | None) -> None:
@@ -483,8 +515,17 @@ class GraftOperations(pyfuse3.Operations):
     @fuse_boundary
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
-        vpath = self._path(inode)
         writing = opens_for_writing(flags)
+        vpath = self._path(inode)  # (a replaced number: the name it was replaced at, InodeTable.replace)
+        if node.version is not None and not writing:
+            version_fd = await self.workers.run(self.ns.open_version, vpath, node.version.content, ctx.pid)
+            if version_fd is not None:
+                node.open_fds.add(version_fd)
+                self._files[version_fd] = (node, False)
+                return pyfuse3.FileInfo(fh=version_fd, keep_cache=True)  # this number's pages are its content
+            # the name shows another content now: this open reads it past the page cache, and
+            # the kernel looks the name up afresh for the next one
+            self.listener.stale_entry(vpath[:-1], vpath[-1])
         if writing:
             self.inodes.changed(node)  # a copy-up or truncation made by this request
         try:
@@ -552,7 +593,7 @@ class GraftOperations(pyfuse3.Operations):
             name, res = handle.entries[index]
             if handle.node.detached:
                 break
-            node = self.inodes.child(handle.node, name)
+            node = self._child_node(handle.node, name, res, None)
             entry = self._reply(node, res, handle.generation)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), entry, index + 1):
                 break

@@ -176,7 +176,9 @@ class ContainersStorageLayout(EntryView):
         if in_rw and vpath in lock_tokens.LOCK_FILES:
             return UNCACHED  # every token read must see the file
         if not in_rw and vpath in MERGED_FILES:
-            return UNCACHED  # composed in memory per open: never serve another open's pages
+            # (an open of the content an inode number stands for is served cached by the FUSE
+            # adapter; this is an open of a number whose content is no longer what shows)
+            return UNCACHED
         return CACHED
 
     def note_read(self, vpath: VPath, reader: int) -> None:
@@ -188,6 +190,9 @@ class ContainersStorageLayout(EntryView):
                     del self._reads[key]
 
     # -- merged index files ----------------------------------------------------------------------
+
+    def composes(self, vpath: VPath) -> bool:
+        return vpath in MERGED_FILES
 
     def merged(self, vpath: VPath, hides: HideView) -> Synthetic | None:
         if vpath not in MERGED_FILES:

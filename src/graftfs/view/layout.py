@@ -90,6 +90,9 @@ class NoMergedFiles:
     def merged(self, vpath: VPath, hides: HideView) -> Synthetic | None:
         return None
 
+    def composes(self, vpath: VPath) -> bool:
+        return False
+
     def absorb(self, vpath: VPath, written: str, hides: HideView, writer: int = 0) -> None:
         raise OSError(errno.EPERM, "not a merged file", "/".join(vpath))
 
@@ -124,6 +127,9 @@ class Layout(Protocol):
     def cache_key(self, tree: int, vpath: VPath) -> str | None: ...
     def unavailable(self, tree: int) -> bool: ...
     def merged(self, vpath: VPath, hides: HideView) -> Synthetic | None: ...
+    def composes(self, vpath: VPath) -> bool:
+        """Whether ``vpath`` is a file composed in memory (what merged answers for), without
+        composing it."""
     def direct_path(self, vpath: VPath) -> bool: ...
     def own_layer_dir(self, vpath: VPath) -> bool: ...
     def absorb(self, vpath: VPath, written: str, hides: HideView, writer: int = 0) -> None: ...

@@ -590,6 +590,17 @@ class Namespace:
             raise OSError(errno.ELOOP, "cannot open a symlink", "/".join(vpath))
         return os.open(self._local_copy(res) or res.top.path, flags), res.top.is_rw
 
+    def open_version(self, vpath: VPath, content: bytes, pid: int = 0) -> int | None:
+        """Open a composed file as ``content`` if that is still what ``vpath`` shows (noting the
+        read, as open does); None when it shows something else now. The caller has ``content``
+        cached under one inode number and may let the kernel serve it from its pages only
+        while an open would read exactly that."""
+        res = self.resolve(vpath)
+        if res.top.content != content:
+            return None
+        self.layout.note_read(vpath, pid)
+        return _memory_file(content)
+
     def _cached_copy(self, tree: int, vpath: VPath) -> tuple[str, os.stat_result] | None:
         """The node-local copy of a shared image's small file, when there is one."""
         if self.small_files is None:
