@@ -195,7 +195,8 @@ def mount_factory(tmp_path: Path) -> Iterator[object]:
     assert not crashed, "graftfs daemon did not exit cleanly:\n" + "\n".join(crashed)
 
 
-@pytest.fixture
-def graft(sample: Sample, mount_factory: object) -> GraftMount:
-    """The demo sample mounted: RW dir over the read-only share."""
-    return mount_factory(sample.rw, [sample.share_ro])  # type: ignore[operator, no-any-return]
+@pytest.fixture(params=["kernel_opens=auto", "kernel_opens=0"])
+def graft(request: pytest.FixtureRequest, sample: Sample, mount_factory: object) -> GraftMount:
+    """The demo sample mounted: RW dir over the read-only share; once with the kernel opening
+    files itself where this pyfuse3 can (graftfs.fuse.files), once with graftfs serving opens."""
+    return mount_factory(sample.rw, [sample.share_ro], "-o", request.param)  # type: ignore[operator, no-any-return]

@@ -138,7 +138,8 @@ def test_a_daemon_dying_before_ready_is_reported_at_once(sample: Sample, mnt: st
 
 
 def test_bad_cli_arguments_get_one_line() -> None:
-    for argv in (["mount"], ["frobnicate"], ["status"], ["umount", "a", "b"]):
+    for argv in (["mount"], ["frobnicate"], ["status"], ["umount", "a", "b"],
+                 ["mount", "--rw", "/tmp", "-o", "kernel_opens=yes", "/mnt"]):
         res = graftfs_cmd(*argv)
         assert res.returncode == 2, argv
         assert len(res.stderr.strip().splitlines()) == 1, res.stderr
@@ -160,7 +161,7 @@ def test_every_command_and_argument_has_help() -> None:
         assert res.returncode == 0 and res.stdout.startswith("usage: graftfs " + name), res.stderr
     mount_help = graftfs_cmd("mount", "--help").stdout
     for key in ("rw=", "ro=", "layout=", "timeout=", "poll=", "share_inotify=", "lease=", "direct=", "publish=",
-                "publish_match=", "log=", "metrics="):
+                "publish_match=", "log=", "metrics=", "kernel_opens="):
         assert key in mount_help, key
 
 
@@ -232,7 +233,8 @@ def test_status_stays_within_xattr_size_with_many_hides(sample: Sample, mnt: str
 def test_verbose_daemon_logs_each_request_with_its_path(sample: Sample, mount_factory: object) -> None:
     """--verbose: which paths the runtime walks, request by request (for finding what still
     reaches graftfs), in the daemon's log."""
-    gm = mount_factory(sample.rw, [sample.share_ro], "--verbose")  # type: ignore[operator]
+    # (graftfs serving opens: with kernel_opens the kernel sends neither open nor release)
+    gm = mount_factory(sample.rw, [sample.share_ro], "--verbose", "-o", "kernel_opens=0")  # type: ignore[operator]
     manifest = gm.path("overlay-images", sample.ids.image_app, "manifest")
     with open(manifest, "rb") as f:
         f.read()

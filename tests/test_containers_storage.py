@@ -30,9 +30,11 @@ def records(path: str) -> dict[str, dict[str, object]]:
     return {str(r["id"]): r for r in json.loads(out.stdout)}
 
 
-@pytest.fixture
-def podman_node(tmp_path: Path, mount_factory: MountFactory) -> tuple[GraftMount, Sample, dict[str, str]]:
-    """A share with two images (per-entry records) and a node whose RW tree podman wrote."""
+@pytest.fixture(params=["kernel_opens=auto", "kernel_opens=0"])
+def podman_node(request: pytest.FixtureRequest, tmp_path: Path, mount_factory: MountFactory
+                ) -> tuple[GraftMount, Sample, dict[str, str]]:
+    """A share with two images (per-entry records) and a node whose RW tree podman wrote; once
+    with the kernel opening files itself where it can (graftfs.fuse.files), once without."""
     share, rw = tmp_path / "share", tmp_path / "rw"
     share.mkdir()
     (share / ".graftfs-share").write_text("graftfs share v1\n")
@@ -54,7 +56,7 @@ def podman_node(tmp_path: Path, mount_factory: MountFactory) -> tuple[GraftMount
     ids = {"base0": base[0].id, "base1": base[1].id, "app": app[0].id, "image_a": image_a, "image_b": image_b,
            "local_layer": local_layer, "local_image": local_image}
     try:
-        g = mount_factory(str(rw), [share_ro])  # layout auto: RW holds layers.json
+        g = mount_factory(str(rw), [share_ro], "-o", request.param)  # layout auto: RW holds layers.json
         yield g, Sample(tmp_path, str(share), share_ro, str(rw), None), ids  # type: ignore[arg-type]
         g.stop()  # before the share's bind mount goes (mount_factory stops it again: a no-op)
     finally:

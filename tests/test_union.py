@@ -116,6 +116,58 @@ def test_copy_up_on_write_keeps_ro_untouched(graft: GraftMount, sample: Sample) 
     assert tree_snapshot(sample.share) == before
 
 
+def test_open_files_outlive_their_names(graft: GraftMount, sample: Sample) -> None:
+    """A file open in a process keeps its content when its name goes, through unlink or a rename
+    over it, as on a local filesystem; so does a shared file (hidden on this node)."""
+    d = graft.path("overlay", sample.ids.local, "diff")
+    scratch = os.path.join(d, "scratch")
+    Path(scratch).write_bytes(b"first")
+    with open(scratch, "r+b") as f:
+        assert f.read() == b"first"  # (the kernel has it: no descriptor opened by a write yet)
+        os.unlink(scratch)
+        f.seek(0)
+        f.write(b"FIRST, again")
+        f.flush()
+        f.seek(0)
+        assert f.read() == b"FIRST, again" and os.fstat(f.fileno()).st_size == 12
+    assert not os.path.exists(scratch)
+    Path(scratch).write_bytes(b"old")
+    with open(scratch, "rb") as old:
+        Path(scratch + ".new").write_bytes(b"new content")
+        os.rename(scratch + ".new", scratch)
+        assert old.read() == b"old"
+    assert Path(scratch).read_bytes() == b"new content"
+    shared = graft.path("overlay", sample.ids.base, "diff", "etc", "os-release")
+    with open(shared, "rb") as f:
+        os.unlink(shared)
+        assert f.read() == b"NAME=demo\n"
+    assert not os.path.exists(shared)
+    assert Path(sample.share, "overlay", sample.ids.base, "diff", "etc", "os-release").read_text() == "NAME=demo\n"
+
+
+def test_kernel_opens_cost_no_open_requests(graft: GraftMount, sample: Sample) -> None:
+    """With the kernel opening files itself, reading and writing files sends no open and no
+    release; the first write of a shared file makes its RW copy then."""
+    kernel_opens = bool(graft.status()["kernel_opens"])
+    if not kernel_opens and "kernel_opens=auto" in graft.extra:
+        pytest.skip("this pyfuse3 cannot serve files the kernel opens itself (tools/build-pyfuse3)")
+    target = graft.path("overlay", sample.ids.base, "diff", "etc", "os-release")
+    Path(graft.path("overlay", sample.ids.base, "diff", "bin", "hello")).read_text()  # (the one open: ENOSYS)
+    before = graft.status()["requests"]
+    for _ in range(3):
+        assert Path(target).read_text() == "NAME=demo\n"
+    with open(target, "r+") as f:
+        # the kernel's own open copies nothing yet; graftfs' open for writing copies the file up
+        assert origin(target) == (f"ro:{sample.share_ro}" if kernel_opens else "rw")
+        f.seek(0, os.SEEK_END)
+        f.write("ID=demo\n")
+    assert Path(target).read_text() == "NAME=demo\nID=demo\n" and origin(target) == "rw"
+    after = graft.status()["requests"]
+    opened = {op: after.get(op, {}).get("count", 0) - before.get(op, {}).get("count", 0)  # type: ignore[union-attr]
+              for op in ("open", "release")}
+    assert (opened == {"open": 0, "release": 0}) == kernel_opens, opened
+
+
 def test_hide_of_ro_entries_is_local_and_persistent(graft: GraftMount, sample: Sample) -> None:
     before = tree_snapshot(sample.share)
     diff = graft.path("overlay", sample.ids.base, "diff")

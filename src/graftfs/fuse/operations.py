@@ -28,11 +28,12 @@ import pyfuse3
 from graftfs.format.attrs import Attr
 from graftfs.format.names import ORIGIN_XATTRS, PID_XATTR, STATUS_XATTR, UNHIDE_XATTR
 from graftfs.fuse.errors import REQUEST_SECONDS, REQUESTS, fuse_boundary
+from graftfs.fuse.files import InodeFiles
 from graftfs.fuse.inodes import FileVersion, InodeTable, Node
 from graftfs.fuse.kernel_cache import ViewGeneration
 from graftfs.fuse.workers import Workers
 from graftfs.linux import RENAME_EXCHANGE
-from graftfs.view.layout import ViewChange
+from graftfs.view.layout import ANY_READER, ViewChange
 from graftfs.view.lock_tokens import write_token_fd
 from graftfs.view.namespace import Busy, Namespace, NeedsCopyUp, Resolved, opens_for_writing
 
@@ -124,6 +125,7 @@ class GraftOperations(pyfuse3.Operations):
         generation: ViewGeneration,
         listener: ViewListener | None = None,
         info: Callable[[], dict[str, Any]] | None = None,
+        kernel_opens: bool = False,
     ) -> None:
         super().__init__()
         self.ns = ns
@@ -140,6 +142,8 @@ class GraftOperations(pyfuse3.Operations):
         self._files: dict[int, tuple[Node, bool]] = {}  # fd -> (node, fd is on the RW tree)
         self._dirs: dict[int, DirHandle] = {}
         self._next_dir_fh = 1
+        #: the kernel opens files itself (graftfs.fuse.files): file I/O by inode, no handles
+        self.files = InodeFiles(ns, workers, inodes) if kernel_opens else None
         self.bytes_read = self.bytes_written = 0  # data through FUSE (status: what bypasses us)
         self.unsupported_xattrs = unsupported_xattrs()
 
@@ -157,7 +161,8 @@ class GraftOperations(pyfuse3.Operations):
     def _trace_path(self, op: str, args: tuple[object, ...]) -> VPath:
         first = args[1] if len(args) > 1 else None
         if op in FILE_HANDLE_REQUESTS and isinstance(first, int):
-            return self.inodes.path(self._files[first][0].ino)
+            # (the kernel opening files itself: the handle is the inode, graftfs.fuse.files)
+            return self.inodes.path(self._files[first][0].ino if self.files is None else first)
         if op in DIR_HANDLE_REQUESTS and isinstance(first, int):
             return self.inodes.path(self._dirs[first].node.ino)
         if op in NAMED_REQUESTS and isinstance(first, int) and isinstance(args[2], bytes):
@@ -291,8 +296,11 @@ class GraftOperations(pyfuse3.Operations):
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
             node = self.inodes.forget(ino, count)
-            if node is not None and node.lookups == 0 and node.wd:
-                self.listener.forget_rw_dir(node)
+            if node is not None and node.lookups == 0:
+                if node.wd:
+                    self.listener.forget_rw_dir(node)
+                if self.files is not None:
+                    self.files.forget(ino)
 
     @fuse_boundary
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -301,9 +309,10 @@ class GraftOperations(pyfuse3.Operations):
             return self._entry(node, node.version.attr)  # what this number is never changes
         if node.detached and node.replaced_at is None:
             # removed from the view but still open somewhere: answer from the open file
-            if not node.open_fds:
+            fd = next(iter(node.open_fds), None) if self.files is None else self.files.fd_of(inode)
+            if fd is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            st = await self.workers.run(os.fstat, next(iter(node.open_fds)))
+            st = await self.workers.run(os.fstat, fd)
             return self._entry(node, Attr.from_stat(st))
         res = await self.workers.run(self.ns.resolve, self._path(inode))
         return self._reply(node, res)
@@ -315,11 +324,8 @@ class GraftOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
         if node.detached:
-            if fh is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            if fh not in self._files or not self._files[fh][1]:
-                raise pyfuse3.FUSEError(errno.EROFS)  # never change a shared file through its fd
-            st = await self.workers.run_thread(_setattr_fd, fh, attr, fields)
+            fd = self._detached_fd(inode, fh)
+            st = await self.workers.run_thread(_setattr_fd, fd, attr, fields)
             return self._entry(node, Attr.from_stat(st))
         vpath = self._path(inode)
         self.inodes.changed(node)
@@ -330,7 +336,23 @@ class GraftOperations(pyfuse3.Operations):
         except NeedsCopyUp:
             res = await self.workers.run_thread(self._setattr_path, vpath, attr, fields, fh)
         self.inodes.changed(node)
+        if self.files is not None:
+            self.files.stale(node)  # a copy-up moved the file to RW
         return self._reply(node, res)
+
+    def _detached_fd(self, ino: int, fh: int | None) -> int:
+        """The descriptor a file removed from the view but still open is changed through: the
+        open's (or, with the kernel opening files itself, the inode's)."""
+        if self.files is not None:
+            kept, fd = self.files.fd_of(ino), self.files.writable_fd_of(ino)
+        else:
+            kept = fh
+            fd = fh if fh is not None and fh in self._files and self._files[fh][1] else None
+        if kept is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if fd is None:
+            raise pyfuse3.FUSEError(errno.EROFS)  # never change a shared file through its fd
+        return fd
 
     def _setattr_path(
         self, vpath: VPath, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
@@ -347,7 +369,7 @@ class GraftOperations(pyfuse3.Operations):
         if fields.update_mode and not is_link:
             os.chmod(path, stat.S_IMODE(attr.st_mode))
         if fields.update_size:
-            if fh is not None and self._files.get(fh, (None, False))[1]:
+            if fh is not None and self.files is None and self._files.get(fh, (None, False))[1]:
                 os.ftruncate(fh, attr.st_size)
             else:
                 os.truncate(path, attr.st_size)
@@ -434,11 +456,15 @@ class GraftOperations(pyfuse3.Operations):
             try:
                 if policy.token:
                     await self.workers.run(write_token_fd, fd)  # never shorter than a token (lock_tokens)
+                    res = await self.workers.run(self.ns.resolve, vpath)  # (its size is the token's)
                 node = self.inodes.child(parent, sname)
                 entry = self._created_entry(parent, sname, vpath, res)
             except BaseException:
                 os.close(fd)
                 raise
+        if self.files is not None:
+            self.files.adopt(node, fd)  # I/O by inode from here on, like the kernel's own opens
+            return pyfuse3.FileInfo(fh=0, direct_io=policy.direct_io, keep_cache=not policy.direct_io), entry
         node.open_fds.add(fd)
         self._files[fd] = (node, True)
         if policy.direct_io:
@@ -449,6 +475,8 @@ class GraftOperations(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent, sname, vpath = self._child_path(parent_inode, name)
         with self.inodes.busy((parent, sname)):
+            if self.files is not None:
+                await self.files.hold(parent.children.get(sname))
             # in a worker, unlink moves a layer's directory aside itself; in the trio thread,
             # unlink_entry leaves that to a worker (it waits on the RW filesystem's rename locks)
             discard = await self._quick_change(self.ns.unlink_entry, vpath, in_worker=self.ns.unlink)
@@ -481,19 +509,43 @@ class GraftOperations(pyfuse3.Operations):
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
         old_parent, old_name, src = self._child_path(parent_inode_old, name_old)
         new_parent, new_name, dst = self._child_path(parent_inode_new, name_new)
+        composed = self.ns.layout.composed_files()
         with self.inodes.busy((old_parent, old_name), (new_parent, new_name)):
+            written = None
+            if self.files is not None and not flags & RENAME_EXCHANGE:
+                if dst in composed:
+                    written = await self.workers.run_thread(self._written, src)
+                    # (None: not a file the runtime wrote; the rename says what it is)
+                else:
+                    await self.files.hold(new_parent.children.get(new_name))
             await self.workers.run_thread(self.ns.rename, src, dst, flags, ctx.pid)
-            composed = self.ns.layout.composes(dst)
             if flags & RENAME_EXCHANGE:
                 self.inodes.exchange(old_parent, old_name, new_parent, new_name)
             else:
-                self.inodes.move(old_parent, old_name, new_parent, new_name, composed)
-        if composed:
+                self.inodes.move(old_parent, old_name, new_parent, new_name, dst in composed)
+            moved = new_parent.children.get(new_name)
+            if written is not None and moved is not None:
+                moved.version = written
+        if dst in composed:
             # a merged index file renamed over shows the composed file, not the one renamed, and
             # under a number of its own (FileVersion): the kernel keeps the renamed file's number
-            # for the name until told (it fetches its attributes again meanwhile)
-            self.listener.stale_entry(dst[:-1], dst[-1])
-        self._recheck_links(src, dst, new_parent.children.get(new_name))
+            # for the name until told (it fetches its attributes again meanwhile); the other
+            # composed files may have changed with it
+            for vpath in composed:
+                self.listener.stale_entry(vpath[:-1], vpath[-1])
+        self._recheck_links(src, dst, moved)
+
+    def _written(self, vpath: VPath) -> FileVersion | None:
+        """What the runtime wrote to the file it is about to rename over a composed one (in a
+        worker). With the kernel opening files itself, that file's inode keeps being read from
+        the kernel's pages until the name's new number reaches it: it must stay what was written,
+        not become the node's part the split-back leaves in RW."""
+        try:
+            with open(self.ns.rw_path(vpath), "rb") as f:
+                st = os.fstat(f.fileno())
+                return FileVersion(f.read(), Attr.from_stat(st)) if stat.S_ISREG(st.st_mode) else None
+        except OSError:
+            return None
 
     def _recheck_links(self, src: VPath, dst: VPath, moved: Node | None) -> None:
         """A rename can turn a directory into a link the view shows instead (or back), under
@@ -514,6 +566,8 @@ class GraftOperations(pyfuse3.Operations):
 
     @fuse_boundary
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if self.files is not None:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel opens files itself from now on
         node = self._node(inode)
         writing = opens_for_writing(flags)
         vpath = self._path(inode)  # (a replaced number: the name it was replaced at, InodeTable.replace)
@@ -542,15 +596,33 @@ class GraftOperations(pyfuse3.Operations):
 
     @fuse_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        data = await self.workers.run_fd(os.pread, fh, size, off)
+        if self.files is None:
+            data = await self.workers.run_fd(os.pread, fh, size, off)
+        else:  # fh is the inode (graftfs.fuse.files)
+            node = self._node(fh)
+            if node.version is not None:
+                if off == 0:  # the kernel fills its pages of this content: someone reads it
+                    await self.workers.run(self.ns.read_version, self._path(fh), node.version.content, ANY_READER)
+                return node.version.content[off:off + size]
+            async with self.files.use(node, write=False) as fd:
+                data = await self.workers.run_fd(os.pread, fd, size, off)
         self.bytes_read += len(data)
         return data
 
     @fuse_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        self._changing(fh)
-        written = await self.workers.run_fd(os.pwrite, fh, buf, off)
-        self._changing(fh)  # (before and after: a slow write's event may be read while it runs)
+        if self.files is None:
+            self._changing(fh)
+            written = await self.workers.run_fd(os.pwrite, fh, buf, off)
+            self._changing(fh)  # (before and after: a slow write's event may be read while it runs)
+        else:  # fh is the inode (graftfs.fuse.files)
+            node = self._node(fh)
+            if node.version is not None:
+                raise PermissionError(errno.EPERM, "replace this file by renaming a new one over it")
+            self.inodes.changed(node)  # (a copy-up by this request, then the write)
+            async with self.files.use(node, write=True) as fd:
+                written = await self.workers.run_fd(os.pwrite, fd, buf, off)
+            self.inodes.changed(node)
         self.bytes_written += written
         return written
 
@@ -562,10 +634,21 @@ class GraftOperations(pyfuse3.Operations):
 
     @fuse_boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self.workers.run_thread(os.fdatasync if datasync else os.fsync, fh)
+        sync = os.fdatasync if datasync else os.fsync
+        if self.files is None:
+            await self.workers.run_thread(sync, fh)
+            return
+        node = self._node(fh)  # fh is the inode (graftfs.fuse.files)
+        if node.version is not None:
+            return  # composed in memory: nothing on disk to sync
+        # (any descriptor of the file will do: fsync makes the file durable, not the descriptor)
+        async with self.files.use(node, write=False) as fd:
+            await self.workers.run_thread(sync, fd)
 
     @fuse_boundary
     async def release(self, fh: int) -> None:
+        if self.files is not None:
+            return  # a file created through the mount (handle 0): its inode keeps the descriptor
         entry = self._files.pop(fh, None)
         if entry is not None:
             self.inodes.close_fd(entry[0], fh)

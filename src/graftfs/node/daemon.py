@@ -21,7 +21,7 @@ import trio
 
 from graftfs import __version__
 from graftfs.format.names import STATE_DIR
-from graftfs.fuse import session
+from graftfs.fuse import files, session
 from graftfs.fuse.errors import TRACERS
 from graftfs.fuse.inodes import InodeTable
 from graftfs.fuse.inotify import is_local_fs
@@ -334,9 +334,16 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
     def info() -> dict[str, Any]:
         return {"version": __version__, "pid": os.getpid(), "mountpoint": cfg.mountpoint, "started": started,
                 "timeout": cfg.timeout, "fuse_options": sorted(cfg.fuse_option_set()),
-                "cache_timeout": ops.cache_timeout, "layout_reason": choice.reason, **bg.status()}
+                "cache_timeout": ops.cache_timeout, "layout_reason": choice.reason,
+                "kernel_opens": ops.files is not None, **bg.status()}
 
-    ops = GraftOperations(ns, workers, inodes, generation, listener=watcher, info=info)
+    kernel_opens = files.supported() if cfg.kernel_opens is None else cfg.kernel_opens
+    if kernel_opens and not files.supported():
+        log.error("kernel_opens=1: this pyfuse3 cannot serve files the kernel opens itself (tools/install "
+                  "rebuilds it with tools/build-pyfuse3)")
+        _tell(ready_fd, "ERROR kernel_opens=1 needs the pyfuse3 tools/build-pyfuse3 builds")
+        return 1
+    ops = GraftOperations(ns, workers, inodes, generation, listener=watcher, info=info, kernel_opens=kernel_opens)
     if logging.getLogger(GraftOperations.__module__).isEnabledFor(logging.DEBUG):
         TRACERS[:] = [ops.trace]  # --verbose: every request in the log, with its path
     watch_metrics(metrics, cfg, started, ns.layout.name, ops, bg)

@@ -71,6 +71,7 @@ class MountConfig:
     share_inotify: bool = True  # let inotify wake the poller of shared trees on local filesystems
     lease: float = 30.0  # seconds between renewals of this node's leases in the shares; 0: no leases
     direct: bool | None = None  # show layer dirs, lock files... as links to RW/RO; None: the layout's default
+    kernel_opens: bool | None = None  # the kernel opens files without asking (graftfs.fuse.files); None: if it can
     publish: bool = False  # publish=auto: images this node pulls or builds go to the first share
     publish_match: list[str] = field(default_factory=list)  # image-name globs; !glob excludes; none: all
     metrics: tuple[str, int] | None = None  # metrics=HOST:PORT: serve Prometheus metrics there (node.metrics)
@@ -133,6 +134,10 @@ class MountConfig:
             if value not in ("0", "1", "auto"):
                 raise ConfigError("direct= must be 0 (serve everything through graftfs), 1 or auto")
             self.direct = None if value == "auto" else value == "1"
+        elif key == "kernel_opens":
+            if value not in ("0", "1", "auto"):
+                raise ConfigError("kernel_opens= must be 0 (graftfs serves every open), 1 or auto")
+            self.kernel_opens = None if value == "auto" else value == "1"
         elif key == "publish":
             if value not in ("auto", "off"):
                 raise ConfigError("publish= must be auto (publish what this node pulls or builds) or off")
@@ -203,6 +208,7 @@ class MountConfig:
         opts = [*self.fuse_options, f"timeout={self.timeout:g}", f"poll={self.poll:g}",
                 f"share_inotify={int(self.share_inotify)}", f"lease={self.lease:g}",
                 "direct=" + ("auto" if self.direct is None else str(int(self.direct))),
+                "kernel_opens=" + ("auto" if self.kernel_opens is None else str(int(self.kernel_opens))),
                 "publish=" + ("auto" if self.publish else "off"), *(f"publish_match={p}" for p in self.publish_match)]
         if self.metrics is not None:
             opts.append(f"metrics={format_listen_address(*self.metrics)}")

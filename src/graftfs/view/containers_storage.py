@@ -47,7 +47,7 @@ from graftfs.format.names import (
 from graftfs.format.records import graph_layer_ids, layer_chain, read_index, record_ids, record_names, walk_chain
 from graftfs.view import lock_tokens
 from graftfs.view.entries import EntryView
-from graftfs.view.layout import CACHED, FilePolicy, HideView, Synthetic, ViewChange, VPath
+from graftfs.view.layout import ANY_READER, CACHED, FilePolicy, HideView, Synthetic, ViewChange, VPath
 from graftfs.view.status import LayoutStatus
 
 log = logging.getLogger(__name__)
@@ -191,8 +191,8 @@ class ContainersStorageLayout(EntryView):
 
     # -- merged index files ----------------------------------------------------------------------
 
-    def composes(self, vpath: VPath) -> bool:
-        return vpath in MERGED_FILES
+    def composed_files(self) -> tuple[VPath, ...]:
+        return MERGED_FILES
 
     def merged(self, vpath: VPath, hides: HideView) -> Synthetic | None:
         if vpath not in MERGED_FILES:
@@ -296,7 +296,10 @@ class ContainersStorageLayout(EntryView):
                if r.get("id") in held or not (r.get("id") in shared and shared[str(r.get("id"))] == r)]
         kept = {r.get("id") for r in records}
         with self._compose_lock:
-            read_at = self._reads.get((vpath, writer))
+            # (a kernel that opens files itself tells no reader: the newest content anyone read
+            # then stands for what the writer read, which the runtime's own lock makes exact for
+            # its processes: none of them reads while one holds the lock to write)
+            read_at = self._reads.get((vpath, writer), self._reads.get((vpath, ANY_READER)))
         for eid in shared:
             # only what the writer could have seen: an id published after its read is not a deletion
             if eid not in kept and read_at is not None and self.live.appeared_at(eid) <= read_at:

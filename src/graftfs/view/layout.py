@@ -80,6 +80,9 @@ class FilePolicy:
 
 
 CACHED = FilePolicy()
+#: The reader of a merged file when the kernel opened it without asking (graftfs.fuse.files):
+#: the first read of each content reaches graftfs, but without the process that made it.
+ANY_READER = -1
 
 
 class NoMergedFiles:
@@ -90,8 +93,8 @@ class NoMergedFiles:
     def merged(self, vpath: VPath, hides: HideView) -> Synthetic | None:
         return None
 
-    def composes(self, vpath: VPath) -> bool:
-        return False
+    def composed_files(self) -> tuple[VPath, ...]:
+        return ()
 
     def absorb(self, vpath: VPath, written: str, hides: HideView, writer: int = 0) -> None:
         raise OSError(errno.EPERM, "not a merged file", "/".join(vpath))
@@ -127,9 +130,9 @@ class Layout(Protocol):
     def cache_key(self, tree: int, vpath: VPath) -> str | None: ...
     def unavailable(self, tree: int) -> bool: ...
     def merged(self, vpath: VPath, hides: HideView) -> Synthetic | None: ...
-    def composes(self, vpath: VPath) -> bool:
-        """Whether ``vpath`` is a file composed in memory (what merged answers for), without
-        composing it."""
+    def composed_files(self) -> tuple[VPath, ...]:
+        """The files composed in memory (what merged answers for); a change of one may change
+        the others (which images show depends on which layers do)."""
     def direct_path(self, vpath: VPath) -> bool: ...
     def own_layer_dir(self, vpath: VPath) -> bool: ...
     def absorb(self, vpath: VPath, written: str, hides: HideView, writer: int = 0) -> None: ...

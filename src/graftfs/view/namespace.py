@@ -595,11 +595,17 @@ class Namespace:
         read, as open does); None when it shows something else now. The caller has ``content``
         cached under one inode number and may let the kernel serve it from its pages only
         while an open would read exactly that."""
+        return _memory_file(content) if self.read_version(vpath, content, pid) else None
+
+    def read_version(self, vpath: VPath, content: bytes, reader: int) -> bool:
+        """Note that ``reader`` (a pid, or ANY_READER) read composed file ``vpath`` as
+        ``content``, if that is still what it shows; False when it shows something else now
+        (what a runtime read then says nothing about what it will write)."""
         res = self.resolve(vpath)
         if res.top.content != content:
-            return None
-        self.layout.note_read(vpath, pid)
-        return _memory_file(content)
+            return False
+        self.layout.note_read(vpath, reader)
+        return True
 
     def _cached_copy(self, tree: int, vpath: VPath) -> tuple[str, os.stat_result] | None:
         """The node-local copy of a shared image's small file, when there is one."""
