@@ -196,6 +196,11 @@ class GraftOperations(pyfuse3.Operations):
         timeout = self.cache_timeout if generation in (None, self.generation.value) else RACED_CACHE_TIMEOUT
         e.entry_timeout = timeout
         e.attr_timeout = timeout
+        if node.version is not None and self.files is not None:
+            # a composed file whose open does not reach graftfs: every path walk to it looks it
+            # up again, and finds the number of its current content (_child_node), as an open
+            # served by graftfs would (its attributes never change under one number)
+            e.entry_timeout = 0
         node.sig = attr.sig
         e.st_mode = attr.mode
         e.st_nlink = attr.nlink
