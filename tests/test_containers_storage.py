@@ -94,7 +94,9 @@ def test_runtime_rewrite_is_split_back(podman_node: tuple[GraftMount, Sample, di
     # the kernel held the renamed file's size under the name: it is told the composed file's
     wait_for(lambda: int(sh("stat", "-c", "%s", index).stdout) == len(sh("cat", index).stdout.encode()), 2,
              "the composed file's size through stat")
-    assert ids["image_b"] not in records(g.path("overlay-images", "images.json"))  # its top layer is gone here
+    # its top layer is gone here (with the kernel opening files itself: once the kernel is told,
+    # a moment after the rename)
+    wait_for(lambda: ids["image_b"] not in records(g.path("overlay-images", "images.json")), 2, "image_b hidden")
     own = json.loads(Path(sample.rw, "overlay-layers", "layers.json").read_text())
     assert {r["id"] for r in own} == {ids["local_layer"], new_layer["id"]}  # shared records stay shared
     assert not os.path.exists(os.path.join(sample.rw, "overlay-layers", ".tmp-layers.json123"))

@@ -81,6 +81,11 @@ class KernelCache:
     async def apply(self, changes: Iterable[ViewChange]) -> int:
         """Bring the kernel's caches in line for these names; return the notifications sent."""
         items: list[tuple[Node, ViewChange, Node | None]] = []
+        changes = list(changes)
+        composed = self.ns.layout.composed_files()
+        if any((*ch.parent, ch.name) in composed for ch in changes):
+            # which images show depends on which layers do: the other composed files too
+            changes += [ViewChange(vpath[:-1], vpath[-1]) for vpath in composed]
         for ch in dict.fromkeys(changes):
             parent = self.inodes.find(ch.parent)
             if parent is not None and not parent.detached and may_hold_entries(parent) \

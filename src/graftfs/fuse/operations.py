@@ -196,11 +196,6 @@ class GraftOperations(pyfuse3.Operations):
         timeout = self.cache_timeout if generation in (None, self.generation.value) else RACED_CACHE_TIMEOUT
         e.entry_timeout = timeout
         e.attr_timeout = timeout
-        if node.version is not None and self.files is not None:
-            # a composed file whose open does not reach graftfs: every path walk to it looks it
-            # up again, and finds the number of its current content (_child_node), as an open
-            # served by graftfs would (its attributes never change under one number)
-            e.entry_timeout = 0
         node.sig = attr.sig
         e.st_mode = attr.mode
         e.st_nlink = attr.nlink
@@ -534,10 +529,8 @@ class GraftOperations(pyfuse3.Operations):
         if dst in composed:
             # a merged index file renamed over shows the composed file, not the one renamed, and
             # under a number of its own (FileVersion): the kernel keeps the renamed file's number
-            # for the name until told (it fetches its attributes again meanwhile); the other
-            # composed files may have changed with it
-            for vpath in composed:
-                self.listener.stale_entry(vpath[:-1], vpath[-1])
+            # for the name until told (the other composed files are re-checked with it)
+            self.listener.stale_entry(dst[:-1], dst[-1])
         self._recheck_links(src, dst, moved)
 
     def _written(self, vpath: VPath) -> FileVersion | None:
