@@ -511,14 +511,10 @@ class GraftOperations(pyfuse3.Operations):
         new_parent, new_name, dst = self._child_path(parent_inode_new, name_new)
         composed = self.ns.layout.composed_files()
         with self.inodes.busy((old_parent, old_name), (new_parent, new_name)):
-            written = None
-            if self.files is not None and not flags & RENAME_EXCHANGE:
-                if dst in composed:
-                    written = await self.workers.run_thread(self._written, src)
-                    # (None: not a file the runtime wrote; the rename says what it is)
-                else:
-                    await self.files.hold(new_parent.children.get(new_name))
-            await self.workers.run_thread(self.ns.rename, src, dst, flags, ctx.pid)
+            keep_written = self.files is not None and not flags & RENAME_EXCHANGE and dst in composed
+            if self.files is not None and not keep_written:
+                await self.files.hold(new_parent.children.get(new_name))
+            written = await self.workers.run_thread(self._rename, src, dst, flags, ctx.pid, keep_written)
             if flags & RENAME_EXCHANGE:
                 self.inodes.exchange(old_parent, old_name, new_parent, new_name)
             else:
@@ -533,17 +529,23 @@ class GraftOperations(pyfuse3.Operations):
             self.listener.stale_entry(dst[:-1], dst[-1])
         self._recheck_links(src, dst, moved)
 
-    def _written(self, vpath: VPath) -> FileVersion | None:
-        """What the runtime wrote to the file it is about to rename over a composed one (in a
-        worker). With the kernel opening files itself, that file's inode keeps being read from
-        the kernel's pages until the name's new number reaches it: it must stay what was written,
-        not become the node's part the split-back leaves in RW."""
-        try:
-            with open(self.ns.rw_path(vpath), "rb") as f:
-                st = os.fstat(f.fileno())
-                return FileVersion(f.read(), Attr.from_stat(st)) if stat.S_ISREG(st.st_mode) else None
-        except OSError:
-            return None
+    def _rename(self, src: VPath, dst: VPath, flags: int, pid: int, keep_written: bool) -> FileVersion | None:
+        """The rename (in a worker); with ``keep_written``, what the runtime wrote to the file it
+        renames over a composed one, read first. With the kernel opening files itself, that
+        file's inode is read from the kernel's pages until the name's new number reaches it: it
+        must stay what was written, not become the node's part the split-back leaves in RW
+        (None: not a file the runtime wrote; the rename says what it is)."""
+        written = None
+        if keep_written:
+            try:
+                with open(self.ns.rw_path(src), "rb") as f:
+                    st = os.fstat(f.fileno())
+                    if stat.S_ISREG(st.st_mode):
+                        written = FileVersion(f.read(), Attr.from_stat(st))
+            except OSError:
+                pass
+        self.ns.rename(src, dst, flags, pid)
+        return written
 
     def _recheck_links(self, src: VPath, dst: VPath, moved: Node | None) -> None:
         """A rename can turn a directory into a link the view shows instead (or back), under
