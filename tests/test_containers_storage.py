@@ -149,10 +149,10 @@ def test_merged_file_is_read_from_the_page_cache_under_a_number_per_content(
                                     indent=2))  # not the composed file's bytes
     written = os.stat(tmp).st_ino
     os.rename(tmp, index)
-    composed = sh("cat", index).stdout.encode()
-    assert digest("layer:cs-pc2") in {r["id"] for r in json.loads(composed)}
     wait_for(lambda: os.stat(index).st_ino not in (number, renamed_over, written), 2,
              "a new number for the composed file")
+    composed = sh("cat", index).stdout.encode()
+    assert digest("layer:cs-pc2") in {r["id"] for r in json.loads(composed)}
     assert os.stat(index).st_size == len(composed) and Path(index).read_bytes() == composed
     reads = _reads(g)
     assert Path(index).read_bytes() == composed

@@ -151,11 +151,6 @@ class InodeFiles:
         self._held.discard(ino)
         self._retire(ino)
 
-    def close_all(self) -> None:
-        for ino in list(self._fds):
-            self._retire(ino)
-        self._held.clear()
-
     async def _backing(self, node: Node, write: bool, copy_up: bool = True) -> _Backing:
         """The descriptor for ``node``: the kept one while it serves (writable when ``write``;
         opened while the node's attributes were the ones told since, else the file may have
