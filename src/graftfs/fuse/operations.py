@@ -602,12 +602,23 @@ class GraftOperations(pyfuse3.Operations):
             node = self._node(fh)
             if node.version is not None:
                 if off == 0:  # the kernel fills its pages of this content: someone reads it
-                    await self.workers.run(self.ns.read_version, self._path(fh), node.version.content, ANY_READER)
+                    await self._note_version_read(node)
                 return node.version.content[off:off + size]
             async with self.files.use(node, write=False) as fd:
                 data = await self.workers.run_fd(os.pread, fd, size, off)
         self.bytes_read += len(data)
         return data
+
+    async def _note_version_read(self, node: Node) -> None:
+        """Tell the layout a composed file's content was read (the split-back's ANY_READER);
+        a content no longer shown, or a name that cannot be resolved now, tells nothing, and
+        the read is served all the same."""
+        assert node.version is not None
+        try:
+            await self.workers.run(self.ns.read_version, self.inodes.path(node.ino), node.version.content,
+                                   ANY_READER)
+        except OSError as e:
+            log.debug("read of inode %d not noted: %s", node.ino, e)
 
     @fuse_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
