@@ -230,7 +230,10 @@ class InodeTable:
         node = parent.children.get(name)
         if node is None:
             return
-        vpath = (*self.path(parent.ino), name)
+        try:
+            vpath: VPath | None = (*self.path(parent.ino), name)
+        except FileNotFoundError:
+            vpath = None  # its directory left the view too: there is no name to answer as
         self.detach(parent, name)
         if node.detached:
             node.replaced_at = vpath
