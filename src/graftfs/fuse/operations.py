@@ -465,8 +465,7 @@ class GraftOperations(pyfuse3.Operations):
         if self.files is not None:
             self.files.adopt(node, fd)  # I/O by inode from here on, like the kernel's own opens
             return pyfuse3.FileInfo(fh=0, direct_io=policy.direct_io, keep_cache=not policy.direct_io), entry
-        node.open_fds.add(fd)
-        self._files[fd] = (node, True)
+        self._opened(node, fd, in_rw=True)
         if policy.direct_io:
             return pyfuse3.FileInfo(fh=fd, direct_io=True), entry
         return pyfuse3.FileInfo(fh=fd, keep_cache=self.keep_cache), entry
@@ -574,8 +573,7 @@ class GraftOperations(pyfuse3.Operations):
         if node.version is not None and not writing:
             version_fd = await self.workers.run(self.ns.open_version, vpath, node.version.content, ctx.pid)
             if version_fd is not None:
-                node.open_fds.add(version_fd)
-                self._files[version_fd] = (node, False)
+                self._opened(node, version_fd, in_rw=False)
                 return pyfuse3.FileInfo(fh=version_fd, keep_cache=True)  # this number's pages are its content
             # the name shows another content now: this open reads it past the page cache, and
             # the kernel looks the name up afresh for the next one
@@ -588,11 +586,15 @@ class GraftOperations(pyfuse3.Operations):
             fd, in_rw = await self.workers.run_thread(self.ns.open, vpath, flags, ctx.pid)
         if writing:
             self.inodes.changed(node)
-        node.open_fds.add(fd)
-        self._files[fd] = (node, in_rw)
+        self._opened(node, fd, in_rw)
         if self.ns.layout.file_policy(vpath, in_rw).direct_io:
             return pyfuse3.FileInfo(fh=fd, direct_io=True)  # a lock token, a file composed per open
         return pyfuse3.FileInfo(fh=fd, keep_cache=self.keep_cache)
+
+    def _opened(self, node: Node, fd: int, in_rw: bool) -> None:
+        """An open file graftfs served (its handle is the backing descriptor; release closes it)."""
+        node.open_fds.add(fd)
+        self._files[fd] = (node, in_rw)
 
     @fuse_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -603,9 +605,10 @@ class GraftOperations(pyfuse3.Operations):
             if node.version is not None:
                 if off == 0:  # the kernel fills its pages of this content: someone reads it
                     await self._note_version_read(node)
-                return node.version.content[off:off + size]
-            async with self.files.use(node, write=False) as fd:
-                data = await self.workers.run_fd(os.pread, fd, size, off)
+                data = node.version.content[off:off + size]
+            else:
+                async with self.files.use(node, write=False) as fd:
+                    data = await self.workers.run_fd(os.pread, fd, size, off)
         self.bytes_read += len(data)
         return data
 
