@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ import pytest
 
 from conftest import GraftMount, Sample, bind_ro, force_unmount, needs_mount, settled_notifications, sh, wait_for
 from graftfs.node.mounts import find_mount
-from graftfs.share.sample import SampleLayer, chain, digest, publish_sample_image
+from graftfs.share.sample import SampleLayer, chain, digest, publish_sample_image, short_name
 
 pytestmark = needs_mount
 
@@ -114,6 +115,95 @@ def test_runtime_rewrite_is_split_back(podman_node: tuple[GraftMount, Sample, di
     # (with the kernel opening files itself, the name shows what was written until its new
     # number reaches the kernel, a moment later)
     wait_for(lambda: digest("layer:cs-after") in records(index), 2, "the late layer, not taken as deleted")
+
+
+def _readlinks(g: GraftMount) -> int:
+    requests = g.status()["requests"]
+    return int(requests.get("readlink", {}).get("count", 0))  # type: ignore[union-attr]
+
+
+def test_the_kernel_keeps_link_targets(podman_node: tuple[GraftMount, Sample, dict[str, str]]) -> None:
+    """Path walks through a layer's links (``l/<short>``, ``<id>/diff``) cost no readlink
+    request once the kernel has the target (pyfuse3 rebuilt by tools/build-pyfuse3)."""
+    g, sample, ids = podman_node
+    if not g.status()["links_cached"]:
+        pytest.skip("this pyfuse3 does not ask the kernel to cache links (tools/build-pyfuse3)")
+    short = g.path("overlay", "l", short_name(ids["app"]))
+    diff = g.path("overlay", ids["app"], "diff")
+    first = sh("readlink", short, diff)
+    assert first.stdout.split() == [f"../{ids['app']}/diff", os.path.join(sample.share_ro, "overlay", ids["app"],
+                                                                           "diff")]
+    asked = _readlinks(g)
+    for _ in range(5):
+        again = sh("sh", "-c", f"readlink {short} {diff}; ls {short}/ {diff}/ > /dev/null")
+        assert again.returncode == 0 and again.stdout == first.stdout, again.stderr
+    assert _readlinks(g) == asked
+
+
+def test_links_moved_with_their_directory_lead_to_its_new_place(
+        podman_node: tuple[GraftMount, Sample, dict[str, str]]) -> None:
+    """A layer's ``diff`` is shown as a link to its backing directory. Renaming the layer's
+    directory moves that directory: the link's target changes while its attributes stay the same
+    (a target as long, the same times), and the kernel, which caches link targets, must be told."""
+    g, sample, _ = podman_node
+    old, new = digest("layer:moved-a"), digest("layer:moved-b")
+    os.makedirs(g.path("overlay", old, "diff"))
+    # (answered as the directory mkdir made, then shown as the link from the next lookup on)
+    was = os.path.join(sample.rw, "overlay", old, "diff")
+    wait_for(lambda: sh("readlink", g.path("overlay", old, "diff")).stdout.strip() == was, 2, "the link")
+    os.rename(g.path("overlay", old), g.path("overlay", new))
+    want = os.path.join(sample.rw, "overlay", new, "diff")
+    wait_for(lambda: sh("readlink", g.path("overlay", new, "diff")).stdout.strip() == want, 1,
+             "the moved link's new target")
+    Path(want, "f").write_text("moved\n")
+    assert sh("cat", g.path("overlay", new, "diff", "f")).stdout == "moved\n"
+
+
+def _daemon_syncs(trace: Path) -> int:
+    """fsync/fdatasync system calls in a ``strace -o`` file of the daemon so far."""
+    try:
+        return sum("sync(" in line for line in trace.read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (tools/install --test)")
+def test_staging_copy_is_made_durable_at_its_rename_not_at_its_fsync(
+        podman_node: tuple[GraftMount, Sample, dict[str, str]], tmp_path: Path) -> None:
+    """containers/storage fsyncs its staging copy of an index file, then renames it over the
+    merged one; the split-back rewrites that copy and fsyncs it before the rename returns, so the
+    runtime's own fsync costs no disk sync. Seen in the daemon's own system calls; any other file
+    is synced when asked."""
+    g, sample, ids = podman_node
+    trace = tmp_path / "daemon.strace"
+    strace = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=fsync,fdatasync", "-o", str(trace), "-p",
+                               str(g.status()["pid"])], stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        probe = g.path("sync-probe")
+        wait_for(lambda: _write_synced(probe, b"x") or _daemon_syncs(trace) > 0, 10, "strace attached")
+        index = g.path("overlay-layers", "layers.json")
+        new = [*json.loads(Path(index).read_text()), {"id": digest("layer:cs-synced"), "parent": ids["local_layer"]}]
+        before = _daemon_syncs(trace)
+        staging = g.path("overlay-layers", ".tmp-layers.json456")
+        _write_synced(staging, json.dumps(new).encode())
+        time.sleep(0.3)  # strace writes each call as it returns
+        assert _daemon_syncs(trace) == before, trace.read_text()[-2000:]
+        os.rename(staging, index)
+        wait_for(lambda: _daemon_syncs(trace) > before, 5, "the split-back's fsync")
+        _write_synced(probe, b"y")
+        wait_for(lambda: _daemon_syncs(trace) > before + 1, 5, "an ordinary file's fsync")
+    finally:
+        strace.terminate()
+        strace.wait(timeout=10)
+    own = json.loads(Path(sample.rw, "overlay-layers", "layers.json").read_text())
+    assert digest("layer:cs-synced") in {r["id"] for r in own}
 
 
 def _reads(g: GraftMount) -> int:

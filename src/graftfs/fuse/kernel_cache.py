@@ -14,7 +14,11 @@ told (graftfs.fuse.inodes.Node.sig), then notifies only where they differ:
   (the kernel's pages of its number stay right for whoever has it open; the name gets a new one);
 * an entry marked ``deep`` (a record directory rewritten): drop the entry with everything cached
   below it. Never used for directories that may have mounts below them: dropping a directory
-  entry detaches the mounts under it.
+  entry detaches the mounts under it;
+* a link whose target may have changed (a layer's ``diff`` pointing to another tree after a pin,
+  links below a renamed directory): drop its cached target too. The kernel keeps a link's target
+  in the link inode's pages (graftfs asks for FUSE_CAP_CACHE_SYMLINKS where pyfuse3 is rebuilt,
+  tools/build-pyfuse3), and a lookup that answers the same number finds those pages again.
 
 The notifications are synchronous pyfuse3 calls, so they run in a worker thread, never in a
 handler (the synchronous entry invalidation deadlocks there); names the kernel no longer knows
@@ -54,6 +58,17 @@ class Notice:
     ino: int
     name: str | None = None
     attr_only: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Current:
+    """What a changed name resolves to now: its attributes (None where nothing shows, _UNKNOWN
+    where its tree cannot be read), the content of a file composed in memory, the target of a
+    link graftfs made up."""
+
+    attr: Attr | None
+    content: bytes | None = None
+    link: bytes | None = None
 
 
 class ViewGeneration:
@@ -101,9 +116,9 @@ class KernelCache:
             # a backing tree hangs: notify without knowing, where that is harmless (see _decide)
             log.warning("re-resolving %d changed names: %s; dropping their cached entries unseen", len(items),
                         e.strerror)
-            now = [(_UNKNOWN, None)] * len(items)
-        notices = [n for (parent, ch, before), (attr, content) in zip(items, now, strict=True)
-                   for n in self._decide(parent, ch, before, attr, content)]
+            now = [Current(_UNKNOWN)] * len(items)
+        notices = [n for (parent, ch, before), current in zip(items, now, strict=True)
+                   for n in self._decide(parent, ch, before, current)]
         if notices:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("notifying the kernel: %s", notices[:10])
@@ -115,23 +130,22 @@ class KernelCache:
             self.notified += len(notices)
         return len(notices)
 
-    def _resolve_all(self, vpaths: list[tuple[str, ...]]) -> list[tuple[Attr | None, bytes | None]]:
-        """Current attributes of each view path, None where nothing shows, with the content of
-        those composed in memory (worker thread)."""
-        out: list[tuple[Attr | None, bytes | None]] = []
+    def _resolve_all(self, vpaths: list[tuple[str, ...]]) -> list[Current]:
+        """What each view path is now (worker thread)."""
+        out: list[Current] = []
         for vpath in vpaths:
             try:
                 res = self.ns.resolve(vpath)
-                out.append((res.attr, res.top.content))
+                link = res.top.link_target
+                out.append(Current(res.attr, res.top.content, os.fsencode(link) if link is not None else None))
             except (FileNotFoundError, NotADirectoryError):
-                out.append((None, None))
+                out.append(Current(None))
             except OSError as e:  # e.g. an unavailable share
                 log.debug("cannot re-resolve %s: %s", "/".join(vpath), e)
-                out.append((_UNKNOWN, None))
+                out.append(Current(_UNKNOWN))
         return out
 
-    def _decide(self, parent: Node, ch: ViewChange, before: Node | None, now: Attr | None,
-                content: bytes | None = None) -> list[Notice]:
+    def _decide(self, parent: Node, ch: ViewChange, before: Node | None, current: Current) -> list[Notice]:
         """The notifications for one name (trio thread: it updates the inode table).
 
         ``before`` is the node the name had when the change was picked up: if a request through
@@ -141,12 +155,13 @@ class KernelCache:
         node = parent.children.get(ch.name)
         if node is not before or self.inodes.is_busy(parent, ch.name):
             return []
+        now, content = current.attr, current.content
         if now is _UNKNOWN:
             return self._unseen(parent, ch, node)
         if node is None or node.detached:
             # the kernel holds no positive entry; a negative one is stale only if the name exists now
             return [Notice(parent.ino, ch.name)] if now is not None else []
-        node.link = None  # resolved afresh by the next readlink or lookup
+        told_link, node.link = node.link, None  # resolved afresh by the next readlink or lookup
         if now is not None and (node.version is not None or content is not None):
             if node.version is not None and node.version.content == content:
                 return []  # the same content under the same number: nothing went stale
@@ -158,7 +173,11 @@ class KernelCache:
         notices = []
         if ch.deep:
             notices.append(Notice(parent.ino, ch.name))
-        if now.sig != node.sig:
+            notices += [Notice(link.ino, attr_only=False) for link in links_below(node)]
+        # a link's target is its pages: unknown as told (a link on disk, or cleared by a
+        # rename) counts as changed
+        target_changed = stat.S_ISLNK(now.mode) and (told_link is None or told_link != current.link)
+        if now.sig != node.sig or target_changed:
             node.sig = now.sig
             keep_pages = now.is_dir or bool(node.open_fds)
             notices.append(Notice(node.ino, attr_only=keep_pages))
@@ -174,6 +193,18 @@ class KernelCache:
         if told_directory(node):
             return [Notice(node.ino, attr_only=True)]
         return [Notice(parent.ino, ch.name), Notice(node.ino, attr_only=bool(node.open_fds))]
+
+
+def links_below(node: Node) -> list[Node]:
+    """The nodes below ``node`` the kernel was last told are links (their targets are cached)."""
+    found = []
+    todo = list(node.children.values())
+    while todo:
+        child = todo.pop()
+        if child.sig is not None and stat.S_ISLNK(child.sig[0]):
+            found.append(child)
+        todo.extend(child.children.values())
+    return found
 
 
 def told_directory(node: Node) -> bool:

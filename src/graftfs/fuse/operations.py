@@ -174,7 +174,8 @@ class GraftOperations(pyfuse3.Operations):
     def _reply(self, node: Node, res: Resolved, generation: int | None = None) -> pyfuse3.EntryAttributes:
         """Attributes of a resolved entry for the kernel; a link graftfs made up (a layer's
         diff, an ``l/`` link) keeps its target on the node, so readlink is answered from memory
-        (the kernel asks on every path walk through it: pyfuse3 cannot let it cache links)."""
+        (with the stock pyfuse3 the kernel asks on every path walk through it; see
+        session.links_cached)."""
         node.link = os.fsencode(res.top.link_target) if res.top.link_target is not None else None
         attr = res.attr
         if node.version is not None:
@@ -650,14 +651,25 @@ class GraftOperations(pyfuse3.Operations):
     async def fsync(self, fh: int, datasync: bool) -> None:
         sync = os.fdatasync if datasync else os.fsync
         if self.files is None:
-            await self.workers.run_thread(sync, fh)
+            node, in_rw = self._files.get(fh, (None, False))
+            if node is None or not (in_rw and self._synced_later(node)):
+                await self.workers.run_thread(sync, fh)
             return
         node = self._node(fh)  # fh is the inode (graftfs.fuse.files)
-        if node.version is not None:
-            return  # composed in memory: nothing on disk to sync
+        if node.version is not None or self._synced_later(node):
+            return  # composed in memory, or made durable when renamed into place
         # (any descriptor of the file will do: fsync makes the file durable, not the descriptor)
         async with self.files.use(node, write=False) as fd:
             await self.workers.run_thread(sync, fd)
+
+    def _synced_later(self, node: Node) -> bool:
+        """Whether the layout makes this RW file durable itself when the runtime renames it into
+        place (FilePolicy.synced_by_absorb): the runtime's fsync of it then costs nothing."""
+        try:
+            vpath = self.inodes.path(node.ino)
+        except FileNotFoundError:
+            return False
+        return self.ns.layout.file_policy(vpath, True).synced_by_absorb
 
     @fuse_boundary
     async def release(self, fh: int) -> None:

@@ -11,6 +11,14 @@ MIN_TASKS = 4
 MAX_TASKS = 64
 
 
+def links_cached() -> bool:
+    """Whether this pyfuse3 asks the kernel to cache symbolic links' targets (built by
+    tools/build-pyfuse3; kernels since 4.20 grant it). graftfs then drops a link's cached target
+    whenever it may change (graftfs.fuse.kernel_cache); with the stock pyfuse3 the kernel asks
+    for the target on every path walk through a link."""
+    return bool(getattr(pyfuse3, "CACHE_SYMLINKS", False))
+
+
 def mount(ops: GraftOperations, mountpoint: str, options: set[str]) -> None:
     """Ask the kernel for the mount; OSError with the kernel's reason when it refuses."""
     try:

@@ -3,9 +3,10 @@
 containers/storage opens, reads and closes its lock files on every lock, ~220 times in one
 `podman run --rm`, and podman keeps its database (libpod/) and the containers' run data
 (overlay-containers/) in the graph. None of it is ever shared. Shown as links (see
-Namespace._direct), each path walk through them still costs a readlink request, because pyfuse3
-cannot let the kernel cache link targets. So graftfs bind-mounts their RW files and directories
-over the same names in the view: a path walk then crosses into the backing filesystem inside
+Namespace._direct), each path walk through them would cost a readlink request where the kernel
+does not cache links (the stock pyfuse3, graftfs.fuse.session.links_cached), and each open of a
+lock file an open and a release where graftfs serves opens. So graftfs bind-mounts their RW
+files and directories over the same names in the view: a path walk then crosses into the backing filesystem inside
 the kernel. The view underneath shows the very same RW entries, so a bind that goes missing
 (an operator's `umount`, the kernel dropping the entry) costs speed, never correctness.
 

@@ -335,7 +335,7 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
         return {"version": __version__, "pid": os.getpid(), "mountpoint": cfg.mountpoint, "started": started,
                 "timeout": cfg.timeout, "fuse_options": sorted(cfg.fuse_option_set()),
                 "cache_timeout": ops.cache_timeout, "layout_reason": choice.reason,
-                "kernel_opens": ops.files is not None, **bg.status()}
+                "kernel_opens": ops.files is not None, "links_cached": session.links_cached(), **bg.status()}
 
     kernel_opens = files.supported() if cfg.kernel_opens is None else cfg.kernel_opens
     if kernel_opens and not files.supported():

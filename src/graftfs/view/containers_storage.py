@@ -60,6 +60,11 @@ MERGED_FILES = (LAYERS_JSON, IMAGES_JSON)
 UNCACHED = FilePolicy(direct_io=True)
 #: Token lock files created through the mount get a token at once.
 NEW_TOKEN_LOCK = FilePolicy(direct_io=True, token=True)
+#: The runtime's staging copy of a merged file (made durable by absorb, see FilePolicy).
+STAGED = FilePolicy(synced_by_absorb=True)
+#: containers/storage writes an index file as a temporary file named after it in the same
+#: directory (this prefix, the name, random digits), fsyncs it and renames it into place.
+STAGING_PREFIX = ".tmp-"
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,22 @@ def _stat(path: str) -> os.stat_result | None:
         return None
 
 
+def _staging_of(vpath: VPath) -> VPath | None:
+    """The merged file ``vpath`` is the runtime's staging copy of (STAGING_PREFIX), or None."""
+    for merged in MERGED_FILES:
+        if vpath[:-1] == merged[:-1] and vpath[-1].startswith(STAGING_PREFIX + merged[-1]):
+            return merged
+    return None
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _sig_of(st: os.stat_result | None) -> tuple[int, ...]:
     """What changes when the node rewrites its index file (nothing when it has none)."""
     return () if st is None else (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -175,6 +196,8 @@ class ContainersStorageLayout(EntryView):
             return NEW_TOKEN_LOCK
         if in_rw and vpath in lock_tokens.LOCK_FILES:
             return UNCACHED  # every token read must see the file
+        if in_rw and _staging_of(vpath) is not None:
+            return STAGED
         if not in_rw and vpath in MERGED_FILES:
             # (an open of the content an inode number stands for is served cached by the FUSE
             # adapter; this is an open of a number whose content is no longer what shows)
@@ -286,7 +309,11 @@ class ContainersStorageLayout(EntryView):
         """
         if vpath not in MERGED_FILES:
             raise OSError(errno.EPERM, "not a merged file", "/".join(vpath))
-        records = read_index(written)  # ValueError: the caller keeps the file as written
+        try:
+            records = read_index(written)
+        except ValueError:
+            _fsync(written)  # the caller keeps the file as written: as durable as the runtime asked (STAGED)
+            raise
         cat = self.live.catalog
         entries = cat.layers if vpath == LAYERS_JSON else cat.images
         shared = {eid: entry.record for eid, (_, entry) in entries.items()
@@ -311,7 +338,8 @@ class ContainersStorageLayout(EntryView):
                 f.write(json.dumps(own))  # one write: json.dump writes a piece per token
                 f.flush()
                 os.fsync(f.fileno())
-        # else the file is the node's part already, as durable as the runtime made it
+        else:
+            _fsync(written)  # the node's part already; the runtime's own fsync waited for this (STAGED)
         os.rename(written, os.path.join(self.rw_root, *vpath))
 
     def _held_ids(self, vpath: VPath) -> set[str]:

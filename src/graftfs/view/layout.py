@@ -72,11 +72,16 @@ class FilePolicy:
 
     ``direct_io``: every read reaches graftfs (a lock token that must be seen at once, a file
     composed per open); otherwise pages are kept while the view is watched. ``token``: a file
-    created here gets a lock token at once (graftfs.view.lock_tokens).
+    created here gets a lock token at once (graftfs.view.lock_tokens). ``synced_by_absorb``: the
+    runtime's staging copy of a composed file, which it fsyncs and then renames over the composed
+    one: the split-back (Layout.absorb) rewrites and fsyncs it before the rename returns anyway,
+    so the runtime's own fsync of it is answered at once (a crash before the rename loses only a
+    staging file the runtime never reads).
     """
 
     direct_io: bool = False
     token: bool = False
+    synced_by_absorb: bool = False
 
 
 CACHED = FilePolicy()
@@ -135,7 +140,9 @@ class Layout(Protocol):
         the others (which images show depends on which layers do)."""
     def direct_path(self, vpath: VPath) -> bool: ...
     def own_layer_dir(self, vpath: VPath) -> bool: ...
-    def absorb(self, vpath: VPath, written: str, hides: HideView, writer: int = 0) -> None: ...
+    def absorb(self, vpath: VPath, written: str, hides: HideView, writer: int = 0) -> None:
+        """Split the file the runtime wrote at RW path ``written`` and renames over composed
+        file ``vpath`` into the node's part, made durable and renamed into place."""
     def note_read(self, vpath: VPath, reader: int) -> None: ...
     def file_policy(self, vpath: VPath, in_rw: bool) -> FilePolicy: ...
     def view_changes(self, diff: CatalogDiff) -> list[ViewChange]: ...
