@@ -29,7 +29,7 @@ import pytest
 
 from graftfs.catalog.live import LiveCatalog
 from graftfs.format.names import IMAGES_JSON, LAYERS_JSON, MARKER_NAME, STATE_DIR
-from graftfs.format.records import Record, record_names
+from graftfs.format.records import Record, go_json, record_names
 from graftfs.linux import RENAME_EXCHANGE, RENAME_NOREPLACE
 from graftfs.share.pins import ensure_pin_tree
 from graftfs.share.sample import (
@@ -712,12 +712,12 @@ def cs(tmp_path: Path, guard: ShareGuard) -> CsNode:
     return make_cs_node(tmp_path, guard)
 
 
-def test_merged_layers_json_is_own_records_then_visible_shared_ones(cs: CsNode) -> None:
+def test_merged_layers_json_is_visible_shared_records_then_own_ones(cs: CsNode) -> None:
     ids, ns = cs.ids, cs.ns
     own = cs.own(LAYERS_JSON)
     merged = cs.merged(LAYERS_JSON)
-    assert merged[: len(own)] == own
-    shared = {str(r["id"]): r for r in merged[len(own):]}
+    assert merged[-len(own):] == own
+    shared = {str(r["id"]): r for r in merged[: -len(own)]}
     assert len(shared) == len(merged) - len(own) == 3
     assert shared == {lid: cs.shared("overlay-layers", lid) for lid in (ids["base0"], ids["base1"], ids["app"])}
     res = ns.resolve(LAYERS_JSON)
@@ -730,17 +730,35 @@ def test_merged_layers_json_is_own_records_then_visible_shared_ones(cs: CsNode) 
     mine = {"id": ids["base0"], "parent": "", "names": ["the node's own copy"]}
     (cs.rw / "overlay-layers" / "layers.json").write_text(json.dumps([*own, mine]))
     merged = cs.merged(LAYERS_JSON)
-    assert merged[: len(own) + 1] == [*own, mine]
+    assert merged[-len(own) - 1:] == [*own, mine]
     assert [r["id"] for r in merged].count(ids["base0"]) == 1
     # a hidden shared layer is left out
     ns.hides.add(("overlay-layers", ids["app"]))
     assert ids["app"] not in cs.ids_in(LAYERS_JSON) and ids["base1"] in cs.ids_in(LAYERS_JSON)
 
 
+def test_a_rewrite_of_what_was_read_with_records_appended_is_the_composed_file(cs: CsNode) -> None:
+    """The runtime writes back the records it read, in their order and in Go's encoding, with
+    its new ones appended: the file composed after the split-back is that file byte for byte (so
+    the file renamed into place is what the view shows, and the kernel keeps its inode)."""
+    for vpath, new in ((LAYERS_JSON, {"id": digest("layer:appended"), "parent": cs.ids["local_layer"],
+                                      "names": ["<a> & b"]}),
+                       (IMAGES_JSON, {"id": digest("image:appended"), "layer": cs.ids["local_layer"]})):
+        read = read_view(cs.ns, vpath, 7)
+        records = json.loads(read)
+        assert read == go_json(records)  # the encoding a Go runtime reads and writes
+        written = go_json([*records, new])
+        cs.rewrite(vpath, written, 7)
+        assert read_view(cs.ns, vpath, 7) == written
+        assert cs.own(vpath)[-1] == new  # the split-back kept it as the node's own
+        cs.rewrite(vpath, go_json(records), 7)  # and removed again
+        assert read_view(cs.ns, vpath, 7) == read
+
+
 def test_shared_layer_whose_parent_is_hidden_is_not_listed(cs: CsNode) -> None:
     ids = cs.ids
     cs.ns.hides.add(("overlay-layers", ids["base1"]))
-    assert cs.ids_in(LAYERS_JSON) == [ids["local_layer"], ids["base0"]]  # app sits on base1
+    assert cs.ids_in(LAYERS_JSON) == [ids["base0"], ids["local_layer"]]  # app sits on base1
     # the images on those layers cannot be used here; the node's own image stays
     assert cs.ids_in(IMAGES_JSON) == [ids["local_image"]]
 
@@ -752,9 +770,8 @@ def test_images_json_leaves_out_images_whose_top_layer_is_not_usable(cs: CsNode)
     write_image(str(cs.share), dangling, digest("layer:cs-nowhere"), ["cs/dangling:1"])
     cs.published()
     images = cs.merged(IMAGES_JSON)
-    assert images[0] == cs.own(IMAGES_JSON)[0]
-    assert [r["id"] for r in images[1:]] and {str(r["id"]) for r in images[1:]} == {ids["image_a"], ids["image_b"],
-                                                                                     on_local}
+    assert images[-1] == cs.own(IMAGES_JSON)[0]
+    assert {str(r["id"]) for r in images[:-1]} == {ids["image_a"], ids["image_b"], on_local}
     assert {str(r["id"]): r for r in images}[on_local] == cs.shared("overlay-images", on_local)
     cs.ns.hides.add(("overlay-layers", ids["app"]))
     assert set(cs.ids_in(IMAGES_JSON)) == {ids["local_image"], ids["image_a"], on_local}
@@ -796,11 +813,11 @@ def test_rewrite_keeping_shared_records_keeps_them_out_of_rw(cs: CsNode) -> None
     new_layer: Record = {"id": digest("layer:cs-new"), "parent": ids["local_layer"]}
     cs.rewrite(LAYERS_JSON, [*current, new_layer], pid)
     assert cs.own(LAYERS_JSON) == [*own, new_layer]  # shared records stay shared
-    assert cs.merged(LAYERS_JSON) == [*own, new_layer, *current[len(own):]]
+    assert cs.merged(LAYERS_JSON) == [*current, new_layer]
     new_image: Record = {"id": digest("image:cs-new"), "layer": new_layer["id"], "names": ["cs/new:1"]}
     images = cs.merged(IMAGES_JSON, pid)
     cs.rewrite(IMAGES_JSON, [*images, new_image], pid)
-    assert cs.own(IMAGES_JSON) == [images[0], new_image]
+    assert cs.own(IMAGES_JSON) == [images[-1], new_image]
     assert {str(r["id"]) for r in cs.merged(IMAGES_JSON)} == {ids["local_image"], new_image["id"], ids["image_a"],
                                                                ids["image_b"]}
     assert len(cs.ns.hides) == 0
@@ -860,9 +877,9 @@ def test_rewrite_with_a_changed_shared_record_keeps_it_in_rw(cs: CsNode) -> None
     changed = {**cs.shared("overlay-layers", ids["app"]), "names": ["renamed by the runtime"]}
     cs.rewrite(LAYERS_JSON, [changed if r["id"] == ids["app"] else r for r in current], pid)
     own = cs.own(LAYERS_JSON)
-    assert own == [{"id": ids["local_layer"], "parent": ids["base1"]}, changed]
+    assert own == [changed, {"id": ids["local_layer"], "parent": ids["base1"]}]  # in the order written
     merged = cs.merged(LAYERS_JSON)
-    assert merged[:2] == own and [r["id"] for r in merged].count(ids["app"]) == 1
+    assert merged[-2:] == own and [r["id"] for r in merged].count(ids["app"]) == 1
     assert not cs.ns.hides.covers(("overlay-layers", ids["app"]))
     assert cs.shared("overlay-layers", ids["app"])["names"] == []  # the share keeps its record
 
@@ -878,7 +895,7 @@ def test_rewrite_that_does_not_parse_is_kept_as_written(cs: CsNode) -> None:
     assert errno_of(cs.ns.resolve, LAYERS_JSON) == errno.EIO
     assert errno_of(read_view, cs.ns, LAYERS_JSON) == errno.EIO
     (cs.rw / "overlay-layers" / "layers.json").write_text(json.dumps([{"id": cs.ids["local_layer"]}]))  # repaired
-    assert cs.ids_in(LAYERS_JSON)[0] == cs.ids["local_layer"] and len(cs.ids_in(LAYERS_JSON)) == 4
+    assert cs.ids_in(LAYERS_JSON)[-1] == cs.ids["local_layer"] and len(cs.ids_in(LAYERS_JSON)) == 4
 
 
 def test_tar_split_of_a_shared_layer_resolves_to_the_share(cs: CsNode) -> None:

@@ -152,6 +152,26 @@ def read_index(path: str) -> list[Record]:
     return [r for r in records if isinstance(r, dict)]
 
 
+def go_json(value: object) -> bytes:
+    """``value`` as Go's encoding/json writes it: compact, with ``<``, ``>``, ``&``, U+2028 and
+    U+2029 escaped (those occur only inside strings, so replacing them everywhere is exact).
+
+    Records keep the key order they were read in, which for records a Go runtime wrote is its
+    own; so an index file composed from them in the runtime's order comes out byte for byte as
+    the runtime writes it back unchanged, and graftfs can tell that the file the runtime renamed
+    into place is what the view shows (graftfs.fuse.kernel_cache: no new inode number for it)."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    for char, escaped in _GO_ESCAPES:
+        text = text.replace(char, escaped)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate read from a "\ud800" escape: keep it escaped
+        return json.dumps(value, separators=(",", ":")).encode()
+
+
+_GO_ESCAPES = (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029"))
+
+
 def record_ids(records: list[Record]) -> set[str]:
     """The ids an index file's records carry."""
     return {r["id"] for r in records if isinstance(r.get("id"), str)}  # type: ignore[misc]

@@ -25,7 +25,6 @@ Overlay directories and ``overlay/l/<short>`` links are shown as in the iSulad l
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import threading
@@ -44,7 +43,15 @@ from graftfs.format.names import (
     TAR_SPLIT_SUFFIX,
     is_id,
 )
-from graftfs.format.records import graph_layer_ids, layer_chain, read_index, record_ids, record_names, walk_chain
+from graftfs.format.records import (
+    go_json,
+    graph_layer_ids,
+    layer_chain,
+    read_index,
+    record_ids,
+    record_names,
+    walk_chain,
+)
 from graftfs.view import lock_tokens
 from graftfs.view.entries import EntryView
 from graftfs.view.layout import ANY_READER, CACHED, FilePolicy, HideView, Synthetic, ViewChange, VPath
@@ -240,8 +247,11 @@ class ContainersStorageLayout(EntryView):
         return synthetic
 
     def _compose(self, cat: Catalog, vpath: VPath, rw_path: str, hides: HideView) -> tuple[bytes, int]:
-        """The node's records, then the visible shared ones; and the newest record time.
+        """The visible shared records, then the node's; and the newest record time.
 
+        The order and the encoding (go_json) are the runtime's own: it writes back the records
+        it read in that order with its new ones appended, which the split-back appends to the
+        node's part, so a rewrite that changes nothing else is the composed file byte for byte.
         The node's own file must parse: serving the shared records alone would make the runtime
         drop its local layers at its next save, so an unreadable file answers EIO instead."""
         try:
@@ -271,8 +281,8 @@ class ContainersStorageLayout(EntryView):
                 shared.append(image.record)
         merged = own + shared
         if vpath == IMAGES_JSON:
-            merged = _one_image_per_name(merged)
-        return json.dumps(merged).encode(), newest or cat.shorts_mtime_ns
+            merged = _one_image_per_name(merged)  # (the node's own listed first: they win ties)
+        return go_json(merged[len(own):] + merged[:len(own)]), newest or cat.shorts_mtime_ns
 
     @staticmethod
     def _usable_layers(cat: Catalog, hides: HideView) -> list[str]:
@@ -334,8 +344,8 @@ class ContainersStorageLayout(EntryView):
         if len(own) < len(records):
             # shared records were left out: the runtime's staged file (its owner and mode kept)
             # holds the node's part before it is renamed into place
-            with open(written, "w", encoding="utf-8") as f:
-                f.write(json.dumps(own))  # one write: json.dump writes a piece per token
+            with open(written, "wb") as f:
+                f.write(go_json(own))
                 f.flush()
                 os.fsync(f.fileno())
         else:
