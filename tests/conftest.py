@@ -45,6 +45,19 @@ def sh(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
                           timeout=timeout + 10, stdin=subprocess.DEVNULL)
 
 
+def layer_diff(graph: str, lid: str) -> str:
+    """Where a layer's ``diff`` in a containers-storage graph really is, as the view shows it:
+    below the link its whole directory is where the node holds the layer itself, or the link
+    ``diff`` itself is (a shared layer). A merged FUSE directory fails the test: the kernel's
+    overlay mounts must never sit on graftfs."""
+    layer_dir = os.path.join(graph, "overlay", lid)
+    if os.path.islink(layer_dir):
+        return os.path.join(os.readlink(layer_dir), "diff")
+    diff = os.path.join(layer_dir, "diff")
+    assert os.path.islink(diff), f"{diff} is not a link to its backing directory (a merged FUSE directory)"
+    return os.readlink(diff)
+
+
 def wait_for(predicate: object, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import graftfs_cmd, wait_for
+from conftest import graftfs_cmd, layer_diff, wait_for
 from registry import Images, Registry, pushed_images, registry  # noqa: F401  (fixtures)
 from test_podman import Node, busybox_tar, make_node, needs_mount, share  # noqa: F401  (fixtures)
 
@@ -45,12 +45,7 @@ def _own_records(node: Node, index: str = "overlay-layers/layers.json") -> set[s
 
 
 def _diff_links(node: Node, lids: set[str]) -> dict[str, str]:
-    out = {}
-    for lid in lids:
-        diff = os.path.join(node.mount.mnt, "overlay", lid, "diff")
-        assert os.path.islink(diff), f"{diff} is not a link (a merged FUSE directory)"
-        out[lid] = os.readlink(diff)
-    return out
+    return {lid: layer_diff(node.mount.mnt, lid) for lid in lids}
 
 
 def _autopublish(node: Node) -> dict[str, object]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GraftMount, Sample, force_unmount, graftfs_cmd, wait_for
+from conftest import GraftMount, Sample, force_unmount, graftfs_cmd, layer_diff, wait_for
 from test_podman import Node, busybox_tar, make_node, needs_mount, share  # noqa: F401  (fixtures)
 
 pytestmark = [needs_mount, pytest.mark.timeout(240)]
@@ -107,8 +107,7 @@ def test_unhide_gives_a_deleted_shared_image_back(make_node: Callable[..., Node]
     st = b.mount.status()
     assert st["hidden_images"] == [] and st["hidden_images_count"] == 0 and st["hidden_layers"] == 0, st["hidden"]
     # nothing of it was copied to B: its layers still come from the share
-    links = [os.readlink(os.path.join(b.mount.mnt, "overlay", lid, "diff"))
-             for lid in os.listdir(os.path.join(share, "overlay")) if len(lid) == 64]
+    links = [layer_diff(b.mount.mnt, lid) for lid in os.listdir(os.path.join(share, "overlay")) if len(lid) == 64]
     assert links and all(t.startswith(share) for t in links), links
     assert "localhost/app:1" in a.images()
 

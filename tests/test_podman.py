@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GraftMount, graftfs_cmd, needs_mount, wait_for
+from conftest import GraftMount, graftfs_cmd, layer_diff, needs_mount, wait_for
 from graftfs.linux import MNT_DETACH, umount
 from graftfs.node.mounts import find_mount, mount_table
 from graftfs.share.sample import BUSYBOX, busybox_image_tar
@@ -137,19 +137,15 @@ def test_podman_lifecycle_on_one_node(make_node: Callable[[str, str], Node], sha
 
 
 def _layer_dirs(graph: str) -> dict[str, str]:
-    """overlay/<id>/diff of every layer in a graph, as the view shows it: id -> link target."""
-    out = {}
-    for entry in os.scandir(os.path.join(graph, "overlay")):
-        if len(entry.name) == 64:
-            diff = os.path.join(entry.path, "diff")
-            assert os.path.islink(diff), f"{diff} is not a link to its backing directory"
-            out[entry.name] = os.readlink(diff)
-    return out
+    """overlay/<id>/diff of every layer in a graph, as the view shows it: id -> backing directory."""
+    return {entry.name: layer_diff(graph, entry.name) for entry in os.scandir(os.path.join(graph, "overlay"))
+            if len(entry.name) == 64}
 
 
 def test_container_data_bypasses_graftfs(make_node: Callable[[str, str], Node], share: str, busybox_tar: str) -> None:
-    """Layer diff/ and work/ are links to the RW tree: the kernel's overlay mounts and all of a
-    container's reads and writes go to the backing filesystem, not through FUSE."""
+    """The layers the node holds itself are links to their RW directories: the runtime makes,
+    mounts and removes them, the kernel's overlay mounts sit on them and all of a container's
+    reads and writes go to the backing filesystem, none through FUSE."""
     node = make_node("node", share)
     node.podman("import", busybox_tar, "localhost/bb:1")
     before = node.mount.status()
@@ -168,7 +164,8 @@ def test_container_data_bypasses_graftfs(make_node: Callable[[str, str], Node], 
     assert upper.startswith(os.path.join(node.mount.rw, "overlay")), upper
     assert os.path.getsize(os.path.join(upper, "big")) == 64 << 20
     assert sorted(os.listdir(os.path.join(upper, "many"))) == sorted(f"f{i}" for i in range(1, 501))
-    assert os.path.islink(os.path.join(os.path.dirname(layer), "work"))
+    assert os.path.islink(os.path.dirname(layer))  # overlay/<container layer>, made through the mount
+    assert os.path.realpath(os.path.join(os.path.dirname(layer), "merged")).startswith(node.mount.rw)
     # removing the container removes its layer's backing directories, not just the links
     node.podman("rm", cid)
     wait_for(lambda: not os.path.exists(upper), 10, "the container's layer to be deleted from RW")

@@ -87,8 +87,10 @@ def test_umount_refuses_under_a_running_container(make_node: Callable[..., Node]
     before = below(mnt)
     res = graftfs_cmd("umount", mnt)
     assert res.returncode == 1 and len(res.stderr.splitlines()) == 1, res.stderr
-    merged = [m for m, fstype in before if fstype == "overlay"]
-    assert len(merged) == 1 and merged[0].endswith("/merged"), before
+    # (the container's layer is the node's own: shown as a link to its RW directory, where the
+    # runtime's overlay mount of it lands)
+    merged = [m for m, fstype in below(node.mount.rw) if fstype == "overlay"]
+    assert len(merged) == 1 and merged[0].endswith("/merged"), below(node.mount.rw)
     assert res.stderr == (f"graftfs umount: {mnt} is in use: 2 container mounts below it (e.g. {merged[0]}); "
                           "stop the containers (podman stop -a, then podman unmount -a) or use --lazy\n")
     # nothing was taken away: the runtime's bind, graftfs' binds and the container's mounts stay

@@ -168,7 +168,7 @@ def _describe_removed(top: MountEntry, binds: list[MountEntry]) -> str:
             else f"removed the runtime's binds of {names} over themselves")
 
 
-def _clear_below(mp: str, own_paths: list[str]) -> int:
+def _clear_below(mp: str, own_paths: list[str], rw: str | None) -> int:
     """Make ``mp`` unmountable without --lazy: refuse (changing nothing) while the graph is in
     use, else remove the runtime's self-binds and graftfs' own binds. Returns an exit status."""
     table = mount_table()
@@ -176,6 +176,10 @@ def _clear_below(mp: str, own_paths: list[str]) -> int:
     if top is None:
         return 0  # gone meanwhile: umount(2) says so
     below = _classify(top, table, set(own_paths))
+    if rw is not None:
+        # a container layer the node holds itself is shown as a link to its RW directory, so
+        # the runtime's overlay mount of it lands there, outside the graph
+        below.containers += [e for e in mounts_below(os.path.join(rw, "overlay"), table) if e.fstype == "overlay"]
     refusal = _mounts_refusal(mp, below) or _users_refusal(mp, _users(mp, [top, *below.self_binds, *below.own]))
     if refusal is not None:
         print(f"graftfs umount: {refusal}", file=sys.stderr)
@@ -208,8 +212,9 @@ def run(args: argparse.Namespace) -> int:
     dead = _is_dead(mp)
     raw_binds = info.get("binds")
     own = [b for b in raw_binds if isinstance(b, str) and b.startswith(mp + "/")] if isinstance(raw_binds, list) else []
+    raw_rw = info.get("rw")
     if not dead and not args.lazy:
-        code = _clear_below(mp, own)
+        code = _clear_below(mp, own, raw_rw if isinstance(raw_rw, str) else None)
         if code != 0:
             return code
     try:

@@ -168,6 +168,7 @@ class ContainersStorageLayout(EntryView):
 
     name = "containers-storage"
     leases = True
+    WHOLE_LAYER_LINKS = True
 
     def __init__(self, live: LiveCatalog, rw_root: str, direct: bool = True) -> None:
         super().__init__(live, direct)

@@ -41,15 +41,19 @@ class EntryView:
 
     ``direct``: each layer's ``diff/`` and ``work/`` are shown as links to their backing
     directories, so the kernel's overlay mounts (and everything a container does) bypass
-    graftfs (graftfs.view.namespace, Namespace._direct).
+    graftfs (graftfs.view.namespace, Namespace._direct). With ``WHOLE_LAYER_LINKS`` too, a
+    layer's whole directory (``overlay/<id>``) that the node holds itself is shown as a link to
+    its RW directory: the runtime makes, mounts and removes a container's layer (and imports a
+    pulled one) on the backing filesystem, with no request to graftfs below the link.
     """
+
+    #: whether ``overlay/<id>`` itself may be a link (the runtime's own directories in it only)
+    WHOLE_LAYER_LINKS = False
 
     def __init__(self, live: LiveCatalog, direct: bool) -> None:
         self.live = live
         self.trees = live.trees
         self.direct = direct
-
-
 
     def entry_base(self, tree: int, top: str, name: str) -> str | None:
         """The backing directory of entry ``name`` of managed dir ``top`` when ``tree`` is the one
@@ -198,9 +202,18 @@ class EntryView:
 
     def direct_path(self, vpath: VPath) -> bool:
         """True for ``overlay/<id>/diff`` and ``overlay/<id>/work`` when direct is on (layers only:
-        containers/storage's own overlay checks make other directories there)."""
-        return (self.direct and len(vpath) == 3 and vpath[0] == OVERLAY and vpath[2] in DIRECT_NAMES
-                and is_id(vpath[1]))
+        containers/storage's own overlay checks make other directories there), and for
+        ``overlay/<id>`` itself with WHOLE_LAYER_LINKS (see link_shared)."""
+        if not self.direct or vpath[:1] != (OVERLAY,) or len(vpath) < 2 or not is_id(vpath[1]):
+            return False
+        return (len(vpath) == 3 and vpath[2] in DIRECT_NAMES) or (len(vpath) == 2 and self.WHOLE_LAYER_LINKS)
+
+    def link_shared(self, vpath: VPath) -> bool:
+        """Whether a direct path that a shared tree alone holds is linked into the share too: a
+        layer's ``diff`` and ``work`` are (only the kernel's overlay mounts read them), its
+        whole directory is not (the runtime makes ``merged`` and the like in it: those go to RW,
+        merged with the share's part by graftfs)."""
+        return len(vpath) == 3
 
     def own_layer_dir(self, vpath: VPath) -> bool:
         """Is ``vpath`` a layer directory of a layer the node holds itself (its RW copy whole)?

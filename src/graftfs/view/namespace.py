@@ -315,6 +315,8 @@ class Namespace:
             merged = False
         if top.path is None or merged or (not top.is_rw and self.hides.hides_below(res.vpath)):
             return res
+        if not top.is_rw and not self.layout.link_shared(res.vpath):
+            return res  # (a layer's whole directory is linked where it is the node's own only)
         a = top.attr
         size = len(os.fsencode(top.path))
         link = Attr(stat.S_IFLNK | 0o777, 1, a.uid, a.gid, size, 0, 0, a.blksize, a.atime_ns, a.mtime_ns, a.ctime_ns)

@@ -57,6 +57,9 @@ class PlainLayout(NoMergedFiles):
     def own_layer_dir(self, vpath: VPath) -> bool:
         return False
 
+    def link_shared(self, vpath: VPath) -> bool:
+        return False
+
     def view_changes(self, diff: CatalogDiff) -> list[ViewChange]:
         return []
 
