@@ -724,7 +724,7 @@ def test_podman_keeps_working_on_the_node_while_its_share_is_down(tmp_path: Path
             wait_for(lambda: bool(_tree_status(g)["available"]), 30, "status to say the share is back")
             again = node.podman("run", "--rm", "localhost/shared:1", "echo", "back", timeout=60)
             assert again.code == 0 and again.out == "back\n", again
-            assert sorted(node.must("images", "--format", "{{.Repository}}:{{.Tag}}").split()) == images
+            assert sorted(node.must("images", "--format", "{{.Repository}}:{{.Tag}}").split()) == sorted(images)
         finally:
             node.clean()
             _unmount_below(g.mnt, keep={g.mnt})
