@@ -6,9 +6,10 @@ containers/storage opens, reads and closes its lock files on every lock, ~220 ti
 Namespace._direct), each path walk through them would cost a readlink request where the kernel
 does not cache links (the stock pyfuse3, graftfs.fuse.session.links_cached), and each open of a
 lock file an open and a release where graftfs serves opens. So graftfs bind-mounts their RW
-files and directories over the same names in the view: a path walk then crosses into the backing filesystem inside
-the kernel. The view underneath shows the very same RW entries, so a bind that goes missing
-(an operator's `umount`, the kernel dropping the entry) costs speed, never correctness.
+files and directories over the same names in the view: a path walk then crosses into the
+backing filesystem inside the kernel. The view underneath shows the very same RW entries, so a
+bind that goes missing (an operator's `umount`, the kernel dropping the entry) costs speed,
+never correctness.
 
 The binds are made by the daemon once it serves requests (the path walk to each target goes
 through the mount), recorded in the runtime record, and removed before the mount itself by the
