@@ -806,6 +806,28 @@ def test_a_name_belongs_to_one_image_the_newest(cs: CsNode) -> None:
     assert len(all_names) == len(set(all_names))
 
 
+def test_a_record_caught_mid_rewrite_keeps_its_entry_for_one_more_poll(cs: CsNode) -> None:
+    """A record rewritten in place is empty or partial for a moment: a poll that reads it then
+    keeps showing the entry as it last checked good, and the next poll decides (the new record,
+    or, still broken, the entry skipped and reported as any broken one)."""
+    iid = cs.ids["image_b"]
+    record = cs.share / "overlay-images" / iid / "images.json"
+    good = json.loads(record.read_text())
+    record.write_text('{"id": "')  # truncated and half written, as a poll may find it
+    cs.published()
+    assert iid in cs.ids_in(IMAGES_JSON)
+    assert iid not in {s["id"] for s in cs.ns.status().layout.skipped}
+    record.write_text(json.dumps({**good, "names": ["cs/b:2"]}))  # the write completes
+    cs.published()
+    assert {str(r["id"]): r for r in cs.merged(IMAGES_JSON)}[iid]["names"] == ["cs/b:2"]
+    record.write_text("{")  # and a record that stays broken
+    cs.published()
+    assert iid in cs.ids_in(IMAGES_JSON)
+    cs.published()
+    assert iid not in cs.ids_in(IMAGES_JSON)
+    assert iid in {s["id"] for s in cs.ns.status().layout.skipped}
+
+
 def test_rewrite_keeping_shared_records_keeps_them_out_of_rw(cs: CsNode) -> None:
     ids, pid = cs.ids, 101
     own = cs.own(LAYERS_JSON)

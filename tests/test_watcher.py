@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -130,6 +131,43 @@ def test_record_rewritten_in_share_is_seen_by_cat_and_stat(graft: GraftMount, sa
     newer = Path(in_share).read_text()
     seen_within(lambda: sh("cat", on_mount).stdout == newer, FRESH, "the replaced record through cat")
     assert sh("stat", "-c", "%s", on_mount).stdout.strip() == str(len(newer))
+
+
+def _polls(graft: GraftMount) -> int:
+    return int(graft.status()["ro"][0]["polls"])  # type: ignore[index]
+
+
+def test_a_record_caught_mid_rewrite_never_hides_its_image(graft: GraftMount, sample: Sample) -> None:
+    """A poll that finds a shared record half rewritten in place keeps its image in the view, as
+    it last checked good, until the next poll: a reader on the mount never sees it vanish."""
+    rel = ("overlay-images", sample.ids.image_app, "images.json")
+    record, target = Path(sample.share, *rel), graft.path(*rel)
+    good = json.loads(record.read_text())
+    assert visible(target)
+    vanished: list[float] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        while not done.is_set():
+            if not os.path.exists(target):
+                vanished.append(time.monotonic())
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        with open(record, "r+") as f:
+            f.truncate(0)
+            f.write('{"id": "')  # the writer is slow: a poll finds the record like this
+        polls = _polls(graft)
+        wait_for(lambda: _polls(graft) > polls, 3, "a poll of the half-written record")
+        time.sleep(0.1)  # (a poll takes milliseconds here)
+        record.write_text(json.dumps({**good, "names": ["demo/app:2"]}))
+        seen_within(lambda: "demo/app:2" in sh("cat", target).stdout, FRESH, "the rewritten record")
+    finally:
+        done.set()
+        thread.join(timeout=10)
+    assert not vanished, f"the image vanished from the view {len(vanished)} times"
 
 
 def test_rw_changes_behind_the_mount_are_seen(graft: GraftMount, sample: Sample) -> None:

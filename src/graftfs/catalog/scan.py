@@ -194,6 +194,9 @@ class TreeScan:
     record_dirs: dict[str, str] = field(default_factory=dict)  # layer id -> overlay-layers/<id>
     image_dirs: dict[str, str] = field(default_factory=dict)
     sigs: dict[EntryKey, tuple[Sig | None, ...]] = field(default_factory=dict)
+    # entries shown as they last checked good although their files just failed the check: a
+    # record rewritten in place, caught between its truncation and its write (see rescan)
+    provisional: frozenset[EntryKey] = frozenset()
 
     @property
     def problems(self) -> list[Problem]:
@@ -221,10 +224,15 @@ def rescan(root: str, old: TreeScan | None, redo: set[EntryKey], list_layers: bo
     Work is proportional to what changed, not to the size of the share: unchanged listings are
     not read, a re-read listing costs set operations in C, and only new, moved or vanished
     entries are checked (or dropped).
+
+    An entry that checked good before and fails now, in the same place, keeps its last good
+    version for one more check (``provisional``, which the tree's next poll checks again): a
+    record rewritten in place is empty or partial for a moment, and the entry must not vanish
+    from every node's view for a poll because of it. Failing twice, it is broken as any other.
     """
     base = old or TreeScan(root)
     scan = TreeScan(root, base.layers, base.images, dict(base.broken), base.remote_ro, base.retired,
-                    base.overlay_dirs, base.record_dirs, base.image_dirs, dict(base.sigs))
+                    base.overlay_dirs, base.record_dirs, base.image_dirs, dict(base.sigs), base.provisional)
     order: dict[str, int] = {}  # new entries' inode numbers: check them in that order
     if old is None or list_layers:
         scan.overlay_dirs = entry_dirs(root, OVERLAY, base.overlay_dirs, order)
@@ -236,21 +244,45 @@ def rescan(root: str, old: TreeScan | None, redo: set[EntryKey], list_layers: bo
         scan.retired = retired_ids(root)
     layer_ids = scan.overlay_dirs.keys() | scan.record_dirs.keys()
     touched = {eid for kind, eid in redo if kind == "layer"}
-    touched |= _moved(base.overlay_dirs, scan.overlay_dirs) | _moved(base.record_dirs, scan.record_dirs)
+    moved = _moved(base.overlay_dirs, scan.overlay_dirs) | _moved(base.record_dirs, scan.record_dirs)
+    touched |= moved
     if touched:
         scan.layers = dict(base.layers)
         for lid in touched:
             _forget(scan, "layer", lid)
         for lid in sorted(touched & layer_ids, key=lambda i: order.get(i, 0)):
             _check_layer_into(scan, lid)
-    touched = {eid for kind, eid in redo if kind == "image"} | _moved(base.image_dirs, scan.image_dirs)
+            _keep_last_good(scan, base, ("layer", lid), lid in moved)
+    moved = _moved(base.image_dirs, scan.image_dirs)
+    touched = {eid for kind, eid in redo if kind == "image"} | moved
     if touched:
         scan.images = dict(base.images)
         for iid in touched:
             _forget(scan, "image", iid)
         for iid in sorted(touched & scan.image_dirs.keys(), key=lambda i: order.get(i, 0)):
             _check_image_into(scan, iid)
+            _keep_last_good(scan, base, ("image", iid), iid in moved)
+    scan.provisional = frozenset(k for k in scan.provisional if k in scan.sigs)
     return scan
+
+
+def _keep_last_good(scan: TreeScan, base: TreeScan, key: EntryKey, moved: bool) -> None:
+    """An entry in the same place that checked good before and just failed keeps its last good
+    version, once (see rescan); otherwise it stays as checked."""
+    kind, eid = key
+    problem = scan.broken.get(key)
+    last: LayerEntry | ImageEntry | None = base.layers.get(eid) if kind == "layer" else base.images.get(eid)
+    if problem is None or last is None or moved or key in base.provisional:
+        scan.provisional = scan.provisional - {key}
+        return
+    del scan.broken[key]
+    if isinstance(last, LayerEntry):
+        scan.layers[eid] = last
+    else:
+        scan.images[eid] = last
+    scan.provisional = scan.provisional | {key}
+    log.info("%s %s in %s failed its check (%s); shown as it last was until the next poll checks it again",
+             kind, eid, scan.root, problem.reason)
 
 
 def retired_ids(root: str) -> frozenset[str]:

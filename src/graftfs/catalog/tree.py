@@ -159,7 +159,7 @@ class SharedTree:
         # a directory that changed is listed once more at the next poll: a second change within
         # the same timestamp tick as the first (after our listing) would not move its mtime again
         dirty = changed | self._hot
-        touched = self._sweep()
+        touched = self._sweep() | self.scan.provisional  # (entries shown as they last checked good)
         change = None
         if dirty or touched:
             change = self._rescan(dirty, touched, full)
