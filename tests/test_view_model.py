@@ -28,6 +28,8 @@ from pathlib import Path
 import pytest
 
 from graftfs.catalog.live import LiveCatalog
+from graftfs.catalog.scan import entry_sig
+from graftfs.catalog.scan_cache import scan_from_json, scan_to_json
 from graftfs.format.names import IMAGES_JSON, LAYERS_JSON, MARKER_NAME, STATE_DIR
 from graftfs.format.records import Record, go_json, record_names
 from graftfs.linux import RENAME_EXCHANGE, RENAME_NOREPLACE
@@ -823,6 +825,12 @@ def test_a_record_caught_mid_rewrite_keeps_its_entry_for_one_more_poll(cs: CsNod
     record.write_text("{")  # and a record that stays broken
     cs.published()
     assert iid in cs.ids_in(IMAGES_JSON)
+    # a scan saved meanwhile (at unmount) makes the next mount check the entry again
+    scan = next(t.scan for t in cs.live.shared if iid in t.scan.images)
+    loaded = scan_from_json(scan.root, json.loads(json.dumps(scan_to_json(scan))))
+    key = ("image", iid)
+    assert key in scan.provisional and not loaded.provisional
+    assert entry_sig(loaded.entry_paths(key)) != loaded.sigs[key]  # what the first sweep compares
     cs.published()
     assert iid not in cs.ids_in(IMAGES_JSON)
     assert iid in {s["id"] for s in cs.ns.status().layout.skipped}

@@ -276,6 +276,9 @@ def _keep_last_good(scan: TreeScan, base: TreeScan, key: EntryKey, moved: bool) 
         scan.provisional = scan.provisional - {key}
         return
     del scan.broken[key]
+    # a signature no check ever gives: the entry is checked again even where this scan is saved
+    # and loaded by the next mount (graftfs.catalog.scan_cache), which knows nothing provisional
+    scan.sigs[key] = ()
     if isinstance(last, LayerEntry):
         scan.layers[eid] = last
     else:
