@@ -117,9 +117,10 @@ def test_runtime_rewrite_is_split_back(podman_node: tuple[GraftMount, Sample, di
     wait_for(lambda: digest("layer:cs-after") in records(index), 2, "the late layer, not taken as deleted")
 
 
-def _readlinks(g: GraftMount) -> int:
+def _requests(g: GraftMount, op: str) -> int:
+    """How many ``op`` requests the mount has served (graftfs status)."""
     requests = g.status()["requests"]
-    return int(requests.get("readlink", {}).get("count", 0))  # type: ignore[union-attr]
+    return int(requests.get(op, {}).get("count", 0))  # type: ignore[union-attr]
 
 
 def test_the_kernel_keeps_link_targets(podman_node: tuple[GraftMount, Sample, dict[str, str]]) -> None:
@@ -133,11 +134,11 @@ def test_the_kernel_keeps_link_targets(podman_node: tuple[GraftMount, Sample, di
     first = sh("readlink", short, diff)
     assert first.stdout.split() == [f"../{ids['app']}/diff", os.path.join(sample.share_ro, "overlay", ids["app"],
                                                                            "diff")]
-    asked = _readlinks(g)
+    asked = _requests(g, "readlink")
     for _ in range(5):
         again = sh("sh", "-c", f"readlink {short} {diff}; ls {short}/ {diff}/ > /dev/null")
         assert again.returncode == 0 and again.stdout == first.stdout, again.stderr
-    assert _readlinks(g) == asked
+    assert _requests(g, "readlink") == asked
 
 
 def test_a_link_renamed_leads_to_its_new_place(podman_node: tuple[GraftMount, Sample, dict[str, str]]) -> None:
@@ -206,20 +207,15 @@ def test_staging_copy_is_made_durable_at_its_rename_not_at_its_fsync(
     assert digest("layer:cs-synced") in {r["id"] for r in own}
 
 
-def _reads(g: GraftMount) -> int:
-    requests = g.status()["requests"]
-    return int(requests.get("read", {}).get("count", 0))  # type: ignore[union-attr]
-
-
 def test_merged_file_is_read_from_the_page_cache_under_a_number_per_content(
         podman_node: tuple[GraftMount, Sample, dict[str, str]]) -> None:
     g, sample, ids = podman_node
     index = g.path("overlay-layers", "layers.json")
     first = Path(index).read_bytes()
-    reads = _reads(g)
+    reads = _requests(g, "read")
     for _ in range(3):  # podman loads it several times per command: later loads cost no request
         assert Path(index).read_bytes() == first
-    assert _reads(g) == reads
+    assert _requests(g, "read") == reads
     number = os.stat(index).st_ino
     held = os.open(index, os.O_RDONLY)  # a reader that opened it before the share changed
     try:
@@ -244,9 +240,9 @@ def test_merged_file_is_read_from_the_page_cache_under_a_number_per_content(
     composed = sh("cat", index).stdout.encode()
     assert digest("layer:cs-pc2") in {r["id"] for r in json.loads(composed)}
     assert os.stat(index).st_size == len(composed) and Path(index).read_bytes() == composed
-    reads = _reads(g)
+    reads = _requests(g, "read")
     assert Path(index).read_bytes() == composed
-    assert _reads(g) == reads
+    assert _requests(g, "read") == reads
 
 
 def test_readers_never_miss_a_merged_file_rewritten_under_them(

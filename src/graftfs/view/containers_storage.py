@@ -137,12 +137,10 @@ def _stat(path: str) -> os.stat_result | None:
         return None
 
 
-def _staging_of(vpath: VPath) -> VPath | None:
-    """The merged file ``vpath`` is the runtime's staging copy of (STAGING_PREFIX), or None."""
-    for merged in MERGED_FILES:
-        if vpath[:-1] == merged[:-1] and vpath[-1].startswith(STAGING_PREFIX + merged[-1]):
-            return merged
-    return None
+def _is_staging(vpath: VPath) -> bool:
+    """Is ``vpath`` the runtime's staging copy of a merged file (STAGING_PREFIX)?"""
+    return any(vpath[:-1] == merged[:-1] and vpath[-1].startswith(STAGING_PREFIX + merged[-1])
+               for merged in MERGED_FILES)
 
 
 def _fsync(path: str) -> None:
@@ -204,7 +202,7 @@ class ContainersStorageLayout(EntryView):
             return NEW_TOKEN_LOCK
         if in_rw and vpath in lock_tokens.LOCK_FILES:
             return UNCACHED  # every token read must see the file
-        if in_rw and _staging_of(vpath) is not None:
+        if in_rw and _is_staging(vpath):
             return STAGED
         if not in_rw and vpath in MERGED_FILES:
             # (an open of the content an inode number stands for is served cached by the FUSE
