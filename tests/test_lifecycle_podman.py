@@ -43,8 +43,11 @@ def _lease_layers(share: str, node: Node) -> set[str]:
     if not os.path.isdir(nodes):
         return set()  # no node has written its lease yet (each renews within a second)
     for name in os.listdir(nodes):
-        with open(os.path.join(nodes, name, "lease.json")) as f:
-            lease = json.load(f)
+        try:
+            with open(os.path.join(nodes, name, "lease.json")) as f:
+                lease = json.load(f)
+        except FileNotFoundError:
+            continue  # a node's directory is made before its first lease is renamed into it
         if lease["node"] == node.mount.status()["leases"]["node"]:  # type: ignore[index]
             return set(lease["layers"])
     return set()
